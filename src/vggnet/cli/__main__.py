@@ -1,0 +1,5 @@
+import sys
+
+from vggnet.cli import main
+
+sys.exit(main())

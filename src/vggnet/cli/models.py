@@ -1,0 +1,43 @@
+"""``vggnet models``: the model zoo at a glance."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vggnet.models import PAPER_PARAMS, VGGConfig, count_macs, count_params, list_models
+from vggnet.models.complexity import _meta_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list every VGG configuration with parameters and GMACs",
+        description="List the model zoo: each of the paper's six configurations (A, A-LRN, B, C, D, E) "
+        "with and without batch norm, its parameter count and its multiply-accumulates per image.",
+    )
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the last layer (default 1000)")
+    p.add_argument("--input-size", type=int, default=224, help="square input side in pixels for GMACs (default 224)")
+    p.add_argument("--width", type=float, default=1.0, help="conv width multiplier (default 1.0)")
+    p.add_argument("--head", choices=["fc", "conv", "gap"], default="fc", help="classifier head (default fc)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = []
+    for name in list_models():
+        config = VGGConfig(name=name, num_classes=args.num_classes, width=args.width, head=args.head)
+        params = count_params(_meta_model(config))
+        rows.append({
+            "name": name, "config": config.config, "bn": config.batch_norm, "params": params,
+            "paper_params": PAPER_PARAMS[config.config] if not config.batch_norm else None,
+            "gmacs": round(count_macs(config, args.input_size) / 1e9, 2),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<14}{'config':<8}{'BN':<5}{'params':>14}{'GMACs@' + str(args.input_size):>12}")
+    for r in rows:
+        print(f"{r['name']:<14}{r['config']:<8}{'yes' if r['bn'] else '-':<5}{r['params']:>14,}{r['gmacs']:>12.2f}")
+    return 0

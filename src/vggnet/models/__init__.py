@@ -1,0 +1,63 @@
+"""The VGG model zoo: every configuration of the paper, with and without batch norm.
+
+Imports nothing of training, data or serving.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from .complexity import count_macs, count_params, layer_table
+from .configs import CONFIGS, NAME_TO_CONFIG, PAPER_PARAMS, PAPER_WARM_START_LAYERS
+from .init import INIT_SCHEMES, init_from_shallower, init_weights
+from .vgg import VGG, VGGConfig
+from .weights import (
+    WeightsError,
+    detect_format,
+    load_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = [
+    "CONFIGS", "INIT_SCHEMES", "NAME_TO_CONFIG", "PAPER_PARAMS", "PAPER_WARM_START_LAYERS", "VGG", "VGGConfig",
+    "WeightsError", "count_macs", "count_params", "create_model", "detect_format", "init_from_shallower",
+    "init_weights", "layer_table", "list_models", "load_checkpoint", "load_weights", "read_checkpoint",
+    "save_checkpoint",
+]
+
+
+def list_models() -> list[str]:
+    """All model names, in the paper's order (A, A-LRN, B, C, D, E), plain then ``_bn``."""
+    return [name + suffix for name in NAME_TO_CONFIG for suffix in ("", "_bn")]
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    width: float = 1.0,
+    head: str = "fc",
+    dropout: float = 0.5,
+    weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    init: str = "kaiming",
+    fc_width: int = 4096,
+) -> VGG:
+    """Build a VGG by name (see :func:`list_models`).
+
+    ``width`` scales every conv (0.25 is d2l's "small VGG"); ``head`` is ``fc`` (the paper's
+    FC stack), ``conv`` (the same weights as convolutions: dense evaluation) or ``gap``.
+    ``weights`` is a vggnet checkpoint or a torchvision/timm VGG state dict (path or mapping);
+    its format is detected. ``init`` is ``kaiming``, ``xavier`` or ``normal`` (the paper's).
+    """
+    config = VGGConfig(name=name, num_classes=num_classes, in_channels=in_channels, width=width,
+                       head=head, dropout=dropout, fc_width=fc_width)
+    model = init_weights(VGG(config), init)
+    if weights is not None:
+        load_weights(model, weights)
+    return model

@@ -1,0 +1,151 @@
+"""One builder for every VGG: a config table becomes named blocks plus a head.
+
+Layer names follow Keras (``block3_conv2``, ``block3_pool``) and the paper (``fc6``…``fc8``),
+so features are asked for by name rather than by ``Sequential`` index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .configs import CONFIGS, FC_WIDTH, LRN, NAME_TO_CONFIG, ConfigEntry
+from .heads import HEADS, ConvHead, convert_head, make_head
+
+
+@dataclasses.dataclass(frozen=True)
+class VGGConfig:
+    """Everything needed to rebuild a model; saved inside every vggnet checkpoint."""
+
+    name: str = "vgg16"
+    num_classes: int = 1000
+    in_channels: int = 3
+    width: float = 1.0
+    head: str = "fc"
+    dropout: float = 0.5
+    fc_width: int = FC_WIDTH
+
+    def __post_init__(self) -> None:
+        base = self.name.removesuffix("_bn")
+        if base not in NAME_TO_CONFIG:
+            raise ValueError(f"unknown model {self.name!r}; see vggnet.list_models()")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.num_classes < 1 or self.in_channels < 1 or self.fc_width < 1:
+            raise ValueError("num_classes, in_channels and fc_width must be positive")
+        if not 0 < self.width <= 16:
+            raise ValueError(f"width must be in (0, 16], got {self.width}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def config(self) -> str:
+        """The paper's letter: A, A-LRN, B, C, D or E."""
+        return NAME_TO_CONFIG[self.name.removesuffix("_bn")]
+
+    @property
+    def batch_norm(self) -> bool:
+        return self.name.endswith("_bn")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VGGConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def make_features(table: Iterable[ConfigEntry], in_channels: int, width: float, batch_norm: bool) -> nn.Sequential:
+    layers: list[tuple[str, nn.Module]] = []
+    block, index, channels = 1, 0, in_channels
+    for entry in table:
+        if entry == "M":
+            layers.append((f"block{block}_pool", nn.MaxPool2d(2, 2)))
+            block, index = block + 1, 0
+        elif entry == "LRN":
+            layers.append((f"block{block}_lrn", nn.LocalResponseNorm(**LRN)))
+        else:
+            out, kernel = entry if isinstance(entry, tuple) else (entry, 3)
+            out, index = scaled(int(out), width), index + 1
+            layers.append((f"block{block}_conv{index}", nn.Conv2d(channels, out, kernel, padding=kernel // 2)))
+            if batch_norm:
+                layers.append((f"block{block}_bn{index}", nn.BatchNorm2d(out)))
+            layers.append((f"block{block}_relu{index}", nn.ReLU(inplace=True)))
+            channels = out
+    return nn.Sequential(OrderedDict(layers))
+
+
+class VGG(nn.Module):
+    """A VGG network: ``features`` (named conv blocks) followed by ``head`` (fc, conv or gap)."""
+
+    def __init__(self, config: VGGConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.features = make_features(CONFIGS[config.config], config.in_channels, config.width, config.batch_norm)
+        self.num_features = next(m.out_channels for m in reversed(self.features) if isinstance(m, nn.Conv2d))
+        self.head = make_head(config.head, self.num_features, config.num_classes, config.fc_width, config.dropout)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def score_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense class-score map (needs the ``conv`` head); the paper averages it over positions."""
+        if not isinstance(self.head, ConvHead):
+            raise ValueError("score maps need the conv head: call model.convert_head('conv') first")
+        return self.head.score_map(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self.head, self.head.classifier)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last layer with a freshly initialised one for ``num_classes`` (fine-tuning)."""
+        old = self.get_classifier()
+        if isinstance(old, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(old.in_channels, num_classes, 1)
+        else:
+            new = nn.Linear(old.in_features, num_classes)
+        nn.init.normal_(new.weight, 0.0, 0.01)
+        nn.init.zeros_(new.bias)
+        setattr(self.head, self.head.classifier, new.to(old.weight.device, old.weight.dtype))
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+    def convert_head(self, kind: str) -> VGG:
+        """Switch between the ``fc`` and ``conv`` heads in place, keeping the weights."""
+        if kind != self.config.head:
+            self.head = convert_head(self.head, kind)
+            self.config = dataclasses.replace(self.config, head=kind)
+        return self
+
+    def layer_names(self) -> list[str]:
+        """Every name :meth:`forward_intermediates` accepts, in execution order."""
+        return [n for n, _ in self.features.named_children()] + [n for n, _ in self.head.named_children()]
+
+    def forward_intermediates(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Outputs of the named layers (e.g. ``["block3_conv2", "fc6"]``); stops after the last one."""
+        wanted = list(names)
+        unknown = set(wanted) - set(self.layer_names())
+        if unknown:
+            raise ValueError(f"unknown layer names {sorted(unknown)}; see model.layer_names()")
+        found: dict[str, torch.Tensor] = {}
+        for name, module in [*self.features.named_children(), *self.head.named_children()]:
+            x = module(x)
+            if name in wanted:
+                found[name] = x.clone()  # the next ReLU is in-place
+                if len(found) == len(set(wanted)):
+                    break
+        return found

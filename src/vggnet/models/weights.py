@@ -1,0 +1,201 @@
+"""Checkpoints (safetensors + the model's config) and loading of torchvision / timm VGG weights.
+
+A vggnet checkpoint is a ``.safetensors`` file whose metadata holds the :class:`VGGConfig`
+as JSON, so ``load_checkpoint(path)`` rebuilds the model without the user repeating the
+architecture. Foreign state dicts are matched to our named layers by order of weighted
+layer, which is how torchvision's ``features.N``/``classifier.N`` and timm's
+``pre_logits.fc1``/``head.fc`` line up with ``block1_conv1`` … ``fc8``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .heads import as_head_shape
+from .vgg import VGG, VGGConfig
+
+FORMAT = "vggnet"
+FORMAT_VERSION = "1"
+StateDict = dict[str, torch.Tensor]
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read, or that does not fit the model."""
+
+
+def save_checkpoint(model: VGG, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` atomically (temp file + rename): an interrupted save never corrupts ``path``.
+
+    ``metadata`` (class names, preprocessing, training info...) must be JSON-serialisable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(model.config.to_dict())}
+    meta["extra"] = json.dumps(dict(metadata or {}))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_weights(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[StateDict, dict[str, str]]:
+    """A state dict and the file's metadata from a path (.safetensors, or a torch file read with
+    ``weights_only=True``) or an in-memory mapping. Wrapped dicts (``{"state_dict": ...}``) are unwrapped."""
+    if isinstance(source, Mapping):
+        return _unwrap(dict(source), "<state dict>"), {}
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or pickled-code files
+        try:  # a safetensors file under another suffix
+            return _read_safetensors(path)
+        except WeightsError:
+            pass
+        raise WeightsError(
+            f"{path} is neither a safetensors file nor a weights-only torch file ({type(exc).__name__}: {exc})"
+        ) from exc
+    return _unwrap(obj, str(path)), {}
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def _unwrap(obj: Any, where: str) -> StateDict:
+    for key in ("state_dict", "model", "model_state", "ema"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{where} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # DDP-saved dicts
+
+
+def detect_format(state: Mapping[str, torch.Tensor]) -> str:
+    """``vggnet``, ``torchvision`` or ``timm``, from the key names alone."""
+    keys = set(state)
+    if any(k.startswith("features.block1_conv1.") for k in keys):
+        return "vggnet"
+    if any(k.startswith("pre_logits.fc1.") for k in keys) and any(k.startswith("head.fc.") for k in keys):
+        return "timm"
+    if any(re.match(r"features\.\d+\.weight$", k) for k in keys) and any(k.startswith("classifier.") for k in keys):
+        return "torchvision"
+    raise WeightsError("unrecognised state dict: expected vggnet, torchvision or timm VGG keys "
+                       f"(first keys: {sorted(keys)[:4]})")
+
+
+_ORDER = {"features": 0, "classifier": 1, "pre_logits.fc1": 1, "pre_logits.fc2": 2, "head.fc": 3}
+
+
+def _layer_order(prefix: str) -> tuple[int, int]:
+    """Sort key restoring execution order of foreign layer prefixes (files may sort keys as text)."""
+    group, _, index = prefix.rpartition(".")
+    if index.isdigit():
+        return _ORDER[group], int(index)
+    return _ORDER[prefix], 0
+
+
+def _group(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        layers.setdefault(prefix, {})[leaf] = value
+    return layers
+
+
+def _translate(model: VGG, state: StateDict, fmt: str) -> StateDict:
+    """Rename a foreign state dict to ``model``'s keys, pairing weighted layers in order."""
+    if fmt == "vggnet":
+        return state
+    source = _group(state)
+    try:
+        source_order = sorted(source, key=_layer_order)
+    except KeyError as exc:
+        raise WeightsError(f"unexpected layer {exc} in a {fmt} state dict") from exc
+    target = _group(model.state_dict())
+    target_order = list(target)
+    if len(source_order) != len(target_order):
+        raise WeightsError(
+            f"the {fmt} weights have {len(source_order)} weighted layers but {model.config.name} "
+            f"(head={model.config.head}) has {len(target_order)}: wrong architecture or BN variant?"
+        )
+    out: StateDict = {}
+    for src, dst in zip(source_order, target_order, strict=True):
+        for leaf, value in source[src].items():
+            out[f"{dst}.{leaf}"] = value
+    return out
+
+
+def load_weights(model: VGG, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> str:
+    """Load vggnet, torchvision or timm VGG weights into ``model`` (format detected); returns the format.
+
+    The fc and conv heads accept each other's weights (fc6 viewed as c×7×7 kernels). Any missing
+    layer or shape mismatch raises :class:`WeightsError` naming the layer; nothing is half-loaded.
+    """
+    state, _ = read_weights(source)
+    fmt = detect_format(state)
+    state = _translate(model, state, fmt)
+    target = model.state_dict()
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        raise WeightsError(f"{fmt} weights do not fit {model.config.name} (head={model.config.head}): "
+                           f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    ready: StateDict = {}
+    for key, value in state.items():
+        want = target[key].shape
+        if value.shape != want and not key.startswith("head."):
+            raise WeightsError(f"{key}: weights have shape {tuple(value.shape)}, model needs {tuple(want)}")
+        try:
+            ready[key] = as_head_shape(key, value, want)
+        except ValueError as exc:
+            raise WeightsError(f"{exc} (num_classes, width or fc_width differ?)") from exc
+    model.load_state_dict(ready, strict=False)
+    return fmt
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[VGGConfig, StateDict, dict[str, Any]]:
+    """Config, weights and extra metadata of a vggnet checkpoint."""
+    state, metadata = read_weights(path)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise WeightsError(f"{path} is not a vggnet checkpoint (no vggnet config in its metadata); "
+                           "use create_model(name, weights=path) for torchvision or timm weights")
+    try:
+        config = VGGConfig.from_dict(json.loads(metadata["config"]))
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise WeightsError(f"{path}: corrupt vggnet metadata ({exc})") from exc
+    return config, state, extra
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[VGG, dict[str, Any]]:
+    """Rebuild a model from a vggnet checkpoint alone; returns it with the checkpoint's extra metadata."""
+    config, state, extra = read_checkpoint(path)
+    model = VGG(config)
+    load_weights(model, state)
+    return model.eval(), extra
