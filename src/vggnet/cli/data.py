@@ -1,0 +1,94 @@
+"""``vggnet data``: turn an archive into a training folder, and look at what a folder holds.
+
+Kept to the data package only (no model or training imports), so it starts fast and works on a
+machine that will never train.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from vggnet.data import decode_to_cache, load_image_folder, prepare_archive
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data", help="prepare and inspect image datasets",
+        description="Prepare image datasets for training (safe, idempotent archive extraction, an optional "
+        "decoded cache for tiny images) and inspect ImageFolder trees (one sub-folder of images per class).",
+    )
+    p.set_defaults(func=lambda args: _help(p))
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+
+    prep = data_sub.add_parser(
+        "prepare", help="extract a .tar.gz of class folders, once",
+        description="Extract ARCHIVE (.tar or .tar.gz of <class>/<image> folders, optionally under train/ "
+        "and val/) into --out. Refuses members that would land outside --out, does nothing when --out "
+        "already holds this archive, never leaves a half-extracted folder. Prints the folder for --data.",
+    )
+    prep.add_argument("archive", type=Path, metavar="ARCHIVE", help="the .tar.gz to extract")
+    prep.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to extract into")
+    prep.add_argument("--cache", action="store_true",
+                      help="also decode every image once into DIR/<split>.npz (tiny images, e.g. CIFAR-10)")
+    prep.add_argument("--size", type=int, default=None,
+                      help="with --cache: resize to SIZE x SIZE (shorter side, centre crop); "
+                      "needed when image sizes differ")
+    prep.set_defaults(func=run_prepare)
+
+    info = data_sub.add_parser(
+        "info", help="classes and image counts of an ImageFolder tree",
+        description="Show the classes of PATH and how many images each holds, per split when PATH has "
+        "train/ and val/ folders. Fails with a clear message when PATH is not usable for training.",
+    )
+    info.add_argument("path", type=Path, metavar="PATH",
+                      help="an ImageFolder root, or a folder with train/ and val/")
+    info.set_defaults(func=run_info)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
+def _splits(root: Path) -> dict[str, Path]:
+    """The ImageFolder roots under ``root``: its train/ and val/ when it has both, else ``root`` itself."""
+    val = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and val is not None:
+        return {"train": root / "train", val.name: val}
+    return {root.name: root}
+
+
+def _count(root: Path) -> tuple[list[str], dict[str, Counter[str]]]:
+    """Images per class and split, through the same checks (and errors) that training applies."""
+    train, val, classes = load_image_folder(root, val_fraction=0.0)
+    splits = {"train" if val is not None else "images": train, **({"val": val} if val is not None else {})}
+    return classes, {name: Counter(classes[t] for t in ds.targets) for name, ds in splits.items()}
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    root = prepare_archive(args.archive, args.out)
+    classes, counts = _count(root)
+    total = sum(sum(c.values()) for c in counts.values())
+    print(f"ImageFolder root: {root}")
+    print(f"{len(classes)} classes, {total:,} images")
+    if args.cache:
+        for split, folder in _splits(root).items():
+            cache = args.out / f"{split}.npz"
+            images, _, _ = decode_to_cache(folder, cache, size=args.size)
+            n, h, w, c = images.shape
+            print(f"decoded cache: {cache} ({n:,} x {h}x{w}x{c} uint8, {images.nbytes / 2**20:,.0f} MiB)")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    classes, counts = _count(args.path)
+    splits = list(counts)
+    width = max([len("class"), len("total"), *map(len, classes)]) + 2
+    print(f"{args.path}: {len(classes)} classes, {sum(sum(c.values()) for c in counts.values()):,} images")
+    print(f"{'class':<{width}}" + "".join(f"{s:>10}" for s in splits))
+    for name in classes:
+        print(f"{name:<{width}}" + "".join(f"{counts[s][name]:>10,}" for s in splits))
+    print(f"{'total':<{width}}" + "".join(f"{sum(counts[s].values()):>10,}" for s in splits))
+    return 0

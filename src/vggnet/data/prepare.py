@@ -1,0 +1,167 @@
+"""Turn a dataset archive into a training-ready folder, and tiny images into one decoded array.
+
+Extraction is the step most likely to be interrupted or re-run, so it is idempotent (a marker
+records which archive made the folder) and atomic (extract beside the target, then one rename),
+and it refuses archives that would write outside the target. Decoding 50,000 tiny JPEGs costs
+more than an epoch of training on them, so :func:`decode_to_cache` does it once into an ``.npz``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from .folder import DataError, ImageFolderDataset, Sample, read_image, scan_image_folder
+
+log = logging.getLogger(__name__)
+MARKER = ".vggnet-prepared.json"
+
+
+def _escapes(path: str) -> bool:
+    """Absolute (POSIX or Windows) or climbing above its starting folder once normalised."""
+    path = path.replace("\\", "/")
+    return path.startswith("/") or path[1:2] == ":" or posixpath.normpath(path).split("/")[0] == ".."
+
+
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    """Why extracting ``member`` could write outside the target folder, or None when it cannot."""
+    if _escapes(member.name) or ".." in member.name.replace("\\", "/").split("/"):
+        return "its path is absolute or contains '..'"
+    if member.issym() and _escapes(posixpath.join(posixpath.dirname(member.name), member.linkname)):
+        return f"it links outside the archive ({member.linkname})"
+    if member.islnk() and _escapes(member.linkname):
+        return f"it hard-links outside the archive ({member.linkname})"
+    return None
+
+
+def _find_root(folder: Path) -> Path:
+    """The folder holding the class folders: unwrap lone top folders, prefer ``train/`` (+ ``val/``)."""
+    while True:
+        kids = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        names = {p.name for p in kids if p.is_dir()}
+        if "train" in names:
+            return folder if names & {"val", "validation"} else folder / "train"
+        if len(kids) == 1 and kids[0].is_dir() and all(p.is_dir() for p in kids[0].iterdir()):
+            folder = kids[0]
+            continue
+        return folder
+
+
+def prepare_archive(tar_path: str | Path, out_dir: str | Path) -> Path:
+    """Extract ``tar_path`` (.tar, .tar.gz, ...) into ``out_dir`` once; returns the ImageFolder root."""
+    tar_path, out_dir = Path(tar_path), Path(out_dir)
+    if not tar_path.is_file():
+        raise DataError(f"{tar_path}: no such archive; pass the path of a .tar.gz of class folders")
+    stat = tar_path.stat()
+    stamp = {"archive": str(tar_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    marker = out_dir / MARKER
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        same = done.get("size") == stamp["size"] and done.get("mtime_ns") == stamp["mtime_ns"]
+        if same and (out_dir / done["root"]).is_dir():
+            return out_dir / done["root"]
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise DataError(f"{out_dir}: exists and was not made by `vggnet data prepare`; "
+                        "choose a new or empty --out folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Extract beside the target (same filesystem) so that publishing it is one atomic rename.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+    try:
+        try:
+            with tarfile.open(tar_path) as tar:
+                for member in tar.getmembers():
+                    if reason := _unsafe_member(member):
+                        raise DataError(f"{tar_path}: refusing to extract member {member.name!r}: {reason}")
+                tar.extractall(tmp, filter="data")  # second line of defence: no devices, no escaping links
+        except tarfile.TarError as exc:
+            raise DataError(f"{tar_path}: not a readable tar archive ({exc})") from exc
+        root = _find_root(tmp)
+        (tmp / MARKER).write_text(json.dumps({**stamp, "root": root.relative_to(tmp).as_posix()}, indent=1))
+        old = out_dir.with_name(f"{tmp.name}-old")
+        if out_dir.exists():
+            out_dir.rename(old)  # an earlier extraction (other archive, or the same one touched since)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / root.relative_to(tmp)
+
+
+def _square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` then centre crop: one shape for every image without distorting any."""
+    if image.shape[-2:] != (size, size):
+        image = TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
+    return image
+
+
+def _decode(samples: Sequence[Sample], size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    images, labels, bad = [], [], 0
+    bar = tqdm(samples, desc="decoding", unit="img", disable=not sys.stderr.isatty(), mininterval=0.5)
+    for path, label in bar:
+        try:
+            image = read_image(path)
+        except Exception as exc:  # a corrupt file must not cost the other 49,999
+            bad += 1
+            log.warning("skipping unreadable image %s (%s)", path, exc)
+            continue
+        images.append((_square(image, size) if size else image).permute(1, 2, 0).numpy())
+        labels.append(label)
+    if bad:
+        log.warning("%d unreadable image(s) left out of the decoded cache", bad)
+    shapes = sorted({im.shape for im in images})
+    if len(shapes) > 1:
+        raise DataError(f"images come in {len(shapes)} sizes ({shapes[0]}, {shapes[-1]}, ...); "
+                        "pass a size to resize them all to one square")
+    if not images:
+        return np.zeros((0, size or 0, size or 0, 3), np.uint8), np.zeros(0, np.int64)
+    return np.stack(images), np.asarray(labels, np.int64)
+
+
+def _cached_decode(samples: Sequence[Sample], classes: Sequence[str], cache_file: Path,
+                   size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded (N x H x W x 3 uint8, labels), from ``cache_file`` when it matches these files and is fresh."""
+    key = hashlib.sha1(f"{size}|{list(classes)}|{list(samples)}".encode()).hexdigest()
+    folders = {os.path.dirname(path) for path, _ in samples}
+    newest = max((os.stat(d).st_mtime for d in folders), default=0.0)
+    if cache_file.is_file() and cache_file.stat().st_mtime >= newest:
+        with np.load(cache_file) as cached:
+            if str(cached["key"]) == key:
+                return cached["images"], cached["labels"]
+    images, labels = _decode(samples, size)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append its own ".npz"
+        np.savez(f, images=images, labels=labels, classes=np.array(list(classes)), key=np.array(key))
+    os.replace(tmp, cache_file)  # readers never see a half-written cache
+    return images, labels
+
+
+def decode_to_cache(root: str | Path, cache_file: str | Path,
+                    size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every image of the ImageFolder ``root`` as (uint8 N x H x W x 3, int64 labels, class names)."""
+    samples, classes = scan_image_folder(root)
+    images, labels = _cached_decode(samples, classes, Path(cache_file), size)
+    return images, labels, classes
+
+
+def decode_subset(dataset: ImageFolderDataset, cache_file: str | Path,
+                  size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split from :func:`load_image_folder` as (uint8 N x C x H x W, int64 labels) for TensorLoader."""
+    images, labels = _cached_decode(dataset.samples, dataset.classes, Path(cache_file), size)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
