@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/vggnet models
+	$(BIN)/vggnet train --recipe demo --out runs/demo
 
 test: setup
 	$(BIN)/pytest -q

@@ -187,3 +187,15 @@ def test_reset_classifier(head):
     assert model.config.num_classes == 3
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     assert torch.equal(before, model.features.block1_conv1.weight)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model = vggnet.create_model("vgg13_bn", num_classes=3, dropout=0.0, **TINY).train()
+    x = torch.randn(4, 3, 32, 32)
+    model(x).sum().backward()
+    plain = model.features.block1_conv1.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    assert len(model.blocks()) == 5
+    assert torch.allclose(plain, model.features.block1_conv1.weight.grad, atol=1e-6)

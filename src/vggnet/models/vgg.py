@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .configs import CONFIGS, FC_WIDTH, LRN, NAME_TO_CONFIG, ConfigEntry
 from .heads import HEADS, ConvHead, convert_head, make_head
@@ -93,8 +94,30 @@ class VGG(nn.Module):
         self.features = make_features(CONFIGS[config.config], config.in_channels, config.width, config.batch_norm)
         self.num_features = next(m.out_channels for m in reversed(self.features) if isinstance(m, nn.Conv2d))
         self.head = make_head(config.head, self.num_features, config.num_classes, config.fc_width, config.dropout)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them.
+
+        Trades roughly one extra forward pass for keeping only block outputs in memory.
+        """
+        self.grad_checkpointing = enable
+
+    def blocks(self) -> list[nn.Sequential]:
+        """The feature extractor cut after each max-pool: the paper's five conv stacks."""
+        out, current = [], []
+        for module in self.features:
+            current.append(module)
+            if isinstance(module, nn.MaxPool2d):
+                out.append(nn.Sequential(*current))
+                current = []
+        return out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.blocks():
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -1,0 +1,257 @@
+"""What a run leaves behind for people: metrics files, TensorBoard events, curves and a confusion matrix.
+
+``metrics.jsonl`` is the source of truth: appended and flushed every epoch, so a killed run keeps every
+finished epoch, and reloaded on resume so the run continues the same files. ``metrics.csv`` is rewritten
+from it for spreadsheet users. Plots use matplotlib's object API on the Agg canvas (no display, no global
+pyplot state, whatever backend someone else selected) and replace their file atomically, so a viewer
+never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# Not scalars worth a TensorBoard curve: the x axis itself, a constant and a wall-clock timestamp.
+_NOT_SCALARS = ("epoch", "epochs", "time")
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, int]:
+    """Count of samples whose target is among the k best scores, per k.
+
+    Counts rather than percentages so that batches and DDP ranks can simply be summed. ``k`` is clipped to the
+    class count, so top-5 on a 3-class problem is top-3 (always right) instead of an error.
+    """
+    ks = tuple(ks)
+    kmax = min(max(ks), logits.shape[1])
+    hits = logits.topk(kmax, dim=1).indices == targets.view(-1, 1)
+    return {k: int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (int64) with rows the true class and columns the prediction, summable across batches and ranks."""
+    preds, targets = preds.long().reshape(-1), targets.long().reshape(-1)
+    both = torch.cat([preds, targets])
+    if preds.numel() != targets.numel() or (both.numel() and (both.min() < 0 or both.max() >= num_classes)):
+        raise ValueError(f"need as many preds as targets, all in [0, {num_classes})")  # bincount would mis-shape
+    flat = targets * num_classes + preds
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy scalars to Python numbers, so records serialise to JSON and CSV alike."""
+    if isinstance(value, torch.Tensor | np.generic) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+class RunLogger:
+    """Epoch records to ``metrics.jsonl`` + ``metrics.csv`` (+ TensorBoard under ``tb/`` when it imports)."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl, self.csv = self.out / "metrics.jsonl", self.out / "metrics.csv"
+        self._records: list[dict[str, Any]] = []
+        self._tensorboard, self._writer, self._purge_step = tensorboard, None, None
+        if self.jsonl.is_file():
+            text = self.jsonl.read_text()
+            for line in text.splitlines():
+                try:
+                    self._records.append(json.loads(line))
+                except json.JSONDecodeError:  # half-written when the run was killed
+                    continue
+            if text and (not text.endswith("\n") or len(self._records) != len(text.splitlines())):
+                self._rewrite()  # else the next append would glue itself onto the broken line and be lost too
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return list(self._records)
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {k: _plain(v) for k, v in record.items()}
+        line = json.dumps(record) + "\n"  # serialise first: a bad value must not leave memory and file disagreeing
+        with open(self.jsonl, "a") as fh:
+            fh.write(line)
+            fh.flush()
+        self._records.append(record)
+        self._write_csv()
+        writer = self._tb()
+        if writer is not None:
+            step = int(record.get("epoch", len(self._records)))
+            for key, value in record.items():
+                if key not in _NOT_SCALARS and (number := _number(value)) is not None:
+                    writer.add_scalar(key, number, global_step=step)
+            writer.flush()
+
+    def truncate(self, after_epoch: int) -> None:
+        """Forget epochs after ``after_epoch``: a resume from an earlier checkpoint redoes them, without duplicates.
+
+        TensorBoard events cannot be edited, so the next writer is opened with ``purge_step``, which makes
+        TensorBoard hide the old events from that epoch on.
+        """
+        kept = [r for r in self._records if int(r.get("epoch", 0)) <= after_epoch]
+        if len(kept) != len(self._records):
+            self._records = kept
+            self._rewrite()
+        self.close()
+        self._purge_step = after_epoch + 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _tb(self) -> Any:
+        """The SummaryWriter, opened on first use (so a truncate before it can set ``purge_step``); None without it."""
+        if self._writer is None and self._tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional dependency
+                self._tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.out / "tb"), purge_step=self._purge_step)
+        return self._writer
+
+    def _rewrite(self) -> None:
+        _atomic_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self._records))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns: dict[str, None] = {}  # union of keys in first-seen order: later epochs may add e.g. val metrics
+        for record in self._records:
+            columns.update(dict.fromkeys(record))
+        tmp = self.csv.with_name(f".{self.csv.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(self._records)
+        os.replace(tmp, self.csv)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    FigureCanvasAgg(fig)  # attach Agg explicitly: independent of the pyplot backend in this process
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str | None = None) -> Path:
+    """Loss and top-1 accuracy (train vs val) per epoch side by side, the learning rate faintly behind accuracy.
+
+    Every key is optional: validation may run only every few epochs and early records may predate a metric.
+    """
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        pairs = [(float(r.get("epoch", i + 1)), _number(r.get(key))) for i, r in enumerate(records)]
+        pairs = [(e, v) for e, v in pairs if v is not None and math.isfinite(v)]
+        return [e for e, _ in pairs], [v for _, v in pairs]
+
+    for ax, keys, ylabel in ((loss_ax, ("train_loss", "val_loss"), "loss"),
+                             (acc_ax, ("train_top1", "val_top1", "val_top1_flip"), "top-1 accuracy (%)")):
+        for key, style in zip(keys, ("-o", "-s", ":^"), strict=False):
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, style, markersize=3, label=key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+    x, lr = series("lr")
+    x, lr = [e for e, v in zip(x, lr, strict=True) if v > 0], [v for v in lr if v > 0]  # log scale: no zero warm-up
+    if x:
+        lr_ax = acc_ax.twinx()
+        lr_ax.plot(x, lr, color="tab:gray", alpha=0.4, linewidth=1, drawstyle="steps-post")
+        lr_ax.set_yscale("log")
+        lr_ax.set_ylabel("learning rate", color="tab:gray")
+        lr_ax.tick_params(axis="y", colors="tab:gray", which="both", labelsize=8)
+        acc_ax.set_zorder(lr_ax.get_zorder() + 1)  # accuracy lines and legend above the lr line
+        acc_ax.patch.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: Any, classes: list[str], path: Path, normalize: bool = True,
+                   title: str | None = None) -> Path:
+    """Heat map with rows the true class; ``normalize`` makes rows sum to 1, so the diagonal is per-class recall
+    and rare classes are as visible as common ones."""
+    m = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.float64)
+    n = len(classes)
+    if m.shape != (n, n):
+        raise ValueError(f"matrix of shape {m.shape} for {n} classes")
+    if normalize:
+        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    side = max(4.5, min(14.0, 0.55 * n + 2))
+    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, m.max(initial=0)))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+    if n <= 60:  # beyond that the names overlap; the colour pattern is what remains informative
+        fontsize = 9 if n <= 12 else 7
+        ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=fontsize)
+        ax.set_yticks(range(n), labels=classes, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                text = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8 if n <= 12 else 6,
+                        color="white" if m[i, j] > 0.55 * image.norm.vmax else "black")
+    ax.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix"))
+    return _save(fig, path)
+
+
+def format_epoch_line(record: dict[str, Any]) -> str:
+    """One console line per epoch, readable in a scrolling log; absent (or None) fields are skipped."""
+    get = {k: v for k, v in record.items() if _number(v) is not None}
+
+    def group(name: str, fields: tuple[tuple[str, str], ...]) -> str:
+        items = [fmt.format(get[key]) for key, fmt in fields if key in get]
+        return f"{name} {' '.join(items)}" if items else ""
+
+    parts = []
+    if "epoch" in get:
+        parts.append(f"epoch {get['epoch']:g}" + (f"/{get['epochs']:g}" if "epochs" in get else ""))
+    parts.append(group("train", (("train_loss", "loss {:.3f}"), ("train_top1", "top1 {:.1f}%"))))
+    parts.append(group("val", (("val_loss", "loss {:.3f}"), ("val_top1", "top1 {:.1f}%"), ("val_top5", "top5 {:.1f}%"),
+                               ("val_top1_flip", "flip {:.1f}%"))))
+    if "lr" in get:
+        parts.append(f"lr {get['lr']:.4f}" if get["lr"] >= 1e-3 or get["lr"] == 0 else f"lr {get['lr']:.2e}")
+    if "img_per_s" in get:
+        parts.append(f"{get['img_per_s']:.0f} img/s")
+    if "data_wait_frac" in get:
+        parts.append(f"data {100 * get['data_wait_frac']:.0f}%")
+    if "epoch_time" in get:
+        parts.append(f"{get['epoch_time']:.1f}s")
+    return "  ".join(p for p in parts if p)

@@ -1,0 +1,97 @@
+"""Training checkpoints: one folder per epoch, written whole or not at all.
+
+Each ``checkpoints/epoch-NNNN/`` holds ``model.safetensors`` (a vggnet checkpoint any tool can
+load), ``ema.safetensors`` when EMA is on, and ``state.pt`` (optimizer, schedule, scaler, epoch,
+RNG and loader state, read back with ``weights_only=True``). The folder is assembled under a
+temporary name and renamed into place, so a kill or a full disk mid-save leaves the previous
+checkpoint intact. ``last.safetensors`` and ``best.safetensors`` at the run root are hard links
+(copies where links fail) for users who just want the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vggnet.models import VGG, save_checkpoint
+
+_EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def _link(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_training_checkpoint(run_dir: Path, epoch: int, model: VGG, ema: VGG | None, state: dict[str, Any],
+                             metadata: dict[str, Any], is_best: bool, keep: int) -> Path | None:
+    """Write epoch ``epoch``; returns its folder, or None (with a warning) when the disk refused."""
+    root = run_dir / "checkpoints"
+    final = root / f"epoch-{epoch:04d}"
+    tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_checkpoint(model, tmp / "model.safetensors", {**metadata, "epoch": epoch})
+        if ema is not None:
+            save_checkpoint(ema, tmp / "ema.safetensors", {**metadata, "epoch": epoch, "ema": True})
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        weights = final / ("ema.safetensors" if ema is not None else "model.safetensors")
+        _link(weights, run_dir / "last.safetensors")
+        if is_best:
+            _link(weights, run_dir / "best.safetensors")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"could not save the epoch {epoch} checkpoint ({exc}); the previous one is intact",
+                      stacklevel=2)
+        return None
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete epoch folders, oldest first (temporary folders of an interrupted save are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _EPOCH_DIR.match(p.name) and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(_EPOCH_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)

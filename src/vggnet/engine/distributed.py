@@ -1,0 +1,72 @@
+"""DDP plumbing for ``torchrun``: gloo on CPU, nccl on GPU, rank-0-only side effects."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str | None = None) -> Dist:
+    """Join the process group that torchrun describes in the environment (a no-op when run plainly)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def all_sum(values: torch.Tensor, env: Dist) -> torch.Tensor:
+    """Sum a tensor of counts over ranks (identity without DDP)."""
+    if env.enabled:
+        values = values.to(env.device)
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module, env: Dist) -> None:
+    """Average BN running statistics over ranks at epoch end.
+
+    DDP keeps parameters identical but each rank's last forward updates its own running stats;
+    averaging makes evaluation, checkpoints and every rank's model the same.
+    """
+    if not env.enabled:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= env.world
+
+
+def barrier(env: Dist) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def cleanup(env: Dist) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,122 @@
+"""Recipes: YAML files of training settings, merged over defaults, overridable from the command line.
+
+A recipe names only what differs from the defaults below; every key must exist in the defaults,
+so a typo (``optim.lr_rate``) is an error rather than a silently ignored setting. The resolved
+recipe is saved in the run folder, which makes every run reproducible from its folder alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Recipe = dict[str, Any]
+
+DEFAULTS: Recipe = {
+    "description": "",
+    "model": {
+        "name": "vgg11_bn", "width": 1.0, "head": "fc", "dropout": 0.5, "fc_width": 4096,
+        "init": "kaiming",  # kaiming | xavier | normal (the paper's)
+        "init_from": None,  # a trained net A checkpoint: the paper's warm start of deeper nets
+    },
+    "data": {
+        "dataset": "folder",  # folder (ImageFolder tree) | digits (embedded) | cifar10 | fashion_mnist (download)
+        "path": None, "download": False,
+        "val_fraction": 0.1, "split_seed": 0,
+        "image_size": 32,  # crop side fed to the network
+        "augment": "flip_crop",  # flip_crop (pad-and-crop + flip) | paper (scale jitter + crop + flip + PCA) | none
+        "scale": None,  # paper: shorter side S, an int or [Smin, Smax] (jitter); default = image_size
+        "pad": 4, "flip": True, "cutout": 0, "lighting": 0.1,
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "in_memory": "auto",  # decode once into RAM and augment batched tensors (tiny images)
+        "cache_dir": None,  # where decoded images are cached (default: DATA/.vggnet-cache)
+        "workers": None,
+    },
+    "optim": {
+        "name": "sgd",  # sgd | nesterov | adamw
+        "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
+        "batch_size": 256,  # global: divided among DDP processes
+        "label_smoothing": 0.0, "grad_clip": 0.0,
+    },
+    "schedule": {
+        "name": "plateau",  # plateau (the paper's) | step | cosine | onecycle | constant
+        "epochs": 74, "warmup_epochs": 0.0,
+        "factor": 0.1, "patience": 2, "max_drops": 3, "threshold": 0.0,  # plateau
+        "step_epochs": 30,  # step
+        "pct_start": 0.25, "final_lr_frac": 0.0,  # onecycle / cosine
+    },
+    "train": {
+        "precision": "auto",  # auto (bf16 where the hardware has it) | bf16 | fp16 | fp32
+        "channels_last": True, "compile": False, "grad_checkpointing": False,
+        "ema": 0.0,  # EMA decay of weights per step (0 = off), e.g. 0.999
+        "sync_bn": False, "seed": 0, "deterministic": False,
+        "keep": 2,  # epoch checkpoints kept (best and last are always kept as files)
+        "eval_every": 1, "threads": None,
+        "eval_flip": False,  # also report val_top1_flip: softmax averaged with the mirrored image
+        "stop_after_epoch": None,  # end this run after that epoch; the schedule still plans schedule.epochs
+        "record_shards": False,  # debugging/tests: write each rank's sample indices of epoch 1
+    },
+}
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("vggnet.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _merge(base: Recipe, update: Recipe, where: str = "") -> Recipe:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if key not in base:
+            raise ValueError(f"unknown recipe key {path!r}; known: {', '.join(sorted(base))}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"recipe key {path!r} must be a mapping")
+            out[key] = _merge(base[key], value, path + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Defaults ← recipe file (a built-in name or a YAML path) ← ``key.sub=value`` overrides."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        text = path.read_text()
+    else:
+        ref = resources.files("vggnet.recipes") / f"{name_or_path}.yaml"
+        if not ref.is_file():
+            raise ValueError(f"unknown recipe {name_or_path!r}; built-in: {', '.join(builtin_recipes())}")
+        text = ref.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {name_or_path} must be a YAML mapping")
+    recipe = _merge(DEFAULTS, data)
+    for item in overrides or []:
+        recipe = apply_override(recipe, item)
+    return recipe
+
+
+def apply_override(recipe: Recipe, item: str) -> Recipe:
+    """``optim.lr=0.1``: the value is parsed as YAML (numbers, lists, null, true/false)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    update: Recipe = {}
+    node = update
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(raw)
+    return _merge(recipe, update)
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -1,0 +1,165 @@
+"""The training engine end to end on the embedded digits: resume, kill, DDP, errors, artifacts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vggnet.engine.recipe import load_recipe
+from vggnet.engine.trainer import ResumeError, train
+from vggnet.models import load_checkpoint
+
+FAST = ["model.width=0.125", "data.image_size=32", "optim.batch_size=64", "train.threads=1",
+        "train.deterministic=true", "train.precision=fp32", "train.channels_last=false"]
+
+
+def recipe(*overrides):
+    return load_recipe("demo", [*FAST, *overrides])
+
+
+def weights(run: Path, epoch: int) -> dict:
+    model, _ = load_checkpoint(run / "checkpoints" / f"epoch-{epoch:04d}" / "model.safetensors")
+    return model.state_dict()
+
+
+def test_run_folder_has_everything(tmp_path):
+    out = tmp_path / "run"
+    result = train(recipe("schedule.epochs=2"), out)
+    assert result["epoch"] == 2 and 0 <= result["val_top1"] <= 100
+    for name in ("recipe.yaml", "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "final.json",
+                 "last.safetensors", "best.safetensors"):
+        assert (out / name).is_file(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    for key in ("train_loss", "val_top1", "val_top5", "lr", "img_per_s", "data_wait_frac", "epoch_time"):
+        assert key in json.loads(lines[-1])
+    model, extra = load_checkpoint(out / "last.safetensors")
+    assert extra["classes"] == [str(i) for i in range(10)] and extra["epoch"] == 2
+    assert any((out / "tb").iterdir())
+
+
+def test_two_epochs_equal_one_plus_resume_plus_one(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(recipe("schedule.epochs=2", "model.dropout=0.3"), straight)
+    train(recipe("schedule.epochs=2", "model.dropout=0.3", "train.stop_after_epoch=1"), resumed)
+    assert not (resumed / "checkpoints" / "epoch-0002").exists()
+    train(recipe("schedule.epochs=2", "model.dropout=0.3"), resumed)  # picks up epoch 1's checkpoint
+    a, b = weights(straight, 2), weights(resumed, 2)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    epochs = [json.loads(line)["epoch"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_resume_with_ema_and_optimizer_state(tmp_path):
+    straight, resumed = tmp_path / "s", tmp_path / "r"
+    extra = ("train.ema=0.9", "optim.name=adamw", "optim.lr=0.002", "schedule.name=cosine")
+    train(recipe("schedule.epochs=2", *extra), straight)
+    train(recipe("schedule.epochs=2", "train.stop_after_epoch=1", *extra), resumed)
+    train(recipe("schedule.epochs=2", *extra), resumed)
+    a = load_checkpoint(straight / "checkpoints/epoch-0002/ema.safetensors")[0].state_dict()
+    b = load_checkpoint(resumed / "checkpoints/epoch-0002/ema.safetensors")[0].state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_resume_refuses_another_model(tmp_path):
+    train(recipe("schedule.epochs=1"), tmp_path)
+    with pytest.raises(ResumeError, match="model"):
+        train(recipe("schedule.epochs=2", "model.name=vgg13_bn"), tmp_path)
+
+
+def test_resume_refuses_other_classes(tmp_path):
+    data = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (i * 40, 10, 200 if cls == "cat" else 0)).save(data / cls / f"{i}.png")
+    run = tmp_path / "run"
+    train(load_recipe("demo", [*FAST, "schedule.epochs=1", "data.dataset=folder", f"data.path={data}",
+                               "data.val_fraction=0.34", "optim.batch_size=4"]), run)
+    (data / "bird").mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (0, i * 40, 0)).save(data / "bird" / f"{i}.png")
+    with pytest.raises(ResumeError, match="classes"):
+        train(load_recipe("demo", [*FAST, "schedule.epochs=2", "data.dataset=folder", f"data.path={data}",
+                                   "data.val_fraction=0.34", "optim.batch_size=4"]), run)
+
+
+def test_keep_n_and_full_disk(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(recipe("schedule.epochs=3", "train.keep=2"), out)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["epoch-0002", "epoch-0003"]
+    import vggnet.engine.checkpoint as ck
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", disk_full)
+    with pytest.warns(UserWarning, match="previous one is intact"):
+        train(recipe("schedule.epochs=4", "train.keep=2"), out)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["epoch-0002", "epoch-0003"]
+    assert load_checkpoint(out / "last.safetensors")[1]["epoch"] == 3
+
+
+def test_missing_data_folder_is_clear(tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match="nope"):
+        train(load_recipe("demo", [*FAST, "data.dataset=folder", f"data.path={tmp_path / 'nope'}"]), tmp_path / "r")
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "vggnet", "train", *args]
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    out = tmp_path / "run"
+    sets = [*FAST, "schedule.epochs=40", "optim.batch_size=16"]
+    proc = subprocess.Popen(_cli("--recipe", "demo", "--out", str(out), "--set", *sets),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
+            time.sleep(0.2)
+        assert (out / "checkpoints" / "epoch-0002").exists(), "training produced no checkpoint"
+        time.sleep(0.5)  # now inside epoch 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("epoch-")]
+    last = max(int(n.split("-")[1]) for n in done)
+    assert last < 40
+    sets.append(f"train.stop_after_epoch={last + 1}")
+    result = subprocess.run(_cli("--recipe", "demo", "--out", str(out), "--set", *sets), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, last + 2))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "vggnet", "train", "--recipe", "demo",
+           "--out", str(out), "--set", *FAST, "schedule.epochs=2", "train.record_shards=true"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0 = set(json.loads((out / "shards" / "rank0.json").read_text()))
+    r1 = set(json.loads((out / "shards" / "rank1.json").read_text()))
+    assert r0 and r1 and not (r0 & r1)
+    assert abs(len(r0) - len(r1)) <= 1
+    f0 = json.loads((out / "shards" / "final_rank0.json").read_text())
+    f1 = json.loads((out / "shards" / "final_rank1.json").read_text())
+    assert f0 == f1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only rank 0 logs
