@@ -163,3 +163,35 @@ def test_torchrun_two_cpu_processes(tmp_path):
     f1 = json.loads((out / "shards" / "final_rank1.json").read_text())
     assert f0 == f1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only rank 0 logs
+
+
+def test_demo_recipe_reaches_95_percent(tmp_path):
+    """The README's main command: the embedded digits, held-out accuracy >= 95%."""
+    result = train(load_recipe("demo"), tmp_path / "demo", progress=False)
+    assert result["val_top1"] >= 95.0
+
+
+def test_corrupt_images_are_skipped_not_fatal(tmp_path):
+    data = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (32, 32), (i * 30, 0, 120 if cls == "a" else 0)).save(data / cls / f"{i}.jpg")
+    (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for in_memory in ("true", "false"):
+        result = train(load_recipe("demo", [*FAST, "schedule.epochs=1", "data.dataset=folder", f"data.path={data}",
+                                            "data.val_fraction=0.25", "optim.batch_size=4", "data.workers=0",
+                                            f"data.in_memory={in_memory}"]), tmp_path / f"run-{in_memory}")
+        assert result["epoch"] == 1
+
+
+def test_init_from_a_trained_net_a(tmp_path):
+    net_a = tmp_path / "a"
+    train(recipe("schedule.epochs=1", "model.name=vgg11", "model.head=fc", "model.fc_width=32"), net_a)
+    deeper = tmp_path / "d"
+    train(recipe("schedule.epochs=1", "model.name=vgg13", "model.head=fc", "model.fc_width=32", "optim.lr=0",
+                 "optim.weight_decay=0", f"model.init_from={net_a / 'last.safetensors'}"), deeper)
+    a = load_checkpoint(net_a / "last.safetensors")[0]
+    d = load_checkpoint(deeper / "last.safetensors")[0]
+    assert torch.equal(a.features.block1_conv1.weight, d.features.block1_conv1.weight)
+    assert torch.equal(a.head.fc7.weight, d.head.fc7.weight)

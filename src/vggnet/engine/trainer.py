@@ -208,6 +208,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
     epochs, step = scfg["epochs"], (start_epoch - 1) * len(inputs.train)
     last: dict[str, Any] = {}
     stop = min(epochs, tcfg["stop_after_epoch"] or epochs)
+    if start_epoch > stop and env.main:
+        print(f"{out}: already trained to epoch {start_epoch - 1} of {epochs}; nothing to do", flush=True)
     for epoch in range(start_epoch, stop + 1):
         inputs.train.set_epoch(epoch)
         if tcfg["record_shards"] and epoch == start_epoch:
