@@ -124,8 +124,72 @@ def test_channels_last_output_and_bad_arguments(data):
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert next(iter(loader(data)))[0].is_contiguous()
     with pytest.raises(ValueError, match="augment"):
-        loader(data, augment="paper")
+        loader(data, augment="autoaugment")
     with pytest.raises(ValueError, match="uint8"):
         TensorLoader(data[0].float(), data[1], batch_size=4)
     with pytest.raises(ValueError, match="rank"):
         loader(data, rank=2, world_size=2)
+
+
+def _upscaled(images, size):
+    x = images.float()
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def test_paper_and_center_at_native_scale_are_the_image(data):
+    images, _ = data
+    for augment in ("paper", "center"):
+        tl = loader(data, augment=augment, shuffle=False, flip=False, crop=H, scale=H)
+        x, _ = next(iter(tl))
+        assert torch.allclose(x, images[:16].float() / 255, atol=1e-5)
+
+
+def test_paper_scale_jitter_gives_crops_of_the_rescaled_image_or_their_flips(data):
+    images, _ = data
+    tl = loader(data, augment="paper", shuffle=False, crop=H, scale=(2 * H, 2 * H))  # S = 2H, fixed
+    x, _ = next(iter(tl))
+    big = _upscaled(images[:16], 2 * H) / 255
+    flips = 0
+    for i in range(16):
+        views = [big[i, :, t:t + H, left:left + H] for t in range(H + 1) for left in range(H + 1)]
+        plain = any(torch.allclose(x[i], v, atol=1e-5) for v in views)
+        mirrored = any(torch.allclose(x[i], v.flip(-1), atol=1e-5) for v in views)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 0 < flips < 16
+
+
+def test_paper_jitter_range_varies_the_scale(data):
+    images, _ = data
+    tl = loader(data, augment="paper", shuffle=False, flip=False, crop=H, scale=(1.0, 3.0))  # relative S
+    x, _ = next(iter(tl))
+    native = images[:16].float() / 255
+    # S = H keeps the image, every other S in 1..3x zooms in: 16 draws are not all the native scale
+    zoomed = [not torch.allclose(x[i], native[i], atol=1e-5) for i in range(16)]
+    assert any(zoomed)
+
+
+def test_center_view_is_the_centre_crop_of_the_rescaled_image(data):
+    images, _ = data
+    tl = loader(data, augment="center", shuffle=False, crop=H, scale=2 * H)
+    x, _ = next(iter(tl))
+    big = _upscaled(images[:16], 2 * H) / 255
+    off = H // 2
+    assert torch.allclose(x, big[:, :, off:off + H, off:off + H], atol=1e-5)
+
+
+def test_pca_lighting_shifts_each_image_by_one_colour(data):
+    kw = dict(augment="paper", shuffle=False, flip=False, crop=H, scale=H, seed=3)
+    plain, _ = next(iter(loader(data, **kw)))
+    lit, _ = next(iter(loader(data, lighting=0.1, **kw)))
+    shift = lit - plain
+    assert shift.abs().max() > 0
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-5)  # constant per image and channel
+    assert not torch.allclose(shift[0], shift[1])
+
+
+def test_paper_augment_bad_scales(data):
+    with pytest.raises(ValueError, match="crop <= Smin"):
+        loader(data, augment="paper", crop=H, scale=(H - 2, H))
+    with pytest.raises(ValueError, match="augment must be"):
+        loader(data, augment="mixup")

@@ -3,8 +3,12 @@
 On two CPU cores, per-image transforms in worker processes cost more than a small VGG's step and
 steal the cores the model needs. Here the uint8 images sit in one N x H x W x C tensor; each batch
 is one gather (random crop with reflect padding and the flip folded into the gather's indices),
-one float conversion with normalisation, and an optional cutout mask. The order depends only on
-(seed, epoch), like ``DistributedSampler``, so resumed and multi-process runs see the same data.
+one float conversion with normalisation, and an optional cutout mask. The paper's augmentation
+(``augment="paper"``: shorter side rescaled to a per-image S, random crop, flip, PCA colour shift)
+is one batched ``grid_sample`` whose sampling grid folds the rescale, the crop and the flip together;
+``augment="center"`` is the paper's single-scale test view (shorter side to Q, centre crop). The order
+depends only on (seed, epoch), like ``DistributedSampler``, so resumed and multi-process runs see the
+same data.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD, Scale, scale_pixels
+
+AUGMENTS = ("none", "flip_crop", "paper", "center")
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -33,15 +40,17 @@ class TensorLoader:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 drop_last: bool = False, seed: int = 0, augment: Literal["none", "flip_crop"] = "none",
+                 drop_last: bool = False, seed: int = 0,
+                 augment: Literal["none", "flip_crop", "paper", "center"] = "none",
                  pad: int = 4, flip: bool = True, cutout: int = 0, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, device: str | torch.device = "cpu",
-                 channels_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1,
+                 crop: int | None = None, scale: Scale | None = None, lighting: float = 0.0) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8 or len(images) != len(labels):
             raise ValueError(f"need uint8 images N x C x H x W and N labels, got {tuple(images.shape)} "
                              f"{images.dtype} and {len(labels)} labels")
-        if augment not in ("none", "flip_crop"):
-            raise ValueError(f"augment must be 'none' or 'flip_crop', got {augment!r}")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         _, c, h, w = images.shape
@@ -53,9 +62,19 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.augment, self.pad, self.flip, self.cutout = augment, pad, flip, cutout
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
+        # paper / center: crop side and the range of the rescaled shorter side, in pixels
+        self.crop = int(crop or min(h, w))
+        smin, smax = scale if isinstance(scale, tuple | list) else (scale or self.crop,) * 2
+        self.smin, self.smax = scale_pixels(smin, self.crop), scale_pixels(smax, self.crop)
+        if augment in ("paper", "center") and not self.crop <= self.smin <= self.smax:
+            raise ValueError(f"need crop <= Smin <= Smax, got crop {self.crop}, S in [{self.smin}, {self.smax}]")
+        if lighting and c != 3:
+            raise ValueError("PCA lighting needs RGB images")
+        self.lighting = float(lighting)
         mean_t = torch.tensor(mean, dtype=torch.float32).expand(c)
         std_t = torch.tensor(std, dtype=torch.float32).expand(c)
         self.scale = (1.0 / (255.0 * std_t)).view(c, 1, 1).to(self.device)  # (x / 255 - mean) / std
+        self.inv_std = (1.0 / std_t).to(self.device)
         self.shift = (mean_t / std_t).view(c, 1, 1).to(self.device)  # ... as x * scale - shift
         self.epoch = 0
 
@@ -92,6 +111,8 @@ class TensorLoader:
             yield self._batch(idx, rng), self.labels[idx.to(self.device)]
 
     def _batch(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        if self.augment in ("paper", "center"):
+            return self._rescaled(idx, rng)
         n, h, w, c = self.images.shape
         b = len(idx)
         if self.augment == "flip_crop":
@@ -118,3 +139,42 @@ class TensorLoader:
             mask = inside_r & ((q >= left) & (q < left + self.cutout)).view(b, 1, 1, w)
             x.masked_fill_(mask.to(self.device), 0.0)
         return x
+
+    def _rescaled(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Shorter side to S (per image), a crop x crop window, optional flip: one bilinear grid_sample.
+
+        Output pixel (i, j) of a crop at (top, left) in the image rescaled by s = S / min(H, W) reads
+        the source at ((top + i + 0.5) / s, (left + j + 0.5) / s), pixel centres at k + 0.5, which is
+        ``align_corners=False`` in normalised units. Upscaling (S >= the source side, the usual case
+        for tiny images) needs no antialiasing.
+        """
+        _, h, w, c = self.images.shape
+        b, k, train = len(idx), self.crop, self.augment == "paper"
+        x = self.images.index_select(0, idx.to(self.device)).permute(0, 3, 1, 2).float()
+        if train:
+            s = torch.randint(self.smin, self.smax + 1, (b,), generator=rng).float()
+        else:
+            s = torch.full((b,), float(self.smin))
+        factor = s / min(h, w)
+        span_h, span_w = (h * factor).floor() - k, (w * factor).floor() - k  # room for the crop's corner
+        if train:
+            top, left = (torch.rand(b, generator=rng) * (span_h + 1)).floor(), (torch.rand(b, generator=rng)
+                                                                               * (span_w + 1)).floor()
+        else:
+            top, left = (span_h / 2).round(), (span_w / 2).round()
+        steps = torch.arange(k, dtype=torch.float32) + 0.5
+        cols = (left.view(b, 1) + steps) / factor.view(b, 1)  # source x of each output column
+        if train and self.flip:
+            flipped = torch.rand(b, generator=rng) < 0.5
+            cols = torch.where(flipped.view(b, 1), cols.flip(1), cols)
+        rows = (top.view(b, 1) + steps) / factor.view(b, 1)
+        grid = torch.stack(torch.broadcast_tensors((2 * cols / w - 1).view(b, 1, k), (2 * rows / h - 1).view(b, k, 1)),
+                           dim=-1)
+        x = F.grid_sample(x, grid.to(self.device), mode="bilinear", padding_mode="border", align_corners=False)
+        x = x.mul_(self.scale).sub_(self.shift)
+        if train and self.lighting:  # AlexNet's PCA colour shift, in [0, 1] pixel units, per image
+            eigvec, eigval = torch.tensor(IMAGENET_EIGVEC), torch.tensor(IMAGENET_EIGVAL)
+            alpha = torch.randn(b, 3, generator=rng) * self.lighting
+            shift = (alpha * eigval) @ eigvec.T  # row b: eigvec @ (alpha_b * eigval)
+            x += (shift.to(self.device) * self.inv_std).view(b, c, 1, 1)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()

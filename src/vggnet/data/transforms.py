@@ -76,7 +76,7 @@ class PCALighting(v2.Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
-def _pixels(value: int | float, crop: int) -> int:
+def scale_pixels(value: int | float, crop: int) -> int:
     return round(value * crop) if isinstance(value, float) else int(value)
 
 
@@ -85,7 +85,7 @@ def paper_train_transform(scale: Scale, crop: int = 224, mean: Sequence[float] =
                           flip: bool = True) -> v2.Compose:
     """Sec. 3.1: shorter side S (fixed or jittered), random ``crop``, flip, PCA lighting, minus mean RGB."""
     smin, smax = scale if isinstance(scale, tuple | list) else (scale, scale)
-    smin, smax = _pixels(smin, crop), _pixels(smax, crop)
+    smin, smax = scale_pixels(smin, crop), scale_pixels(smax, crop)
     if smin < crop:
         raise ValueError(f"the smallest scale ({smin}) must be at least the crop ({crop})")
     steps: list[Any] = [v2.ToImage(), RandomIsotropicRescale(smin, smax), v2.RandomCrop(crop)]
@@ -98,7 +98,7 @@ def paper_train_transform(scale: Scale, crop: int = 224, mean: Sequence[float] =
 def eval_transform(q: int | float, crop: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = UNIT_STD) -> v2.Compose:
     """Test scale Q: shorter side to Q, then a centre ``crop`` (``None``: the whole image, for dense eval)."""
-    steps: list[Any] = [v2.ToImage(), v2.Resize(_pixels(q, crop or 1), antialias=True)]
+    steps: list[Any] = [v2.ToImage(), v2.Resize(scale_pixels(q, crop or 1), antialias=True)]
     steps += [v2.CenterCrop(crop)] if crop else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 

@@ -4,7 +4,8 @@
 finished epoch, and reloaded on resume so the run continues the same files. ``metrics.csv`` is rewritten
 from it for spreadsheet users. Plots use matplotlib's object API on the Agg canvas (no display, no global
 pyplot state, whatever backend someone else selected) and replace their file atomically, so a viewer
-never sees half a PNG.
+never sees half a PNG. ``topk_correct`` / ``confusion_matrix`` (:mod:`vggnet.metrics`) and ``plot_confusion``
+(:mod:`vggnet.plots`) are shared with test-time evaluation and re-exported here.
 """
 
 from __future__ import annotations
@@ -13,39 +14,22 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from vggnet.metrics import confusion_matrix, topk_correct
+from vggnet.plots import plot_confusion
+from vggnet.plots import save_figure as _save
+
+__all__ = ["RunLogger", "confusion_matrix", "format_epoch_line", "plot_confusion", "plot_curves",
+           "topk_correct"]
 
 # Not scalars worth a TensorBoard curve: the x axis itself, a constant and a wall-clock timestamp.
 _NOT_SCALARS = ("epoch", "epochs", "time")
-
-
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, int]:
-    """Count of samples whose target is among the k best scores, per k.
-
-    Counts rather than percentages so that batches and DDP ranks can simply be summed. ``k`` is clipped to the
-    class count, so top-5 on a 3-class problem is top-3 (always right) instead of an error.
-    """
-    ks = tuple(ks)
-    kmax = min(max(ks), logits.shape[1])
-    hits = logits.topk(kmax, dim=1).indices == targets.view(-1, 1)
-    return {k: int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
-
-
-def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts (int64) with rows the true class and columns the prediction, summable across batches and ranks."""
-    preds, targets = preds.long().reshape(-1), targets.long().reshape(-1)
-    both = torch.cat([preds, targets])
-    if preds.numel() != targets.numel() or (both.numel() and (both.min() < 0 or both.max() >= num_classes)):
-        raise ValueError(f"need as many preds as targets, all in [0, {num_classes})")  # bincount would mis-shape
-    flat = targets * num_classes + preds
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
 def _plain(value: Any) -> Any:
@@ -151,16 +135,6 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    FigureCanvasAgg(fig)  # attach Agg explicitly: independent of the pyplot backend in this process
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
-
-
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str | None = None) -> Path:
     """Loss and top-1 accuracy (train vs val) per epoch side by side, the learning rate faintly behind accuracy.
 
@@ -198,37 +172,6 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str | None = N
         acc_ax.patch.set_visible(False)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
-
-
-def plot_confusion(matrix: Any, classes: list[str], path: Path, normalize: bool = True,
-                   title: str | None = None) -> Path:
-    """Heat map with rows the true class; ``normalize`` makes rows sum to 1, so the diagonal is per-class recall
-    and rare classes are as visible as common ones."""
-    m = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.float64)
-    n = len(classes)
-    if m.shape != (n, n):
-        raise ValueError(f"matrix of shape {m.shape} for {n} classes")
-    if normalize:
-        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    side = max(4.5, min(14.0, 0.55 * n + 2))
-    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, m.max(initial=0)))
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
-    if n <= 60:  # beyond that the names overlap; the colour pattern is what remains informative
-        fontsize = 9 if n <= 12 else 7
-        ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=fontsize)
-        ax.set_yticks(range(n), labels=classes, fontsize=fontsize)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                text = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8 if n <= 12 else 6,
-                        color="white" if m[i, j] > 0.55 * image.norm.vmax else "black")
-    ax.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix"))
     return _save(fig, path)
 
 

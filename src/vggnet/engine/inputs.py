@@ -103,33 +103,30 @@ def build_inputs(recipe: dict[str, Any], env: Dist) -> Inputs:
         channels = 3
     else:
         raise ValueError(f"unknown data.dataset {kind!r}; choose folder, digits, cifar10 or fashion_mnist")
-    common = {"mean": mean, "std": std, "rank": env.rank, "world_size": env.world}
+    common = {"mean": mean, "std": std, "rank": env.rank, "world_size": env.world, "crop": size}
+    paper = d["augment"] == "paper"  # scale jitter + crop + flip + PCA lighting, batched on tensors
+    scale = _scale(d, size)
     train = vdata.TensorLoader(train_x, train_y, batch_size=batch, shuffle=True, drop_last=True, seed=seed,
-                               augment=d["augment"] if d["augment"] != "paper" else "flip_crop", pad=d["pad"],
-                               flip=d["flip"], cutout=d["cutout"], **common)
+                               augment=d["augment"], pad=d["pad"], flip=d["flip"], cutout=d["cutout"],
+                               scale=scale, lighting=d["lighting"] if paper else 0.0, **common)
     val = None
     if val_x is not None and len(val_x):
         val = vdata.TensorLoader(val_x, val_y, batch_size=batch, shuffle=False, drop_last=False, seed=seed,
-                                 augment="none", **common)
+                                 augment="center" if paper else "none", scale=_test_scale(scale), **common)
     return Inputs(train, val, classes, channels, size, mean, std)
 
 
 def _streaming(recipe, train_ds, val_ds, classes, batch, env: Dist) -> Inputs:
     d = recipe["data"]
     size, mean, std = int(d["image_size"]), list(d["mean"]), list(d["std"])
-    scale = d["scale"] or size
+    scale = _scale(d, size)
     if d["augment"] == "paper":
-        train_tf = vdata.paper_train_transform(tuple(scale) if isinstance(scale, list) else scale, crop=size,
+        train_tf = vdata.paper_train_transform(scale, crop=size,
                                                mean=mean, std=std, lighting=d["lighting"], flip=d["flip"])
     else:
         train_tf = vdata.small_image_train_transform(size=size, pad=d["pad"], cutout=d["cutout"], mean=mean, std=std,
                                                      flip=d["flip"])
-    # single-scale testing as in the paper: Q = S for a fixed S, the middle of [Smin, Smax] when jittered
-    if isinstance(scale, list):
-        both_int = all(isinstance(v, int) for v in scale)
-        q = (scale[0] + scale[1]) // 2 if both_int else (scale[0] + scale[1]) / 2
-    else:
-        q = scale
+    q = _test_scale(scale)
     train_ds.transform = train_tf
     seed = recipe["train"]["seed"]
     train = StreamingLoader(train_ds, batch, True, seed, d["workers"], env)
@@ -138,3 +135,17 @@ def _streaming(recipe, train_ds, val_ds, classes, batch, env: Dist) -> Inputs:
         val_ds.transform = vdata.eval_transform(q, size, mean=mean, std=std)
         val = StreamingLoader(val_ds, batch, False, seed, d["workers"], env)
     return Inputs(train, val, classes, 3, size, mean, std)
+
+
+def _scale(d: dict[str, Any], size: int) -> Any:
+    """The recipe's training scale S: an int/float or a [Smin, Smax] jitter range (default: the crop)."""
+    scale = d["scale"] or size
+    return tuple(scale) if isinstance(scale, list | tuple) else scale
+
+
+def _test_scale(scale: Any) -> Any:
+    """Single-scale testing as in the paper: Q = S for a fixed S, the middle of [Smin, Smax] when jittered."""
+    if isinstance(scale, tuple):
+        both_int = all(isinstance(v, int) for v in scale)
+        return (scale[0] + scale[1]) // 2 if both_int else (scale[0] + scale[1]) / 2
+    return scale
