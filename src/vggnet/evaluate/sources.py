@@ -21,46 +21,14 @@ import torch
 import yaml
 
 from vggnet.data import digits_tensors, download_builtin, load_image_folder, read_image
-from vggnet.models import VGG, load_checkpoint
+from vggnet.models import VGG, checkpoint_file, checkpoint_meta, load_checkpoint
 
 __all__ = ["FolderImages", "checkpoint_file", "eval_images", "find_recipe", "load_models"]
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
-CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
-_REQUIRED = ("mean", "std", "image_size")
 # The recipe defaults (vggnet.engine.recipe.DEFAULTS), for runs whose folder holds no recipe.yaml.
 _DEFAULT_SPLIT = {"val_fraction": 0.1, "split_seed": 0}
-
-
-def checkpoint_file(path: PathLike) -> Path:
-    """The checkpoint a path names: a run folder's ``best.safetensors`` (else ``last``), or the file itself."""
-    path = Path(path)
-    if path.is_dir():
-        for name in CHECKPOINT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{path}: run folder without {' or '.join(CHECKPOINT_NAMES)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return path
-
-
-def _meta(file: Path, model: VGG, extra: dict[str, Any]) -> dict[str, Any]:
-    missing = [key for key in _REQUIRED if key not in extra]
-    if missing:
-        raise ValueError(f"{file}: the checkpoint metadata lacks {', '.join(missing)}; save it with "
-                         "vggnet.save_checkpoint(model, path, {'classes': [...], 'mean': [...], 'std': [...], "
-                         "'image_size': N})")
-    classes = extra.get("classes")
-    if classes is not None and len(classes) != model.config.num_classes:
-        raise ValueError(f"{file}: {len(classes)} class names for a {model.config.num_classes}-class model")
-    return {"classes": None if classes is None else [str(c) for c in classes],
-            "mean": [float(v) for v in extra["mean"]], "std": [float(v) for v in extra["std"]],
-            "image_size": int(extra["image_size"]), "num_classes": model.config.num_classes,
-            "in_channels": model.config.in_channels}
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list) and a and isinstance(a[0], float):
         return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
@@ -81,7 +49,7 @@ def load_models(paths: PathLike | Sequence[PathLike]) -> tuple[list[VGG], dict[s
     for given in paths:
         file = checkpoint_file(given)
         model, extra = load_checkpoint(file)
-        metas.append(_meta(file, model, extra))
+        metas.append(checkpoint_meta(file, model, extra))
         models.append(model)
         files.append(file)
     first = metas[0]

@@ -15,7 +15,10 @@ from .configs import CONFIGS, NAME_TO_CONFIG, PAPER_PARAMS, PAPER_WARM_START_LAY
 from .init import INIT_SCHEMES, init_from_shallower, init_weights
 from .vgg import VGG, VGGConfig
 from .weights import (
+    CHECKPOINT_NAMES,
     WeightsError,
+    checkpoint_file,
+    checkpoint_meta,
     detect_format,
     load_checkpoint,
     load_weights,
@@ -24,10 +27,10 @@ from .weights import (
 )
 
 __all__ = [
-    "CONFIGS", "INIT_SCHEMES", "NAME_TO_CONFIG", "PAPER_PARAMS", "PAPER_WARM_START_LAYERS", "VGG", "VGGConfig",
-    "WeightsError", "count_macs", "count_params", "create_model", "detect_format", "init_from_shallower",
-    "init_weights", "layer_table", "list_models", "load_checkpoint", "load_weights", "read_checkpoint",
-    "save_checkpoint",
+    "CHECKPOINT_NAMES", "CONFIGS", "INIT_SCHEMES", "NAME_TO_CONFIG", "PAPER_PARAMS", "PAPER_WARM_START_LAYERS", "VGG",
+    "VGGConfig", "WeightsError", "checkpoint_file", "checkpoint_meta", "count_macs", "count_params", "create_model",
+    "detect_format", "init_from_shallower", "init_weights", "layer_table", "list_models", "load_checkpoint",
+    "load_weights", "read_checkpoint", "save_checkpoint",
 ]
 
 

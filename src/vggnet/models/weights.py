@@ -199,3 +199,43 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[VGG, dict[str, Any]]:
     model = VGG(config)
     load_weights(model, state)
     return model.eval(), extra
+
+
+CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
+_REQUIRED_META = ("mean", "std", "image_size")
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint a path names: a run folder's ``best.safetensors`` (else ``last``), or the file itself.
+
+    Every consumer (eval, predict, export, serve) accepts a run folder, so the rule lives here once.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: run folder without {' or '.join(CHECKPOINT_NAMES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def checkpoint_meta(file: str | os.PathLike, model: VGG, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing a checkpoint needs at test time, checked: ``classes`` (None if not recorded),
+    ``mean``, ``std``, ``image_size`` (the training crop), ``num_classes`` and ``in_channels``.
+
+    A checkpoint without mean/std/crop cannot be used on raw images, so that is an error, not a guess.
+    """
+    missing = [key for key in _REQUIRED_META if key not in extra]
+    if missing:
+        raise ValueError(f"{file}: the checkpoint metadata lacks {', '.join(missing)}; save it with "
+                         "vggnet.save_checkpoint(model, path, {'classes': [...], 'mean': [...], 'std': [...], "
+                         "'image_size': N})")
+    classes = extra.get("classes")
+    if classes is not None and len(classes) != model.config.num_classes:
+        raise ValueError(f"{file}: {len(classes)} class names for a {model.config.num_classes}-class model")
+    return {"classes": None if classes is None else [str(c) for c in classes],
+            "mean": [float(v) for v in extra["mean"]], "std": [float(v) for v in extra["std"]],
+            "image_size": int(extra["image_size"]), "num_classes": model.config.num_classes,
+            "in_channels": model.config.in_channels}
