@@ -139,14 +139,14 @@ def _upscaled(images, size):
 def test_paper_and_center_at_native_scale_are_the_image(data):
     images, _ = data
     for augment in ("paper", "center"):
-        tl = loader(data, augment=augment, shuffle=False, flip=False, crop=H, scale=H)
+        tl = loader(data, augment=augment, shuffle=False, flip=False, crop=H, scale=1.0)
         x, _ = next(iter(tl))
         assert torch.allclose(x, images[:16].float() / 255, atol=1e-5)
 
 
 def test_paper_scale_jitter_gives_crops_of_the_rescaled_image_or_their_flips(data):
     images, _ = data
-    tl = loader(data, augment="paper", shuffle=False, crop=H, scale=(2 * H, 2 * H))  # S = 2H, fixed
+    tl = loader(data, augment="paper", shuffle=False, crop=H, scale=(2.0, 2.0))  # S = 2H, fixed
     x, _ = next(iter(tl))
     big = _upscaled(images[:16], 2 * H) / 255
     flips = 0
@@ -171,7 +171,7 @@ def test_paper_jitter_range_varies_the_scale(data):
 
 def test_center_view_is_the_centre_crop_of_the_rescaled_image(data):
     images, _ = data
-    tl = loader(data, augment="center", shuffle=False, crop=H, scale=2 * H)
+    tl = loader(data, augment="center", shuffle=False, crop=H, scale=2.0)
     x, _ = next(iter(tl))
     big = _upscaled(images[:16], 2 * H) / 255
     off = H // 2
@@ -179,7 +179,7 @@ def test_center_view_is_the_centre_crop_of_the_rescaled_image(data):
 
 
 def test_pca_lighting_shifts_each_image_by_one_colour(data):
-    kw = dict(augment="paper", shuffle=False, flip=False, crop=H, scale=H, seed=3)
+    kw = dict(augment="paper", shuffle=False, flip=False, crop=H, scale=1.0, seed=3)
     plain, _ = next(iter(loader(data, **kw)))
     lit, _ = next(iter(loader(data, lighting=0.1, **kw)))
     shift = lit - plain
@@ -190,6 +190,6 @@ def test_pca_lighting_shifts_each_image_by_one_colour(data):
 
 def test_paper_augment_bad_scales(data):
     with pytest.raises(ValueError, match="crop <= Smin"):
-        loader(data, augment="paper", crop=H, scale=(H - 2, H))
+        loader(data, augment="paper", crop=H, scale=(0.75, 1.0))
     with pytest.raises(ValueError, match="augment must be"):
         loader(data, augment="mixup")

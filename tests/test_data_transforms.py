@@ -78,3 +78,14 @@ def test_small_image_transform_cutout_cuts_one_square():
     assert int((out == 0).all(0).sum()) == 64
     plain = small_image_train_transform(size=32, pad=4)(x)
     assert not (plain == 0).any()
+
+
+def test_one_scale_rule_for_recipes_and_protocols():
+    from vggnet.data.transforms import scale_pixels
+    from vggnet.evaluate import resolve_scale
+
+    for value, crop, px in ((1.5, 32, 48), (2, 32, 64), (1.143, 224, 256), (256, 224, 256), (16, 32, 16)):
+        assert scale_pixels(value, crop) == px == resolve_scale(value, crop)
+    for bad in (0, -1.0, float("nan"), 37.5, True):
+        with pytest.raises(ValueError):
+            scale_pixels(bad, 32)

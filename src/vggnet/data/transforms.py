@@ -3,12 +3,14 @@
 VGG trains on a random 224 crop of an image whose *shorter side* is rescaled to S, with S fixed
 (256 or 384) or jittered per image in [256, 512] (Sec. 3.1), plus flips and AlexNet's PCA colour
 shift. v2 has crops, flips and normalisation but neither the isotropic scale jitter nor the PCA
-lighting. Scales may be ints (pixels) or floats (multiples of the crop), so the same recipe works
-for 32-px images: ``scale=(1.0, 2.0)`` with ``crop=32`` is S in [32, 64].
+lighting. A scale below 16 is a multiple of the crop and one from 16 up is pixels (the rule the test
+protocols use too), so the same recipe works for 32-px images: ``scale=(1, 2)`` with ``crop=32`` is
+S in [32, 64], ``scale=(256, 512)`` is pixels.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,8 +78,21 @@ class PCALighting(v2.Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
+RELATIVE_BELOW = 16  # a scale below this is a multiple of the crop; from it up, pixels
+
+
 def scale_pixels(value: int | float, crop: int) -> int:
-    return round(value * crop) if isinstance(value, float) else int(value)
+    """A scale in pixels. One rule for recipes, the tensor loader and the test protocols: a value below
+    16 is a multiple of ``crop`` (no VGG input is under 32 px, so no real pixel count is lost), a value
+    from 16 up is a whole number of pixels."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale {value!r} must be a positive finite number")
+    if value < RELATIVE_BELOW:
+        return max(1, round(value * crop))
+    if value != int(value):
+        raise ValueError(f"scale {value!r}: values of {RELATIVE_BELOW} and more are pixels and must be whole; "
+                         f"values below {RELATIVE_BELOW} are multiples of the crop")
+    return int(value)
 
 
 def paper_train_transform(scale: Scale, crop: int = 224, mean: Sequence[float] = IMAGENET_MEAN,

@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from vggnet.data import eval_transform
+from vggnet.data.transforms import RELATIVE_BELOW, scale_pixels
 from vggnet.metrics import confusion_matrix, topk_correct
 from vggnet.models import VGG
 
@@ -40,7 +41,6 @@ __all__ = ["KINDS", "RELATIVE_BELOW", "Protocol", "crop_boxes", "parse_protocol"
 KINDS = ("single", "dense", "multicrop", "dense+multicrop")
 _ALIASES = {"centre": "single", "center": "single", "multi-crop": "multicrop",
             "dense+multi-crop": "dense+multicrop", "multicrop+dense": "dense+multicrop"}
-RELATIVE_BELOW = 16  # a scale below this is a multiple of the training crop; from it up, pixels
 MIN_SIDE = 32  # five 2×2 max-pools: the smallest input a VGG takes
 GRID = 5  # the paper's multi-crop grid: 5×5 crops × 2 flips per scale
 SYNTAX = "KIND[@SCALE,SCALE,...][:flip|:noflip] with KIND one of " + ", ".join(KINDS)
@@ -63,8 +63,7 @@ def _check_scale(value: Any) -> float | int:
 
 def resolve_scale(q: ScaleValue, crop: int) -> int:
     """Q in pixels: ``q`` < 16 is a multiple of ``crop`` (rounded), larger values are pixels."""
-    q = _check_scale(q)
-    return max(1, round(q * crop)) if isinstance(q, float) else q
+    return scale_pixels(_check_scale(q), crop)
 
 
 @dataclass(frozen=True)
