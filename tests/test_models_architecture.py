@@ -199,3 +199,23 @@ def test_grad_checkpointing_gives_the_same_gradients():
     model(x).sum().backward()
     assert len(model.blocks()) == 5
     assert torch.allclose(plain, model.features.block1_conv1.weight.grad, atol=1e-6)
+
+
+def test_channel_lrn_is_torch_lrn_in_any_memory_format():
+    from torch import nn
+
+    from vggnet.models.configs import LRN
+    from vggnet.models.vgg import ChannelLRN
+
+    ref, fast = nn.LocalResponseNorm(**LRN), ChannelLRN(**LRN)
+    for channels in (1, 3, 16, 64):
+        x = torch.randn(2, channels, 9, 7) * 4
+        for y in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.allclose(fast(y), ref(x), rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    fast(x).square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    ref(x).square().sum().backward()
+    assert torch.allclose(grad, x.grad, rtol=1e-4, atol=1e-6)
+    assert fast(torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16

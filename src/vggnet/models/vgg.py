@@ -18,6 +18,27 @@ from .configs import CONFIGS, FC_WIDTH, LRN, NAME_TO_CONFIG, ConfigEntry
 from .heads import HEADS, ConvHead, convert_head, make_head
 
 
+class ChannelLRN(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm`` with the same formula, computed as a banded 1×1 convolution over x².
+
+    PyTorch's version runs ``avg_pool3d`` over a 5-D view: about 0.5 s per forward+backward of a
+    128×16×32×32 channels_last batch on this CPU (A-LRN trained 8× slower than A), and no bf16 kernel.
+    The window sum over neighbouring channels is a matrix product with a 0/1 band, which oneDNN runs
+    at GEMM speed in any memory format. Computed in fp32 for the power, cast back to the input dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        c = x.shape[1]
+        idx = torch.arange(c, device=x.device)
+        offset = idx.view(1, -1) - idx.view(-1, 1)  # [out, in]: in - out
+        band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).float()
+        xf = x.float()
+        window = nn.functional.conv2d(xf * xf, band.view(c, c, 1, 1))
+        return (xf / (self.k + self.alpha / self.size * window).pow(self.beta)).to(x.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class VGGConfig:
     """Everything needed to rebuild a model; saved inside every vggnet checkpoint."""
@@ -73,7 +94,7 @@ def make_features(table: Iterable[ConfigEntry], in_channels: int, width: float, 
             layers.append((f"block{block}_pool", nn.MaxPool2d(2, 2)))
             block, index = block + 1, 0
         elif entry == "LRN":
-            layers.append((f"block{block}_lrn", nn.LocalResponseNorm(**LRN)))
+            layers.append((f"block{block}_lrn", ChannelLRN(**LRN)))
         else:
             out, kernel = entry if isinstance(entry, tuple) else (entry, 3)
             out, index = scaled(int(out), width), index + 1
