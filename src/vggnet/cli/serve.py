@@ -1,0 +1,124 @@
+"""``vggnet serve``: an HTTP inference server (Open Inference Protocol V2 + /predict) with dynamic batching."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+EPILOG = """\
+model repository layout (--model-repo DIR):
+  DIR/<model>/<version>/       a run folder (best.safetensors, else last.safetensors) or one .safetensors
+  DIR/<model>/config.yaml      optional: name, default_version, ab: {"1": 0.9, "2": 0.1}, max_batch_size,
+                               max_delay_ms, batching, max_queue, runtime, calib_data
+  --ckpt RUN serves one checkpoint as model <run folder name>, version 1.
+
+routes:
+  GET  /v2/health/live, /v2/health/ready, /v2/models/NAME[/versions/V][/ready|/config], /metrics
+  POST /v2/models/NAME[/versions/V]/infer   V2 JSON (or binary) tensors: input FP32 [N,C,S,S], normalised
+  POST /v2/repository/index                 the models and versions, with their state
+  POST /predict?model=NAME&topk=5           an image (multipart or raw body) -> top-k labels
+
+examples:
+  vggnet serve --ckpt runs/cifar10 --port 8000
+  curl -s -X POST --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'localhost:8000/predict?topk=3'
+  vggnet serve --model-repo models/ --host 0.0.0.0 --max-batch-size 32 --max-delay-ms 10
+  vggnet serve --ckpt runs/cifar10 --runtime auto --calib-data data/cifar10/train --calib-n 128
+"""
+
+
+_CALIBRATED = ("int8", "onnx-int8", "auto")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP inference server: Open Inference Protocol (V2), dynamic batching, A/B versions, /metrics",
+        description=textwrap.fill(
+            "Serve checkpoints over HTTP with uvicorn: the Open Inference Protocol (V2) that Triton and KServe "
+            "clients speak, a /predict route for image uploads, dynamic batching (one worker per model), "
+            "weighted A/B routing between versions, Prometheus /metrics and input limits. SIGTERM drains "
+            "the queues before exiting.", width=100),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-repo", metavar="DIR", help="model repository folder (see the layout below)")
+    source.add_argument("--ckpt", action="append", metavar="RUN",
+                        help="run folder or .safetensors checkpoint; repeat to serve several")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="served name of the --ckpt at the same position (default: its run folder's name)")
+    p.add_argument("--runtime", default=None,
+                   help="inference runtime: eager (default), channels_last, bf16, compile, int8, int8-dynamic, onnx, "
+                        "onnx-int8 or auto (see vggnet predict --help); a model's config.yaml may set its own")
+    p.add_argument("--calib-data", metavar="PATH",
+                   help="calibration images (folder, glob or file) for int8, onnx-int8 and auto: training images")
+    p.add_argument("--calib-n", type=int, metavar="N", help="calibration images, spread evenly (default: 64)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--max-batch-size", type=int, help="rows per forward pass and per request (default: 16)")
+    p.add_argument("--max-delay-ms", type=float, help="how long a request waits for others to batch with (default: 5)")
+    p.add_argument("--no-batching", dest="batching", action="store_false", default=None,
+                   help="one request per forward pass (the baseline; still one worker per model)")
+    p.add_argument("--max-queue", type=int, help="rows waiting per model before 503 (default: 256)")
+    p.add_argument("--max-body-mb", type=float, help="largest request body in MiB, after decompression (default: 32)")
+    p.add_argument("--max-image-pixels", type=int, help="largest uploaded image in pixels (default: 36000000)")
+    p.add_argument("--request-timeout", type=float, help="seconds a request waits for its result (default: 30)")
+    p.add_argument("--drain-timeout", type=float, help="seconds shutdown waits for queued requests (default: 30)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, = the cores)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="skip the warm-up forward passes at load time")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", default=None,
+                   help="no JSON access-log line per request")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    import torch
+
+    from vggnet.serve.app import ServeSettings, ensure_runtime, run_server, with_overrides
+    from vggnet.serve.repository import ModelRepository
+
+    for flag, value in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
+                        ("--max-queue", args.max_queue), ("--threads", args.threads),
+                        ("--max-image-pixels", args.max_image_pixels), ("--calib-n", args.calib_n)):
+        if value is not None and value < (0 if flag == "--port" else 1):
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if args.name and not args.ckpt:
+        raise ValueError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
+    settings = with_overrides(
+        ServeSettings(), runtime=args.runtime, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+        batching=args.batching, max_queue=args.max_queue,
+        max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024),
+        max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log)
+    if settings.max_queue < settings.max_batch_size:
+        settings = with_overrides(settings, max_queue=settings.max_batch_size)
+    repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
+            else ModelRepository.from_checkpoints(args.ckpt, args.name))
+    for model in repo.models.values():  # usage errors now, not a model that never gets ready
+        runtime = model.runtime or settings.runtime
+        ensure_runtime(runtime)
+        if runtime in _CALIBRATED and not (model.calib_data or settings.calib_data):
+            raise ValueError(f"runtime {runtime} (model {model.name}) needs calibration images: pass --calib-data "
+                             "PATH (a folder of training images) or set calib_data in its config.yaml")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("vggnet.serve.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    events = logging.StreamHandler(sys.stderr)
+    events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    service = logging.getLogger("vggnet.serve")
+    service.addHandler(events)
+    service.setLevel(args.log_level.upper())
+    names = ", ".join(f"{m.name} ({', '.join(m.ordered_versions)})" for m in repo.models.values())
+    print(f"vggnet serve: {names} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    run_server(repo, settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,634 @@
+"""The HTTP service: a FastAPI app over a model repository, speaking the Open Inference Protocol (V2).
+
+``create_app(repo, settings)`` builds everything one server process needs: the models (loaded in the
+lifespan, in a background thread by default so the process answers liveness probes while a big model
+loads), one :class:`~vggnet.serve.batcher.Batcher` per model version, Prometheus metrics in a private
+registry, structured access logs and error handling that turns every client mistake into a 4xx
+``{"error": ...}``. Shutting down (SIGTERM under uvicorn) stops accepting connections, lets in-flight
+requests finish — uvicorn waits for them — then drains each model's queue before the workers stop.
+
+Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
+``.../ready``, ``.../config``, ``POST .../infer``, ``POST /v2/repository/index``, ``POST /predict``
+(an image upload → top-k labels) and ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import vggnet
+from vggnet.infer import Predictor, Preprocessing, preprocess
+from vggnet.models import checkpoint_meta, load_checkpoint
+
+from . import v2
+from .batcher import Batcher, BatcherClosed, BatchInfo, QueueFull
+from .errors import ServeError, bad_request, not_found, unavailable
+from .limits import IMAGE_MEDIA_TYPES, decode_image, decompress, media_type, read_body
+from .metrics import ServeMetrics
+from .repository import ModelConfig, ModelRepository, VersionRouter
+
+__all__ = ["ModelServer", "ModelVersion", "ServeSettings", "create_app", "run_server"]
+
+log = logging.getLogger("vggnet.serve")
+access_log = logging.getLogger("vggnet.serve.access")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Server-wide defaults; a model's ``config.yaml`` overrides the batching and runtime fields."""
+
+    runtime: str = "eager"
+    #: calibration images (folder, glob or file) for the int8, onnx-int8 and auto runtimes, and how many
+    calib_data: str | None = None
+    calib_n: int = 64
+    max_batch_size: int = 16
+    max_delay_ms: float = 5.0
+    batching: bool = True
+    max_queue: int = 256
+    #: bytes of one request body, after decompression too (32 MiB ≈ 9 images of 224² as V2 JSON)
+    max_body_bytes: int = 32 * 1024 * 1024
+    #: pixels of one uploaded image, checked from its header before decoding (6000 × 6000)
+    max_image_pixels: int = 36_000_000
+    topk: int = 5
+    #: forward passes allowed at the same time across all models (1: the cores are never split)
+    parallel_forwards: int = 1
+    #: seconds a request may wait for its result before a 503
+    request_timeout_s: float = 30.0
+    #: seconds the shutdown waits for queued requests
+    drain_timeout_s: float = 30.0
+    load_in_background: bool = True
+    warmup: bool = True
+    access_log: bool = True
+
+
+class ModelVersion:
+    """One loaded (or loading, or failed) version: its predictor, batcher and state."""
+
+    def __init__(self, config: ModelConfig, version: str, settings: ServeSettings) -> None:
+        self.name, self.version, self.file = config.name, version, config.versions[version]
+        self.runtime_name = config.runtime or settings.runtime
+        self.calib_data = config.calib_data or settings.calib_data
+        self.calib_n = settings.calib_n
+        self.max_batch_size = config.max_batch_size or settings.max_batch_size
+        self.max_delay_ms = config.max_delay_ms if config.max_delay_ms is not None else settings.max_delay_ms
+        self.batching = config.batching if config.batching is not None else settings.batching
+        self.max_queue = max(config.max_queue or settings.max_queue, self.max_batch_size)
+        self.state, self.reason = "LOADING", ""
+        self.predictor: Predictor | None = None
+        self.batcher: Batcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+    @property
+    def prep(self) -> Preprocessing:
+        if self.predictor is None:
+            raise unavailable(f"model {self.name!r} version {self.version} is {self.state}"
+                              + (f": {self.reason}" if self.reason else ""))
+        return self.predictor.prep
+
+    @property
+    def runtime_label(self) -> str:
+        runtime = getattr(self.predictor, "runtime", None)
+        return str(getattr(runtime, "name", self.runtime_name))
+
+    def load(self, metrics: ServeMetrics, compute_lock: threading.Semaphore, warmup: bool) -> None:
+        """Load the checkpoint with its runtime, warm it up, start the worker. Errors leave it UNAVAILABLE."""
+        metrics.set_state(self.name, self.version, "LOADING")
+        try:
+            ensure_runtime(self.runtime_name)
+            model, extra = load_checkpoint(self.file)
+            prep = Preprocessing.from_meta(checkpoint_meta(self.file, model, extra))
+            calib = calibration_batch(self.calib_data, self.calib_n, prep) if self.calib_data else None
+            predictor = Predictor(model, prep, self.runtime_name, calib=calib, max_batch=self.max_batch_size)
+            predictor.source = self.file
+            if warmup:  # first calls pick kernels / compile: pay that now, not in the first request's latency
+                c, s = predictor.prep.in_channels, predictor.prep.image_size
+                for n in sorted({1, self.max_batch_size}):
+                    predictor.logits(torch.zeros(n, c, s, s))
+            self.predictor = predictor
+            self.batcher = Batcher(predictor.logits, max_batch_size=self.max_batch_size,
+                                   max_delay_ms=self.max_delay_ms, batching=self.batching, max_queue=self.max_queue,
+                                   compute_lock=compute_lock, metrics=metrics,
+                                   labels=(self.name, self.version)).start()
+        except Exception as exc:
+            self.state, self.reason = "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
+            log.error("model %s version %s failed to load: %s", self.name, self.version, self.reason)
+        else:
+            self.state = "READY"
+            if hasattr(predictor.runtime, "summary"):  # auto: what it measured and picked
+                log.info("model %s version %s: runtime auto picked %s\n%s", self.name, self.version,
+                         self.runtime_label, predictor.runtime.summary())
+            log.info("model %s version %s ready (%s, runtime %s, batch <= %d, delay %.1f ms%s)", self.name,
+                     self.version, self.file, self.runtime_label, self.max_batch_size, self.max_delay_ms,
+                     "" if self.batching else ", batching off")
+        metrics.set_state(self.name, self.version, self.state)
+
+    def close(self, metrics: ServeMetrics, timeout: float) -> None:
+        if self.batcher is not None:
+            metrics.set_state(self.name, self.version, "UNLOADING")
+            if not self.batcher.close(timeout):
+                log.warning("model %s version %s: queue not drained after %.0f s", self.name, self.version, timeout)
+        self.state = "UNAVAILABLE"
+        self.reason = "server shut down"
+        metrics.set_state(self.name, self.version, self.state)
+
+
+def calibration_batch(source: str | os.PathLike, n: int, prep: Preprocessing) -> torch.Tensor:
+    """``n`` images spread evenly over ``source`` (folder, glob or file), preprocessed as requests are: what
+    the int8 / onnx-int8 runtimes calibrate on and ``auto`` measures agreement and speed on. The same rule
+    as ``vggnet predict --calib-data``."""
+    from vggnet.infer import expand_image_paths, load_images
+    from vggnet.infer.images import evenly_spaced
+
+    return preprocess(load_images(evenly_spaced(expand_image_paths([source]), n)), prep)
+
+
+def ensure_runtime(name: str) -> None:
+    """Make optional runtimes (``vggnet.infer.runtimes``: channels_last, bf16, int8, onnx, auto...) register
+    themselves before a name is looked up; the eager runtime needs nothing."""
+    from vggnet.infer import RUNTIMES
+
+    if name in RUNTIMES:
+        return
+    try:
+        importlib.import_module("vggnet.infer.runtimes")
+    except ModuleNotFoundError as exc:
+        if exc.name != "vggnet.infer.runtimes":
+            raise
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime {name!r}; available: {', '.join(sorted(RUNTIMES))}")
+
+
+class ServedModel:
+    """A model name: its versions and the router for requests that name no version."""
+
+    def __init__(self, config: ModelConfig, settings: ServeSettings) -> None:
+        self.config = config
+        self.versions = {v: ModelVersion(config, v, settings) for v in config.ordered_versions}
+        self.router = VersionRouter(config.default_version, config.ab)
+
+    @property
+    def routed_versions(self) -> list[str]:
+        """The versions unversioned requests go to: the A/B set, else the default."""
+        return [v for v, w in self.config.ab.items() if w > 0] or [self.config.default_version]
+
+    @property
+    def ready(self) -> bool:
+        return all(self.versions[v].ready for v in self.routed_versions)
+
+
+class ModelServer:
+    """Everything behind the routes: the models, their loading and shutdown, and request routing."""
+
+    def __init__(self, repo: ModelRepository, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        self.repo, self.settings, self.metrics = repo, settings, metrics
+        self.models = {name: ServedModel(config, settings) for name, config in repo.models.items()}
+        self.compute_lock = threading.BoundedSemaphore(max(1, settings.parallel_forwards))
+        self.closing = False
+        self._loader: threading.Thread | None = None
+        for model in self.models.values():
+            for mv in model.versions.values():
+                metrics.set_state(mv.name, mv.version, mv.state)
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [mv for model in self.models.values() for mv in model.versions.values()]
+
+    def load_all(self) -> None:
+        for mv in self.all_versions():
+            if self.closing:
+                break
+            mv.load(self.metrics, self.compute_lock, self.settings.warmup)
+
+    def start_loading(self) -> None:
+        self._loader = threading.Thread(target=self.load_all, name="model-loader", daemon=True)
+        self._loader.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        if self._loader is not None:
+            self._loader.join(timeout)
+            return not self._loader.is_alive()
+        return True
+
+    @property
+    def ready(self) -> bool:
+        """Ready = not shutting down and every configured version loaded: a broken version keeps the pod out
+        of the load balancer instead of answering 503 to a share of the traffic."""
+        return not self.closing and all(mv.ready for mv in self.all_versions())
+
+    def close(self) -> None:
+        self.closing = True
+        self.wait_loaded(self.settings.drain_timeout_s)
+        for mv in self.all_versions():
+            mv.close(self.metrics, self.settings.drain_timeout_s)
+
+    def model(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise not_found(f"unknown model {name!r}; served: {', '.join(sorted(self.models))}")
+        return model
+
+    def version(self, name: str, version: str | None) -> ModelVersion:
+        """The version a request names, or the routed one (default / A/B) when it names none."""
+        model = self.model(name)
+        if version is None or version == "":
+            version = model.router.choose()
+        mv = model.versions.get(version)
+        if mv is None:
+            raise not_found(f"model {name!r} has no version {version!r}; versions: {', '.join(model.versions)}")
+        return mv
+
+    def default_model(self, name: str | None) -> str:
+        if name:
+            return name
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        raise bad_request(f"several models are served; name one with ?model= ({', '.join(sorted(self.models))})")
+
+    def _batcher(self, mv: ModelVersion) -> Batcher:
+        if self.closing:
+            raise unavailable("the server is shutting down")
+        if not mv.ready or mv.batcher is None:
+            raise unavailable(f"model {mv.name!r} version {mv.version} is {mv.state}"
+                              + (f": {mv.reason}" if mv.reason else ""))
+        return mv.batcher
+
+    def arriving(self, mv: ModelVersion) -> contextlib.AbstractContextManager[None]:
+        """Announce a request to ``mv`` while its body is read and checked (see ``Batcher.arriving``);
+        503 at once when the version cannot take requests, before the body is read."""
+        return self._batcher(mv).arriving()
+
+    def submit(self, mv: ModelVersion, x: torch.Tensor) -> concurrent.futures.Future:
+        try:
+            return self._batcher(mv).submit(x)
+        except QueueFull as exc:
+            raise unavailable(f"model {mv.name!r} version {mv.version} is overloaded: {exc}") from None
+        except BatcherClosed as exc:
+            raise unavailable(str(exc)) from None
+
+    async def result(self, mv: ModelVersion, future: concurrent.futures.Future) -> tuple[torch.Tensor, BatchInfo]:
+        """Await a submitted request: 503 after ``request_timeout_s`` (the request is cancelled if still
+        queued), 500 if the model itself failed on validated input."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.settings.request_timeout_s)
+        except TimeoutError:
+            raise unavailable(f"no result within {self.settings.request_timeout_s:g} s; the server is overloaded",
+                              retry_after_s=5) from None
+        except Exception as exc:  # validated input that still failed: the model's fault, not the client's
+            log.error("inference failed for model %s version %s: %r", mv.name, mv.version, exc)
+            raise ServeError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+
+    async def infer(self, mv: ModelVersion, x: torch.Tensor) -> tuple[torch.Tensor, BatchInfo]:
+        return await self.result(mv, self.submit(mv, x))
+
+
+# --- observability middleware -------------------------------------------------------------------------------
+
+
+class ObservabilityMiddleware:
+    """Request id, in-flight gauge, per-route counters and latency, and one JSON access-log line per request.
+
+    Plain ASGI rather than ``BaseHTTPMiddleware``: no extra task or body copy per request. The route is
+    read from ``scope["route"]`` after routing, so metrics are labelled by template.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, log_access: bool = True) -> None:
+        self.app, self.metrics, self.log_access = app, metrics, log_access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        info: dict[str, Any] = {}
+        scope["vggnet.log"] = info
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            seconds = time.perf_counter() - start
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(template, scope.get("method", ""), status, seconds)
+            if self.log_access:
+                client = scope.get("client")
+                record = {"ts": round(time.time(), 3), "request_id": request_id, "method": scope.get("method"),
+                          "path": scope.get("path"), "route": template, "status": status,
+                          "ms": round(seconds * 1000, 2), "client": f"{client[0]}:{client[1]}" if client else None,
+                          **info}
+                access_log.info(json.dumps(record, separators=(",", ":")))
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _note(request: Request, **fields: Any) -> None:
+    """Add fields (model, version, batch...) to this request's access-log line."""
+    info = request.scope.get("vggnet.log")
+    if info is not None:
+        info.update(fields)
+
+
+def _topk(request: Request, default: int, classes: int) -> int:
+    text = request.query_params.get("topk")
+    if text is None:
+        return min(default, classes)
+    try:
+        k = int(text)
+    except ValueError:
+        raise bad_request(f"topk must be an integer, got {text!r}") from None
+    if k < 1:
+        raise bad_request(f"topk must be at least 1, got {k}")
+    return min(k, classes)
+
+
+def _image_batch(data: bytes, prep: Preprocessing, max_pixels: int) -> torch.Tensor:
+    """Decode (pixel limit checked first) and preprocess exactly as ``Predictor.predict`` does."""
+    image = decode_image(data, max_pixels)
+    try:
+        return preprocess([image], prep)
+    finally:
+        image.close()
+
+
+async def _upload_bytes(request: Request, body: bytes) -> bytes:
+    """The one file of a multipart upload (any field name), parsed from the already size-capped body."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form_request = Request(request.scope, replay)
+    try:
+        form = await form_request.form(max_files=1, max_fields=16)
+    except StarletteHTTPException as exc:
+        raise bad_request(f"malformed multipart body: {exc.detail}") from None
+    except Exception as exc:  # python-multipart's parse errors
+        raise bad_request(f"malformed multipart body: {exc}") from None
+    try:
+        files = [value for _, value in form.multi_items() if not isinstance(value, str)]
+        if len(files) != 1:
+            raise bad_request(f"expected one image file in the multipart body, got {len(files)}")
+        return await files[0].read()
+    finally:
+        await form.close()
+
+
+def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
+               metrics: ServeMetrics | None = None) -> FastAPI:
+    """The service for ``repo``. Models load in the lifespan (run it: uvicorn does; in tests use
+    ``with TestClient(app)``); ``app.state.server`` is the :class:`ModelServer`."""
+    settings = settings or ServeSettings()
+    metrics = metrics or ServeMetrics()
+    server = ModelServer(repo, settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.load_in_background:
+            server.start_loading()
+        else:
+            await run_in_threadpool(server.load_all)
+        yield
+        log.info("shutting down: draining queues")
+        await run_in_threadpool(server.close)
+        log.info("shutdown complete")
+
+    app = FastAPI(title="vggnet", version=vggnet.__version__, lifespan=lifespan,
+                  description="VGG classifiers over the Open Inference Protocol (V2)")
+    app.state.server = server
+    app.state.metrics = metrics
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_access=settings.access_log)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal server error")
+
+    # --- health and metadata ------------------------------------------------------------------------------
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "vggnet", "version": vggnet.__version__,
+                "extensions": ["binary_tensor_data", "classification", "model_repository"]}
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        ok = server.ready
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request) -> list[dict[str, str]]:
+        body = await read_body(request, 64 * 1024)
+        only_ready = False
+        if body.strip():
+            try:
+                options = json.loads(body)
+            except ValueError as exc:
+                raise bad_request(f"repository index body is not valid JSON: {exc}") from None
+            if not isinstance(options, dict):
+                raise bad_request("repository index body must be a JSON object, e.g. {\"ready\": true}")
+            only_ready = bool(options.get("ready", False))
+        return [{"name": mv.name, "version": mv.version, "state": mv.state, "reason": mv.reason}
+                for mv in server.all_versions() if mv.ready or not only_ready]
+
+    def _metadata(name: str, version: str | None) -> dict[str, Any]:
+        model = server.model(name)
+        mv = server.version(name, version) if version else model.versions[model.config.default_version]
+        versions = [mv.version] if version else list(model.versions)
+        params: dict[str, Any] = {"runtime": mv.runtime_label, "max_batch_size": mv.max_batch_size}
+        if not version:
+            params.update(default_version=model.config.default_version, ab=model.config.ab)
+        return v2.model_metadata(name, versions, mv.prep, parameters=params)
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> dict[str, Any]:
+        return _metadata(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_version_metadata(name: str, version: str) -> dict[str, Any]:
+        return _metadata(name, version)
+
+    def _ready(name: str, version: str | None) -> JSONResponse:
+        model = server.model(name)
+        ok = server.version(name, version).ready if version else model.ready
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok and not server.closing else 503)
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> JSONResponse:
+        return _ready(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_version_ready(name: str, version: str) -> JSONResponse:
+        return _ready(name, version)
+
+    def _config(name: str, version: str | None) -> dict[str, Any]:
+        model = server.model(name)
+        mv = server.version(name, version) if version else model.versions[model.config.default_version]
+        return v2.model_config(name, mv.prep, max_batch_size=mv.max_batch_size, max_delay_ms=mv.max_delay_ms,
+                               batching=mv.batching)
+
+    @app.get("/v2/models/{name}/config")
+    async def model_config(name: str) -> dict[str, Any]:
+        return _config(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_version_config(name: str, version: str) -> dict[str, Any]:
+        return _config(name, version)
+
+    # --- inference ----------------------------------------------------------------------------------------
+
+    async def _infer(request: Request, name: str, version: str | None) -> Response:
+        header_length = request.headers.get(v2.HEADER_LENGTH)
+        v2.check_json_media(media_type(request), header_length)
+        mv = server.version(name, version)  # 404 / A/B choice before a byte of the body is read
+        _note(request, model=mv.name, version=mv.version)
+        with server.arriving(mv):
+            body = await read_body(request, settings.max_body_bytes)
+            body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
+            parsed = v2.parse_request(body, header_length)
+            prep = mv.prep
+            x = v2.input_tensor(parsed, prep, mv.max_batch_size)
+            outputs = v2.requested_outputs(parsed, prep)
+            future = server.submit(mv, x)
+        logits, info = await server.result(mv, future)
+        _note(request, rows=int(x.shape[0]), batch=info.batch_rows, queue_ms=round(info.queue_s * 1000, 2),
+              compute_ms=round(info.compute_s * 1000, 2))
+        payload, headers = v2.encode_response(
+            logits, outputs, prep, model_name=mv.name, model_version=mv.version, request_id=parsed.id,
+            parameters={"batch_size": info.batch_rows, "queue_ms": round(info.queue_s * 1000, 3),
+                        "compute_ms": round(info.compute_s * 1000, 3)})
+        media = headers.pop("content-type")
+        headers["x-model-version"] = mv.version
+        return Response(payload, media_type=media, headers=headers)
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(request: Request, name: str) -> Response:
+        return await _infer(request, name, None)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(request: Request, name: str, version: str) -> Response:
+        return await _infer(request, name, version)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        """An image (multipart upload or the raw body) → top-k labels; ?model=&version=&topk=."""
+        media = media_type(request)
+        if media != "multipart/form-data" and media not in IMAGE_MEDIA_TYPES:
+            raise ServeError(415, f"content type {media or 'missing'!r} not accepted; send multipart/form-data "
+                                  "with one image file, or the image itself as image/jpeg, image/png, image/webp, "
+                                  "image/bmp, image/gif or application/octet-stream")
+        mv = server.version(server.default_model(request.query_params.get("model")),
+                            request.query_params.get("version"))
+        _note(request, model=mv.name, version=mv.version)
+        prep = mv.prep
+        k = _topk(request, settings.topk, prep.num_classes)
+        with server.arriving(mv):
+            body = await read_body(request, settings.max_body_bytes)
+            data = await _upload_bytes(request, body) if media == "multipart/form-data" else body
+            if not data:
+                raise bad_request("empty body; send an image")
+            x = await run_in_threadpool(_image_batch, data, prep, settings.max_image_pixels)
+            future = server.submit(mv, x)
+        logits, info = await server.result(mv, future)
+        _note(request, rows=1, batch=info.batch_rows, queue_ms=round(info.queue_s * 1000, 2),
+              compute_ms=round(info.compute_s * 1000, 2))
+        probs = logits.float().softmax(1)[0]
+        values, indices = probs.topk(k)
+        predictions = [{"label": prep.label(int(i)), "index": int(i), "probability": float(v)}
+                       for v, i in zip(values, indices, strict=True)]
+        return JSONResponse({"model_name": mv.name, "model_version": mv.version, "predictions": predictions},
+                            headers={"x-model-version": mv.version})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
+    return app
+
+
+def run_server(repo: ModelRepository, settings: ServeSettings | None = None, host: str = "127.0.0.1",
+               port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``repo`` with uvicorn until SIGINT/SIGTERM; shutdown drains queues (``drain_timeout_s``)."""
+    import uvicorn
+
+    settings = settings or ServeSettings()
+    app = create_app(repo, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), lifespan="on")
+    server = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    # uvicorn re-raises the captured signal once it has shut down, which with the default SIGTERM action kills
+    # the process (exit -15) after a clean drain. A no-op handler underneath turns that into a normal exit 0,
+    # so orchestrators and scripts can tell a graceful stop from a crash.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def with_overrides(settings: ServeSettings, **changes: Any) -> ServeSettings:
+    """``dataclasses.replace`` that ignores ``None`` (an option not given on the command line)."""
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})

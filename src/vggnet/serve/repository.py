@@ -1,0 +1,235 @@
+"""The model repository: which models and versions a server offers, and how each is batched and routed.
+
+The layout follows Triton's, so whoever runs Triton knows it, and a checkpoint needs no conversion —
+a version folder is simply a vggnet run folder (or any folder holding one ``.safetensors``)::
+
+    DIR/
+      cifar10/                  model name = folder name (or ``name:`` in config.yaml)
+        config.yaml             optional, see below
+        1/                      version "1": best.safetensors, else last.safetensors, else the one *.safetensors
+        2/
+      digits/
+        3/
+
+``config.yaml`` (every key optional; an unknown key is an error, so a misspelt one is never ignored)::
+
+    name: cifar10               # served name, default: the folder name
+    default_version: "1"        # used when a request names no version; default: the highest version
+    ab: {"1": 0.9, "2": 0.1}    # weighted A/B split of unversioned requests (replaces default_version)
+    max_batch_size: 16          # rows per forward pass, also the largest batch one request may send
+    max_delay_ms: 5             # how long the first queued request waits for others to join its batch
+    batching: true              # false: one request per forward pass
+    max_queue: 256              # rows waiting before requests are refused with 503
+    runtime: eager              # a name in vggnet.infer.RUNTIMES (eager, channels_last, bf16, onnx, auto...)
+    calib_data: _calib/         # calibration images for int8, onnx-int8, auto (relative to the model folder)
+
+Versions are folder names of letters, digits, ``._-``; all-numeric names sort numerically (so 10 > 9).
+Folders starting with ``.`` or ``_`` are not versions (a model's ``_calib/`` images can live beside them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vggnet.models import CHECKPOINT_NAMES, checkpoint_file
+
+__all__ = ["ModelConfig", "ModelRepository", "VersionRouter", "model_name_for", "sort_versions"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CONFIG_KEYS = {"name", "default_version", "ab", "max_batch_size", "max_delay_ms", "batching", "max_queue",
+                "runtime", "calib_data"}
+
+
+def sort_versions(versions: Iterable[str]) -> list[str]:
+    """Numeric order when every version is an integer (Triton's convention), else lexicographic."""
+    versions = list(versions)
+    if all(v.isdigit() for v in versions):
+        return sorted(versions, key=int)
+    return sorted(versions)
+
+
+def _check_name(kind: str, value: str, where: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{where}: {kind} {value!r} must be letters, digits and . _ - (not starting with . _ -)")
+    return value
+
+
+def _version_checkpoint(folder: Path) -> Path:
+    """A version folder's checkpoint: a run folder's best/last, else its only ``.safetensors`` file."""
+    if any((folder / name).is_file() for name in CHECKPOINT_NAMES):
+        return checkpoint_file(folder)
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
+    if len(files) != 1:
+        found = ", ".join(p.name for p in files) or "none"
+        raise ValueError(f"{folder}: a version folder needs {' or '.join(CHECKPOINT_NAMES)} or exactly one "
+                         f".safetensors file (found: {found})")
+    return files[0]
+
+
+def model_name_for(path: str | os.PathLike) -> str:
+    """The name a single checkpoint is served under: its run folder's name (``runs/cifar10`` and
+    ``runs/cifar10/best.safetensors`` are both ``cifar10``), else the file's stem."""
+    path = Path(path).resolve()
+    if path.is_file() and path.name in CHECKPOINT_NAMES:
+        path = path.parent
+    name = path.name if path.is_dir() else path.stem
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name).lstrip("._-") or "model"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model: its versions (version → checkpoint file), routing and batching overrides.
+
+    ``None`` in a batching field means "the server's default" (:class:`~vggnet.serve.app.ServeSettings`).
+    """
+
+    name: str
+    versions: dict[str, Path]
+    default_version: str
+    ab: dict[str, float] = field(default_factory=dict)
+    max_batch_size: int | None = None
+    max_delay_ms: float | None = None
+    batching: bool | None = None
+    max_queue: int | None = None
+    runtime: str | None = None
+    calib_data: Path | None = None
+
+    def __post_init__(self) -> None:
+        where = f"model {self.name!r}"
+        if not self.versions:
+            raise ValueError(f"{where}: no versions")
+        if self.default_version not in self.versions:
+            raise ValueError(f"{where}: default_version {self.default_version!r} is not one of "
+                             f"{', '.join(sort_versions(self.versions))}")
+        for version, weight in self.ab.items():
+            if version not in self.versions:
+                raise ValueError(f"{where}: ab names version {version!r}, which is not one of "
+                                 f"{', '.join(sort_versions(self.versions))}")
+            if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
+                raise ValueError(f"{where}: ab weight of version {version!r} must be a number >= 0, got {weight!r}")
+        if self.ab and sum(self.ab.values()) <= 0:
+            raise ValueError(f"{where}: ab weights sum to 0")
+        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
+            raise ValueError(f"{where}: max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if self.max_delay_ms is not None and (not isinstance(self.max_delay_ms, int | float) or self.max_delay_ms < 0):
+            raise ValueError(f"{where}: max_delay_ms must be a number >= 0, got {self.max_delay_ms!r}")
+        if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 1):
+            raise ValueError(f"{where}: max_queue must be an integer >= 1, got {self.max_queue!r}")
+        if self.batching is not None and not isinstance(self.batching, bool):
+            raise ValueError(f"{where}: batching must be true or false, got {self.batching!r}")
+
+    @property
+    def ordered_versions(self) -> list[str]:
+        return sort_versions(self.versions)
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike) -> ModelConfig:
+        """Read ``folder/config.yaml`` (optional) and every version sub-folder."""
+        folder = Path(folder)
+        config: dict[str, Any] = {}
+        config_file = folder / "config.yaml"
+        if config_file.is_file():
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+            if not isinstance(loaded, Mapping):
+                raise ValueError(f"{config_file}: expected a mapping of settings")
+            unknown = sorted(set(loaded) - _CONFIG_KEYS)
+            if unknown:
+                raise ValueError(f"{config_file}: unknown key(s) {', '.join(unknown)}; allowed: "
+                                 f"{', '.join(sorted(_CONFIG_KEYS))}")
+            config = dict(loaded)
+        name = _check_name("model name", str(config.pop("name", folder.name)), str(folder))
+        versions = {
+            _check_name("version", sub.name, str(folder)): _version_checkpoint(sub)
+            for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith((".", "_"))
+        }
+        if not versions:
+            raise ValueError(f"{folder}: model folder without version folders (e.g. {folder}/1/best.safetensors)")
+        ab = {str(k): v for k, v in (config.pop("ab", None) or {}).items()}
+        if config.get("calib_data") is not None:
+            config["calib_data"] = folder / str(config["calib_data"])  # relative paths: to the model folder
+        default = config.pop("default_version", None)
+        default = str(default) if default is not None else sort_versions(versions)[-1]
+        return cls(name=name, versions=versions, default_version=default, ab=ab, **config)
+
+    @classmethod
+    def single(cls, checkpoint: str | os.PathLike, name: str | None = None, version: str = "1",
+               **overrides: Any) -> ModelConfig:
+        """One checkpoint (run folder or file) as a one-version model, named after its run folder."""
+        file = checkpoint_file(checkpoint)
+        name = _check_name("model name", name or model_name_for(checkpoint), str(checkpoint))
+        return cls(name=name, versions={version: file}, default_version=version, **overrides)
+
+
+@dataclass(frozen=True)
+class ModelRepository:
+    """The models one server offers, by name. ``root`` is the repository folder, if there is one."""
+
+    models: dict[str, ModelConfig]
+    root: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError(f"{self.root or 'repository'}: no models")
+
+    @classmethod
+    def from_dir(cls, root: str | os.PathLike) -> ModelRepository:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"model repository not found: {root}")
+        models: dict[str, ModelConfig] = {}
+        for folder in sorted(root.iterdir()):
+            if not folder.is_dir() or folder.name.startswith((".", "_")):
+                continue
+            config = ModelConfig.from_dir(folder)
+            if config.name in models:
+                raise ValueError(f"{root}: two models named {config.name!r}")
+            models[config.name] = config
+        return cls(models, root)
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Iterable[str | os.PathLike], names: Iterable[str] | None = None,
+                         **overrides: Any) -> ModelRepository:
+        """Each checkpoint (run folder or file) as a one-version model; names default to the run folders."""
+        checkpoints = list(checkpoints)
+        names = list(names or [])
+        if len(names) > len(checkpoints):
+            raise ValueError(f"{len(names)} names for {len(checkpoints)} checkpoints")
+        models: dict[str, ModelConfig] = {}
+        for i, ckpt in enumerate(checkpoints):
+            config = ModelConfig.single(ckpt, names[i] if i < len(names) else None, **overrides)
+            if config.name in models:
+                raise ValueError(f"two checkpoints would both be served as {config.name!r}; name them with --name")
+            models[config.name] = config
+        return cls(models)
+
+
+class VersionRouter:
+    """Which version serves a request that names none: the default, or a weighted A/B split.
+
+    Smooth weighted round-robin (nginx's rule) rather than random draws: every window of requests
+    gets the configured shares as exactly as integers allow (0.9 / 0.1 → exactly 1 in every 10), so
+    a small canary sees traffic from the first requests on and tests are deterministic.
+    Not thread-safe; the service calls it from its event loop only.
+    """
+
+    def __init__(self, default: str, weights: Mapping[str, float] | None = None) -> None:
+        self.default = default
+        self.weights = {v: float(w) for v, w in (weights or {}).items() if w > 0}
+        self._current = dict.fromkeys(self.weights, 0.0)
+
+    def choose(self) -> str:
+        if not self.weights:
+            return self.default
+        total = sum(self.weights.values())
+        for version, weight in self.weights.items():
+            self._current[version] += weight
+        chosen = max(self._current, key=self._current.__getitem__)
+        self._current[chosen] -= total
+        return chosen
