@@ -1,5 +1,10 @@
 """Inference: preprocessing that travels with the model, interchangeable CPU runtimes, top-k prediction."""
 
+from . import runtimes  # noqa: F401  (registers channels_last, bf16, compile, int8, ..., auto)
+from .images import ImageLoadError, expand_image_paths, load_image, load_images
 from .predictor import RUNTIMES, Predictor, Preprocessing, Runtime, make_runtime, preprocess, register_runtime
+from .runtimes import AutoRuntime, RuntimeUnavailable, fold_batchnorm, top1_agreement
 
-__all__ = ["RUNTIMES", "Predictor", "Preprocessing", "Runtime", "make_runtime", "preprocess", "register_runtime"]
+__all__ = ["RUNTIMES", "AutoRuntime", "ImageLoadError", "Predictor", "Preprocessing", "Runtime", "RuntimeUnavailable",
+           "expand_image_paths", "fold_batchnorm", "load_image", "load_images", "make_runtime", "preprocess",
+           "register_runtime", "top1_agreement"]

@@ -121,11 +121,13 @@ def make_runtime(name: str, model: VGG, prep: Preprocessing, calib: torch.Tensor
 class Predictor:
     """Preprocessing + runtime + labels. ``max_batch`` bounds one forward pass (memory, latency)."""
 
-    def __init__(self, model: VGG, prep: Preprocessing, runtime: Runtime | str = "eager",
+    def __init__(self, model: VGG | None, prep: Preprocessing, runtime: Runtime | str = "eager",
                  calib: torch.Tensor | None = None, max_batch: int = 32, **options: Any) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.model, self.prep, self.max_batch = model.eval(), prep, max_batch
+        if model is None and isinstance(runtime, str):  # an exported file: a Runtime object and no nn.Module
+            raise ValueError("a runtime given by name needs the model; pass a Runtime object to run without one")
+        self.model, self.prep, self.max_batch = None if model is None else model.eval(), prep, max_batch
         self.runtime = make_runtime(runtime, model, prep, calib, **options) if isinstance(runtime, str) else runtime
         self.source: Path | None = None
 

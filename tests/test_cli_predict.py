@@ -1,0 +1,170 @@
+"""``vggnet predict`` and ``vggnet export`` end to end on a tiny checkpoint and a folder of PNGs."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vggnet
+from vggnet.cli import build_parser, main
+from vggnet.infer import Predictor, load_image
+
+CLASSES = ["red", "green", "blue"]
+META = {"classes": CLASSES, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "image_size": 32}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = vggnet.create_model("vgg11_bn", num_classes=3, width=0.125, head="gap").eval()
+    run = tmp_path_factory.mktemp("run")
+    vggnet.save_checkpoint(model, run / "best.safetensors", META)
+    return run
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Five noisy PNGs of different sizes in a folder and a sub-folder."""
+    root = tmp_path_factory.mktemp("imgs")
+    (root / "more").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate([(40, 50), (32, 32), (64, 36), (33, 47), (50, 40)]):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(root / ("more" if i == 4 else ".") / f"{i}.png")
+    return root
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def predict_json(argv, capsys):
+    code, out, err = run_cli(["predict", "--json", *argv], capsys)
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+def expected(run_dir, paths, topk):
+    predictor = Predictor.from_checkpoint(run_dir)
+    return predictor.predict([load_image(p) for p in paths], topk=topk)
+
+
+def test_table_lists_every_image_with_topk_labels(run_dir, images, capsys):
+    code, out, err = run_cli(["predict", "--ckpt", str(run_dir), "--topk", "2", "--batch-size", "2", str(images)],
+                             capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["image", "top-1", "top-2"]
+    paths = sorted(images.rglob("*.png"))
+    assert [line.split()[0] for line in lines[1:]] == [str(p) for p in paths]
+    want = expected(run_dir, paths, 2)
+    for line, row in zip(lines[1:], want, strict=True):
+        fields = line.split()
+        assert fields[1] == row[0][0] and fields[3] == row[1][0]
+        assert float(fields[2].rstrip("%")) == pytest.approx(100 * row[0][1], abs=0.051)
+
+
+def test_json_output_is_complete_and_matches_the_api(run_dir, images, capsys):
+    code, report, err = predict_json(["--ckpt", str(run_dir), "--topk", "9", f"{images}/*.png"], capsys)
+    assert code == 0, err
+    assert report["runtime"] == "eager" and report["topk"] == 3 and report["failed"] == 0  # top-9 of 3 classes
+    assert report["checkpoint"] == str(run_dir / "best.safetensors")
+    paths = sorted(images.glob("*.png"))
+    assert [p["image"] for p in report["predictions"]] == [str(p) for p in paths]
+    for pred, row in zip(report["predictions"], expected(run_dir, paths, 3), strict=True):
+        assert [t["label"] for t in pred["top"]] == [label for label, _ in row]
+        assert [CLASSES[t["index"]] for t in pred["top"]] == [t["label"] for t in pred["top"]]
+        assert sum(t["probability"] for t in pred["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_calibrated_runtime_uses_calib_data(run_dir, images, capsys):
+    args = ["--ckpt", str(run_dir), "--runtime", "onnx-int8", "--calib-data", str(images / "more"), str(images)]
+    code, report, err = predict_json(args, capsys)
+    assert code == 0, err
+    assert report["runtime"] == "onnx-int8" and len(report["predictions"]) == 5
+
+
+def test_calibrated_runtime_without_calib_data_is_an_error(run_dir, images, capsys):
+    code, out, err = run_cli(["predict", "--ckpt", str(run_dir), "--runtime", "int8", str(images)], capsys)
+    assert code == 2 and "--calib-data" in err and out == ""
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing-ckpt", "checkpoint not found"),
+    ("foreign-ckpt", "not a vggnet checkpoint"),
+    ("missing-image", "image not found"),
+    ("bad-runtime", "unknown runtime 'tpu'"),
+])
+def test_clear_errors_exit_2(case, message, run_dir, images, tmp_path, capsys):
+    ckpt, target, extra = str(run_dir), [str(images)], []
+    if case == "missing-ckpt":
+        ckpt = str(tmp_path / "nope.safetensors")
+    elif case == "foreign-ckpt":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+        ckpt = str(tmp_path / "foreign.safetensors")
+    elif case == "missing-image":
+        target = [str(images / "0.png"), str(images / "missing.png")]
+    else:
+        extra = ["--runtime", "tpu"]
+    code, out, err = run_cli(["predict", "--ckpt", ckpt, *extra, *target], capsys)
+    assert code == 2 and message in err and err.startswith("vggnet predict: error:")
+
+
+def test_an_unreadable_image_stops_or_is_reported(run_dir, images, tmp_path, capsys):
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes((images / "0.png").read_bytes()[:200])
+    code, out, err = run_cli(["predict", "--ckpt", str(run_dir), str(images / "1.png"), str(bad)], capsys)
+    assert code == 2 and str(bad) in err and "unreadable image" in err
+    code, report, err = predict_json(["--ckpt", str(run_dir), "--skip-unreadable", str(bad), str(images / "1.png")],
+                                     capsys)
+    assert code == 1 and report["failed"] == 1 and "1 of 2 images could not be read" in err
+    assert report["predictions"][0]["image"] == str(bad) and "unreadable image" in report["predictions"][0]["error"]
+    assert report["predictions"][1]["top"][0]["label"] in CLASSES
+
+
+def test_progress_bar_on_request(run_dir, images, capsys):
+    code, _, err = run_cli(["predict", "--ckpt", str(run_dir), "--progress", "--batch-size", "2", str(images)], capsys)
+    assert code == 0 and "predict" in err and "5/5" in err
+
+
+def test_export_then_predict_with_the_exported_file(run_dir, images, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    code, text, err = run_cli(["export", "--ckpt", str(run_dir), "--out", str(out)], capsys)  # format from suffix
+    assert code == 0, err
+    assert f"wrote {out} (onnx" in text and "max relative error vs eager fp32: batch 1:" in text
+    assert "classes: red, green, blue" in text
+    code, exported, err = predict_json(["--ckpt", str(out), str(images)], capsys)
+    assert code == 0, err
+    assert exported["runtime"] == "exported onnx"
+    _, checkpoint, _ = predict_json(["--ckpt", str(run_dir), str(images)], capsys)
+    assert [[t["label"] for t in p["top"]] for p in exported["predictions"]] == [
+        [t["label"] for t in p["top"]] for p in checkpoint["predictions"]]
+    code, _, err = run_cli(["predict", "--ckpt", str(out), "--runtime", "int8", str(images)], capsys)
+    assert code == 2 and "runs as exported" in err
+
+
+def test_export_json_report_and_errors(run_dir, tmp_path, capsys):
+    code, out, err = run_cli(["export", "--ckpt", str(run_dir), "--format", "torchscript", "--out",
+                              str(tmp_path / "m"), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["path"] == str(tmp_path / "m.pt") and report["format"] == "torchscript"
+    assert set(report["max_rel_error"]) == {"1", "3", "8"} and report["preprocessing"]["classes"] == CLASSES
+    code, _, err = run_cli(["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "m.tflite")], capsys)
+    assert code == 2 and "cannot tell the format" in err
+    code, _, err = run_cli(["export", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_help_texts_name_the_runtimes_and_formats(capsys):
+    parser = build_parser()
+    for command, words in (("predict", ["int8-dynamic", "onnx-int8", "auto", "--calib-data", "--topk"]),
+                           ("export", ["onnx", "pt2", "torchscript", "metadata_props", "1e-4"])):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        out = capsys.readouterr().out
+        assert all(word in out for word in words), command
