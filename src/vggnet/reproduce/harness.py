@@ -127,8 +127,10 @@ def run_study(study: Study, out: str | Path, data: str | None, *, recipe: str = 
         log(f"[train {i}/{len(study.runs)}] {run}: {r['model']['name']} width {r['model']['width']}, "
             f"S = {study.train_scales[study.runs[run]['scale']]} x crop, {epochs} epochs -> {run_dir}")
         start = time.perf_counter()
-        train(r, run_dir, resume=True, progress=progress)
-        _add_time(timings, f"train/{run}", time.perf_counter() - start, out)
+        try:
+            train(r, run_dir, resume=True, progress=progress)
+        finally:  # an interrupted attempt's time counts too: the total is what the study really cost
+            _add_time(timings, f"train/{run}", time.perf_counter() - start, out)
     evaluations = _evaluate_all(study, out, data, limit, multicrop_limit, batch_size, progress, timings, log)
     results = {"data": str(data) if data is not None else "the embedded digits (scikit-learn)",
                "runs": {run: {**study.runs[run], "model": model_name(study.runs[run]["config"], bn)}
