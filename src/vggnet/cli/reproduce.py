@@ -23,7 +23,7 @@ what it does:
   (S in [256, 512] -> [1.143, 2.286] x the crop), so CIFAR-10's 32-px images are upscaled, as the issue asks.
 
 examples:
-  vggnet reproduce --out runs/reproduce-smoke --epochs 1 --width 0.125 --limit 200    # embedded digits
+  vggnet reproduce --out runs/reproduce-smoke --epochs 1 --width 0.125 --limit 200    # smoke test, digits
   vggnet reproduce --data data/cifar10 --out runs/reproduce                            # the committed study
   vggnet reproduce --data data/cifar10 --out runs/reproduce --runs A,D --epochs 4
 """
