@@ -6,57 +6,23 @@ import gzip
 import io
 import json
 import logging
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-import vggnet
+from serve_helpers import jpeg_bytes, metric_samples, output, png_header, tiny_checkpoint
 from vggnet.infer import Predictor
 from vggnet.serve import ModelRepository, ServeSettings, create_app
 
-META = {"classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
 LIMITS = {"max_body_bytes": 1024 * 1024, "max_image_pixels": 1_000_000}
-
-
-def tiny_checkpoint(path, seed: int):
-    torch.manual_seed(seed)
-    model = vggnet.create_model("vgg11_bn", num_classes=3, width=0.125, head="gap")
-    return vggnet.save_checkpoint(model, path, META)
-
-
-def png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
-        b"IEND", b"")
-
-
-def jpeg_bytes(size=(48, 40), colour=(200, 30, 60)) -> bytes:
-    buf = io.BytesIO()
-    image = Image.new("RGB", size, colour)
-    image.paste((10, 220, 90), (5, 5, 30, 25))
-    image.save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def v2_request(x: torch.Tensor, **extra) -> dict:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                         "data": x.reshape(-1).tolist()}], **extra}
-
-
-def output(response, name: str) -> np.ndarray:
-    out = next(o for o in response.json()["outputs"] if o["name"] == name)
-    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-
-
-def metric_samples(text: str) -> list:
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 @pytest.fixture(scope="module")

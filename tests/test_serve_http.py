@@ -9,12 +9,10 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -23,14 +21,13 @@ import pytest
 import torch
 import uvicorn
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-import vggnet
+from serve_helpers import jpeg_bytes, metric_samples, output, png_header, tiny_checkpoint
 from vggnet.infer import RUNTIMES, Predictor
 from vggnet.serve import ModelRepository, ServeSettings, create_app
 
-META = {"classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
 SLOW_S = 0.3
+HTTP_JPEG = dict(size=(60, 44), colour=(20, 90, 200), patch=((250, 250, 10), (10, 4, 40, 30)))
 
 
 class SlowRuntime:
@@ -55,9 +52,7 @@ def _slow_runtime():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(5)
-    model = vggnet.create_model("vgg11_bn", num_classes=3, width=0.125, head="gap")
-    return vggnet.save_checkpoint(model, tmp_path_factory.mktemp("run") / "best.safetensors", META)
+    return tiny_checkpoint(tmp_path_factory.mktemp("run") / "best.safetensors", seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -92,28 +87,8 @@ def v2_json(x: torch.Tensor) -> dict:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
 
 
-def logits_of(response: httpx.Response) -> np.ndarray:
-    out = next(o for o in response.json()["outputs"] if o["name"] == "logits")
-    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-
-
-def png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
-        b"IEND", b"")
-
-
-def jpeg_bytes() -> bytes:
-    buf = io.BytesIO()
-    image = Image.new("RGB", (60, 44), (20, 90, 200))
-    image.paste((250, 250, 10), (10, 4, 40, 30))
-    image.save(buf, "JPEG")
-    return buf.getvalue()
-
-
 def metric_value(text: str, name: str, **labels: str) -> float:
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+    return sum(s.value for s in metric_samples(text)
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
@@ -125,15 +100,15 @@ def test_round_trip_and_malformed_inputs_over_the_wire(ckpt, predictor):
         x = torch.randn(2, 3, 32, 32)
         r = http.post("/v2/models/m/infer", json=v2_json(x))
         assert r.status_code == 200 and r.json()["model_version"] == "1"
-        np.testing.assert_allclose(logits_of(r), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
-        image = jpeg_bytes()
+        np.testing.assert_allclose(output(r, "logits"), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
+        image = jpeg_bytes(**HTTP_JPEG)
         r = http.post("/predict?topk=3", content=image, headers={"Content-Type": "image/jpeg"})
         expected = predictor.predict([Image.open(io.BytesIO(image))], topk=3)[0]
         assert [p["label"] for p in r.json()["predictions"]] == [label for label, _ in expected]
 
         nan = json.dumps(v2_json(torch.full((1, 3, 32, 32), float("nan"))))
         bad = [
-            ("/predict", jpeg_bytes()[:200], "image/jpeg", 400),  # truncated JPEG
+            ("/predict", jpeg_bytes(**HTTP_JPEG)[:200], "image/jpeg", 400),  # truncated JPEG
             ("/predict", b"", "image/jpeg", 400),  # empty body
             ("/predict", png_header(20000, 20000), "image/png", 413),  # decompression bomb header
             ("/v2/models/m/infer", json.dumps(v2_json(torch.zeros(1, 3, 16, 16))), "application/json", 400),
@@ -155,7 +130,7 @@ def test_round_trip_and_malformed_inputs_over_the_wire(ckpt, predictor):
         # the server answers normally afterwards
         assert http.get("/v2/health/ready").status_code == 200
         r = http.post("/v2/models/m/infer", json=v2_json(x))
-        np.testing.assert_allclose(logits_of(r), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(output(r, "logits"), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
         metrics = http.get("/metrics").text
         assert metric_value(metrics, "vggnet_http_requests_total", route="/predict", status="413") == 1
         assert metric_value(metrics, "vggnet_http_requests_total", route="/v2/models/{name}/infer", status="400") == 3
@@ -184,7 +159,7 @@ def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(ckpt, predictor
     assert statuses.count(400) == 2 and statuses.count(200) == 8, statuses
     good = [r for r in responses if r.status_code == 200]
     for x, r in zip(inputs, good, strict=True):  # every request got its own rows back
-        np.testing.assert_allclose(logits_of(r), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(output(r, "logits"), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
     batches = metric_value(metrics, "vggnet_batch_size_count", model="m", version="1")
     rows = metric_value(metrics, "vggnet_batch_size_sum", model="m", version="1")
     singles = metric_value(metrics, "vggnet_batch_size_bucket", model="m", version="1", le="1.0")
@@ -270,7 +245,7 @@ def test_cli_serve_answers_logs_and_exits_on_sigterm(ckpt, predictor):
         x = torch.randn(1, 3, 32, 32)
         r = httpx.post(f"{url}/v2/models/{name}/infer", json=v2_json(x), timeout=30)
         assert r.status_code == 200
-        np.testing.assert_allclose(logits_of(r), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(output(r, "logits"), predictor.logits(x).numpy(), rtol=1e-5, atol=1e-6)
         assert httpx.post(f"{url}/v2/models/{name}/infer", json=v2_json(torch.zeros(5, 3, 32, 32))).status_code == 400
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=30)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import struct
 import threading
 import time
 import zlib
@@ -15,35 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-import vggnet
+from serve_helpers import jpeg_bytes, png_header, tiny_checkpoint
 from vggnet.infer import Preprocessing
 from vggnet.serve import Batcher, BatcherClosed, ModelConfig, ModelRepository, QueueFull, ServeError, VersionRouter, v2
 from vggnet.serve.limits import decode_image, decompress
 from vggnet.serve.repository import model_name_for, sort_versions
 
-META = {"classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
 PREP = Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3, image_size=32, in_channels=3, num_classes=3,
                      classes=("a", "b", "c"))
-
-
-def tiny_checkpoint(path, seed: int = 0):
-    torch.manual_seed(seed)
-    model = vggnet.create_model("vgg11_bn", num_classes=3, width=0.125, head="gap")
-    return vggnet.save_checkpoint(model, path, META)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A valid PNG signature + IHDR claiming width×height, and no pixel data: 57 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
-        b"IEND", b"")
-
-
-def jpeg_bytes(size=(40, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 60)).save(buf, "JPEG")
-    return buf.getvalue()
+UNIT_JPEG = dict(size=(40, 30), patch=None)  # one flat colour
 
 
 # --- repository -------------------------------------------------------------------------------------------
@@ -232,7 +211,7 @@ def test_batcher_waits_only_for_announced_requests():
 
 
 def test_decode_image_limits():
-    assert decode_image(jpeg_bytes(), 10_000).size == (40, 30)
+    assert decode_image(jpeg_bytes(**UNIT_JPEG), 10_000).size == (40, 30)
     with pytest.raises(ServeError) as err:  # under PIL's own bomb limit, over ours: refused from the header
         decode_image(png_header(7000, 7000), 36_000_000)
     assert err.value.status == 413 and "49,000,000 pixels" in err.value.message
@@ -240,7 +219,7 @@ def test_decode_image_limits():
         decode_image(png_header(20000, 20000), 36_000_000)
     assert err.value.status == 413
     with pytest.raises(ServeError) as err:
-        decode_image(jpeg_bytes()[:300], 10_000)
+        decode_image(jpeg_bytes(**UNIT_JPEG)[:300], 10_000)
     assert err.value.status == 400 and "truncated" in err.value.message
     with pytest.raises(ServeError) as err:
         decode_image(b"GIF89a but not really", 10_000)

@@ -1,0 +1,50 @@
+"""Shared by the serving tests: tiny checkpoints, hand-made image bytes, and readers for V2 / Prometheus replies."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+import vggnet
+
+META = {"classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
+
+
+def tiny_checkpoint(path, seed: int = 0):
+    torch.manual_seed(seed)
+    model = vggnet.create_model("vgg11_bn", num_classes=3, width=0.125, head="gap")
+    return vggnet.save_checkpoint(model, path, META)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR claiming width×height, and no pixel data: 57 bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def jpeg_bytes(size=(48, 40), colour=(200, 30, 60), patch=((10, 220, 90), (5, 5, 30, 25))) -> bytes:
+    """A JPEG of one colour with an optional ``(colour, box)`` rectangle, so flips change the pixels."""
+    buf = io.BytesIO()
+    image = Image.new("RGB", size, colour)
+    if patch is not None:
+        image.paste(*patch)
+    image.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def output(response, name: str) -> np.ndarray:
+    """One named output tensor of a V2 JSON infer reply."""
+    out = next(o for o in response.json()["outputs"] if o["name"] == name)
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def metric_samples(text: str) -> list:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
