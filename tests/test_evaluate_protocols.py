@@ -163,6 +163,24 @@ def test_single_and_dense_views():
     assert torch.equal(recorded(sink), torch.stack([x, x.flip(-1)]))
 
 
+def test_shift_views_are_the_centre_crop_translated_within_reflect_padding():
+    sink = Sink()
+    image = images((32, 32))[0]
+    predict_proba([Probe(sink)], [image], "shift", crop=32, amp_bf16=False, channels_last=False, **UNIT)
+    seen = recorded(sink)
+    assert seen.shape == (10, 3, 32, 32) and parse_protocol("shift").views_per_image() == 10
+    x = unit(image)
+    assert torch.equal(seen[0], x) and contains(seen, x.flip(-1))
+    padded = torch.nn.functional.pad(x.unsqueeze(0), (2, 2, 2, 2), mode="reflect")[0]
+    for top, left in ((0, 0), (0, 4), (4, 0), (4, 4)):  # moved 2 px along both diagonals
+        view = padded[:, top:top + 32, left:left + 32]
+        assert not torch.equal(view, x) and contains(seen, view) and contains(seen, view.flip(-1))
+    assert torch.equal(seen[4][:, :30, :30], x[:, 2:, 2:])  # the last shift really moves the content
+    sink.clear()
+    predict_proba([Probe(sink)], [image], "shift:noflip", crop=32, amp_bf16=False, channels_last=False, **UNIT)
+    assert len(recorded(sink)) == 5
+
+
 # ------------------------------------------------------------------ ensembles
 
 
@@ -220,7 +238,7 @@ def test_summarize_few_classes_and_skipped_rows():
 
 # ------------------------------------------------------------------ odd and varying sizes
 
-PROTOCOLS = ["single", "single:flip", "dense", "multicrop", "dense+multicrop", "dense@1.0,1.5",
+PROTOCOLS = ["single", "single:flip", "shift", "shift@1.25", "dense", "multicrop", "dense+multicrop", "dense@1.0,1.5",
              "multicrop@1,1.25,1.5", "dense+multicrop@32,48", "single@1.0,1.5:flip"]
 
 

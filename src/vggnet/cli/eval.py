@@ -14,6 +14,8 @@ protocols (one --protocol per table row; all rows use the same images):
   KIND[@SCALE,SCALE,...][:flip|:noflip]
 
   KIND  single           shorter side -> Q, centre crop of the training crop size, one forward pass
+        shift            small-image TTA (not in the paper): the centre crop and the same crop moved
+                         2 px along both diagonals (edges reflect-padded) x 2 flips = 10 views
         dense            the whole rescaled image through the network made fully convolutional (the fc
                          head becomes the conv head, same weights; score map averaged), plus its mirror
         multicrop        a 5x5 grid of crops of the training crop size (corners included) x 2 flips
@@ -25,7 +27,7 @@ protocols (one --protocol per table row; all rows use the same images):
         an integer of 16 or more is PIXELS. At crop 224, 1.0 is 224 px and the paper's
         Q in {256, 384, 512} is 1.143,1.714,2.286 (or simply 256,384,512); its {S-32, S, S+32} at
         S = 256 is 1.0,1.143,1.286. At crop 32 (CIFAR, the digits demo) 1.0 is 32 px, 1.5 is 48 px.
-        single and multicrop need Q >= the crop; dense takes any Q >= 32 px.
+        single, shift and multicrop need Q >= the crop; dense takes any Q >= 32 px.
   :flip / :noflip  add / drop the horizontally flipped views (default: off for single, on otherwise)
 
   softmax probabilities are averaged over views, scales, the two parts of dense+multicrop and the

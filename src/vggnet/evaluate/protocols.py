@@ -3,8 +3,10 @@
 Every protocol turns each image into *views* (a centre crop, the whole image, a 5×5 grid of crops; with
 or without their mirror images) at one or more test scales Q (shorter side rescaled isotropically to Q),
 runs every model of an ensemble on every view and averages the **softmax** probabilities over views,
-scales and models. ``dense+multicrop`` averages the dense and the multi-crop probabilities with equal
-weight, whatever their number of views (the paper's Table 5).
+scales and models. ``shift`` is not the paper's: a test-time augmentation for tiny images (CIFAR),
+where a rescale cannot make room for a crop grid, so the crop is translated within reflect padding
+instead, matching the pad-and-crop training augmentation. ``dense+multicrop`` averages the dense and
+the multi-crop probabilities with equal weight, whatever their number of views (the paper's Table 5).
 
 Scales below 16 are relative to the training crop (``1.0`` = Q equals the crop, ``1.143`` at crop 224
 is the paper's Q = 256), integers from 16 up are pixels, so the same protocol text serves 32-px
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
@@ -38,11 +41,12 @@ from vggnet.models import VGG
 __all__ = ["KINDS", "RELATIVE_BELOW", "Protocol", "crop_boxes", "parse_protocol", "predict_proba",
            "resolve_scale", "summarize"]
 
-KINDS = ("single", "dense", "multicrop", "dense+multicrop")
+KINDS = ("single", "shift", "dense", "multicrop", "dense+multicrop")
 _ALIASES = {"centre": "single", "center": "single", "multi-crop": "multicrop",
             "dense+multi-crop": "dense+multicrop", "multicrop+dense": "dense+multicrop"}
 MIN_SIDE = 32  # five 2×2 max-pools: the smallest input a VGG takes
 GRID = 5  # the paper's multi-crop grid: 5×5 crops × 2 flips per scale
+SHIFT = 2  # ``shift``: the centre crop moved this many pixels along both diagonals (reflect-padded)
 SYNTAX = "KIND[@SCALE,SCALE,...][:flip|:noflip] with KIND one of " + ", ".join(KINDS)
 ScaleValue = float | int
 
@@ -99,7 +103,7 @@ class Protocol:
 
     def views_per_image(self) -> int:
         """Forward passes per image and model (over all scales and components)."""
-        per_scale = {"single": 1, "dense": 1, "multicrop": GRID * GRID}
+        per_scale = {"single": 1, "shift": 5, "dense": 1, "multicrop": GRID * GRID}
         return sum(per_scale[c] for c in self.components) * (2 if self.flip else 1) * len(self.scales)
 
     def __str__(self) -> str:
@@ -298,6 +302,11 @@ def _views(comp: str, image: torch.Tensor, crop: int, flip: bool) -> torch.Tenso
         views = image.unsqueeze(0)
     elif comp == "single":
         views = TF.center_crop(image, [crop, crop]).unsqueeze(0)
+    elif comp == "shift":  # small-image TTA: the centre crop and four diagonal translations of it
+        padded = F.pad(image.unsqueeze(0), (SHIFT,) * 4, mode="reflect")[0]
+        top, left = (padded.shape[-2] - crop) // 2, (padded.shape[-1] - crop) // 2
+        offsets = [(0, 0), (-SHIFT, -SHIFT), (-SHIFT, SHIFT), (SHIFT, -SHIFT), (SHIFT, SHIFT)]
+        views = torch.stack([padded[:, top + dy:top + dy + crop, left + dx:left + dx + crop] for dy, dx in offsets])
     else:
         boxes = crop_boxes(image.shape[-2], image.shape[-1], crop)
         views = torch.stack([image[:, top:top + crop, left:left + crop] for top, left in boxes])
