@@ -82,3 +82,22 @@ def test_init_from_a_mismatched_width_is_a_clear_error():
 def test_init_weights_unknown_scheme():
     with pytest.raises(ValueError, match="unknown init"):
         init_weights(vggnet.create_model("vgg11", **TINY), "he")
+
+
+def test_whitening_init_decorrelates_the_first_convs_outputs():
+    torch.manual_seed(0)
+    base = torch.rand(64, 3, 16, 16)
+    images = base + 0.8 * base.mean(1, keepdim=True)  # strongly correlated colour channels
+    model = vggnet.create_model("vgg11_bn", width=0.5, num_classes=10, head="gap")  # 32 first-layer filters
+    assert vggnet.models.init_whitening(model, images) == 2 * 16
+    conv = model.features[0]
+    torch.testing.assert_close(conv.weight[16:32], -conv.weight[:16])
+    out = torch.nn.functional.conv2d(images, conv.weight[:16]).permute(1, 0, 2, 3).reshape(16, -1)
+    cov = torch.cov(out)
+    torch.testing.assert_close(cov, torch.eye(16), atol=0.05, rtol=0.0)  # unit variance, uncorrelated
+    big = vggnet.create_model("vgg11_bn", width=1.0, num_classes=10, head="gap")
+    before = big.features[0].weight[54:].clone()
+    assert vggnet.models.init_whitening(big, images) == 54  # 27 patch dimensions, each with its negation
+    assert torch.equal(big.features[0].weight[54:], before)  # the rest keep their random init
+    with pytest.raises(ValueError, match="images"):
+        vggnet.models.init_whitening(big, torch.rand(4, 1, 16, 16))

@@ -22,6 +22,7 @@ DEFAULTS: Recipe = {
         "name": "vgg11_bn", "width": 1.0, "head": "fc", "dropout": 0.5, "fc_width": 4096,
         "init": "kaiming",  # kaiming | xavier | normal (the paper's)
         "init_from": None,  # a trained net A checkpoint: the paper's warm start of deeper nets
+        "whiten": False,  # first conv starts as a patch-whitening (PCA) of training images (small-image trick)
     },
     "data": {
         "dataset": "folder",  # folder (ImageFolder tree) | digits (embedded) | cifar10 | fashion_mnist (download)

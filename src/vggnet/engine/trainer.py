@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vggnet.models import VGG, create_model, init_from_shallower, load_checkpoint
+from vggnet.models import VGG, create_model, init_from_shallower, init_whitening, load_checkpoint
 
 from . import distributed
 from .artifacts import RunLogger, confusion_matrix, format_epoch_line, plot_confusion, plot_curves, topk_correct
@@ -115,6 +115,20 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     return images, targets.to(device, non_blocking=True)
 
 
+WHITEN_IMAGES = 4096  # enough for a stable covariance of 3x3xC patches (millions of patches)
+
+
+def _sample_inputs(loader, n: int) -> torch.Tensor:
+    """The first ``n`` (augmented, normalised) training inputs; the tensor loader draws them from its own RNG."""
+    parts, total = [], 0
+    for images, _ in loader:
+        parts.append(images.float().cpu())
+        total += len(images)
+        if total >= n:
+            break
+    return torch.cat(parts)[:n].contiguous()
+
+
 def _check_resume(folder: Path, model: VGG, inputs: Inputs) -> dict[str, Any]:
     saved, extra = load_checkpoint(folder / "model.safetensors")
     if saved.config != model.config:
@@ -156,6 +170,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
     if mcfg["init_from"]:
         source, _ = load_checkpoint(mcfg["init_from"])
         init_from_shallower(model, source)
+    elif mcfg["whiten"]:
+        init_whitening(model, _sample_inputs(inputs.train, WHITEN_IMAGES))
     model.to(env.device)
     if tcfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
