@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vggnet.hardware import native_bf16
 from vggnet.models import VGG, create_model, init_from_shallower, init_whitening, load_checkpoint
 
 from . import distributed
@@ -44,17 +45,8 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
     if requested == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_bf16() else None
+        return torch.bfloat16 if native_bf16(device) else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[requested]
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
