@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from importlib import resources
 from typing import Any
 
 import yaml
 
 
+@functools.cache
+def _load() -> dict[str, list[dict[str, Any]]]:
+    return yaml.safe_load(resources.files("vggnet.evaluate").joinpath("paper_results.yaml").read_text())
+
+
 def paper_results() -> dict[str, list[dict[str, Any]]]:
-    """Rows of the paper's Tables 3-6 keyed by ``table3`` ... ``table6`` (top-1/top-5 error, %)."""
-    text = resources.files("vggnet.evaluate").joinpath("paper_results.yaml").read_text()
-    return yaml.safe_load(text)
+    """Rows of the paper's Tables 3-6 keyed by ``table3`` ... ``table6`` (top-1/top-5 error, %).
+
+    The YAML is parsed once; callers get their own copy, so editing a row never changes the next answer.
+    """
+    return copy.deepcopy(_load())
 
 
 def paper_row(table: str, config: str, protocol: str = "dense", train_scale: Any = None) -> dict[str, Any]:
