@@ -50,6 +50,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handler's p
 from PIL import Image
 
 import vggnet
+from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_load.json"
@@ -270,16 +271,6 @@ def test_image(size: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:

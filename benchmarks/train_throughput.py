@@ -27,6 +27,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
+from machine import cpu_name  # benchmarks/machine.py, beside this script
 from vggnet.data import digits_tensors
 from vggnet.engine.recipe import load_recipe
 from vggnet.engine.trainer import train
@@ -92,21 +93,11 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
-        "cpu": _cpu_name(), "rows": rows,
+        "cpu": cpu_name(), "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {args.out}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
