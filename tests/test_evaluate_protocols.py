@@ -160,7 +160,27 @@ def test_single_and_dense_views():
     assert torch.equal(recorded(sink), torch.stack([centre, centre.flip(-1)]))
     sink.clear()
     predict_proba([Probe(sink)], [image], "dense@40", crop=32, amp_bf16=False, channels_last=False, **UNIT)
-    assert torch.equal(recorded(sink), torch.stack([x, x.flip(-1)]))
+    assert torch.equal(recorded(sink), torch.stack([centre, centre.flip(-1)]))  # 40×56 trims to its centre 32×32
+
+
+def test_dense_trims_sides_to_a_multiple_of_32_around_the_centre():
+    """Max-pool flooring would otherwise drop the remainder from the bottom and right only."""
+    sink = Sink()
+    image = images((70, 100))[0]
+    predict_proba([Probe(sink)], [image], "dense@70:noflip", crop=32, amp_bf16=False, channels_last=False, **UNIT)
+    x = unit(image)
+    assert torch.equal(recorded(sink), x[:, 3:67, 2:98].unsqueeze(0))  # 70 -> 64 (3 + 3), 100 -> 96 (2 + 2)
+    sink.clear()
+    square = images((64, 96))[0]  # already multiples of 32: untouched
+    predict_proba([Probe(sink)], [square], "dense@64:noflip", crop=32, amp_bf16=False, channels_last=False, **UNIT)
+    assert torch.equal(recorded(sink), unit(square).unsqueeze(0))
+    sink.clear()
+    predict_proba([Probe(sink)], [image], "dense@70:noflip", crop=40, amp_bf16=False, channels_last=False, **UNIT)
+    assert recorded(sink).shape[-2:] == (64, 96)
+    sink.clear()
+    small = images((36, 36))[0]  # 36 -> 32 would go below a 34-px crop: that side is kept whole
+    predict_proba([Probe(sink)], [small], "dense@36:noflip", crop=34, amp_bf16=False, channels_last=False, **UNIT)
+    assert recorded(sink).shape[-2:] == (36, 36)
 
 
 def test_shift_views_are_the_centre_crop_translated_within_reflect_padding():

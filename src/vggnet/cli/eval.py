@@ -17,7 +17,8 @@ protocols (one --protocol per table row; all rows use the same images):
         shift            small-image TTA (not in the paper): the centre crop and the same crop moved
                          2 px along both diagonals (edges reflect-padded) x 2 flips = 10 views
         dense            the whole rescaled image through the network made fully convolutional (the fc
-                         head becomes the conv head, same weights; score map averaged), plus its mirror
+                         head becomes the conv head, same weights; score map averaged), plus its mirror;
+                         sides are first trimmed to a multiple of 32 px around the centre (pool stride)
         multicrop        a 5x5 grid of crops of the training crop size (corners included) x 2 flips
                          = 50 crops per scale
         dense+multicrop  the average of the dense and multicrop softmaxes (the paper's Table 5)

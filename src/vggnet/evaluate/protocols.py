@@ -12,6 +12,9 @@ Scales below 16 are relative to the training crop (``1.0`` = Q equals the crop, 
 is the paper's Q = 256), integers from 16 up are pixels, so the same protocol text serves 32-px
 CIFAR checkpoints and 224-px ImageNet ones.
 
+``dense`` trims each side of the rescaled image to a multiple of 32 (the net's stride) around its
+centre, so that max-pool flooring does not bias the score map towards the top-left corner.
+
 Views of many images are batched together: crops always share a shape; whole images (``dense``) are
 grouped by rescaled size within a window of ``batch_size`` images, and run one at a time when all
 their sizes differ.
@@ -35,6 +38,7 @@ from tqdm import tqdm
 
 from vggnet.data import eval_transform
 from vggnet.data.transforms import RELATIVE_BELOW, scale_pixels
+from vggnet.hardware import native_bf16
 from vggnet.metrics import confusion_matrix, topk_correct
 from vggnet.models import VGG
 
@@ -47,6 +51,7 @@ _ALIASES = {"centre": "single", "center": "single", "multi-crop": "multicrop",
 MIN_SIDE = 32  # five 2×2 max-pools: the smallest input a VGG takes
 GRID = 5  # the paper's multi-crop grid: 5×5 crops × 2 flips per scale
 SHIFT = 2  # ``shift``: the centre crop moved this many pixels along both diagonals (reflect-padded)
+STRIDE = 32  # a VGG's total stride (five 2×2 max-pools): ``dense`` trims each side to a multiple of it
 SYNTAX = "KIND[@SCALE,SCALE,...][:flip|:noflip] with KIND one of " + ", ".join(KINDS)
 ScaleValue = float | int
 
@@ -173,22 +178,6 @@ def crop_boxes(height: int, width: int, crop: int, grid: int = GRID) -> list[tup
     return [(top, left) for top in offsets(height) for left in offsets(width)]
 
 
-def _auto_bf16(device: torch.device) -> bool:
-    """bf16 autocast where the hardware runs it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-            check = getattr(torch.cpu, probe, None)
-            if check is not None:
-                try:
-                    if check():
-                        return True
-                except Exception:  # private helpers: treat any failure as "not supported"
-                    continue
-    return False
-
-
 def _has_fc_head(model: nn.Module) -> bool:
     return isinstance(model, VGG) and model.config.head == "fc"
 
@@ -299,7 +288,7 @@ def _image(item: Any, channels: int) -> torch.Tensor | None:
 def _views(comp: str, image: torch.Tensor, crop: int, flip: bool) -> torch.Tensor:
     """The network inputs one (rescaled, normalised) image yields for one component at one scale."""
     if comp == "dense":
-        views = image.unsqueeze(0)
+        views = _trim_to_stride(image, crop).unsqueeze(0)
     elif comp == "single":
         views = TF.center_crop(image, [crop, crop]).unsqueeze(0)
     elif comp == "shift":  # small-image TTA: the centre crop and four diagonal translations of it
@@ -311,6 +300,19 @@ def _views(comp: str, image: torch.Tensor, crop: int, flip: bool) -> torch.Tenso
         boxes = crop_boxes(image.shape[-2], image.shape[-1], crop)
         views = torch.stack([image[:, top:top + crop, left:left + crop] for top, left in boxes])
     return torch.cat([views, views.flip(-1)]) if flip else views
+
+
+def _trim_to_stride(image: torch.Tensor, crop: int) -> torch.Tensor:
+    """The centred part of ``image`` whose sides are multiples of :data:`STRIDE` (never below ``crop``).
+
+    Max-pooling floors its input, so on a side that is not a multiple of 32 the net silently drops up to
+    31 px from the bottom and right: the score map would come from the top-left of the image. Trimming
+    the remainder evenly from both edges first keeps the dense view centred, like the paper's crops.
+    Sides already at a multiple of 32 (the paper's Q = 256, 384, 512, 224 ...) are left as they are.
+    """
+    h, w = image.shape[-2:]
+    th, tw = (side - side % STRIDE if side - side % STRIDE >= crop else side for side in (h, w))
+    return image if (th, tw) == (h, w) else TF.center_crop(image, [th, tw])
 
 
 def predict_proba(
@@ -353,7 +355,7 @@ def predict_proba(
         if q < MIN_SIDE:
             raise ValueError(f"{protocol}: test scale Q={q} px is below the {MIN_SIDE} px a VGG needs")
     device = torch.device(device)
-    bf16 = _auto_bf16(device) if amp_bf16 is None else bool(amp_bf16)
+    bf16 = native_bf16(device) if amp_bf16 is None else bool(amp_bf16)
     num_classes = _num_classes(models)
     nets: dict[str, list[nn.Module]] = {}
     for comp in sorted(protocol.components, key=lambda c: c == "dense"):  # crops first: dense may reuse them
