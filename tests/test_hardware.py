@@ -1,6 +1,7 @@
 """One bf16 capability answer for training and evaluation."""
 
 import builtins
+import io
 
 import torch
 
@@ -22,7 +23,7 @@ def test_cpu_flags_decide_and_unreadable_cpuinfo_falls_back_to_torch(monkeypatch
             if path == "/proc/cpuinfo":
                 if flags is None:
                     raise OSError("no procfs")
-                return __import__("io").StringIO(flags)
+                return io.StringIO(flags)
             return real_open(path, *args, **kwargs)
         return opener
 

@@ -48,10 +48,10 @@ __all__ = ["KINDS", "RELATIVE_BELOW", "Protocol", "crop_boxes", "parse_protocol"
 KINDS = ("single", "shift", "dense", "multicrop", "dense+multicrop")
 _ALIASES = {"centre": "single", "center": "single", "multi-crop": "multicrop",
             "dense+multi-crop": "dense+multicrop", "multicrop+dense": "dense+multicrop"}
-MIN_SIDE = 32  # five 2×2 max-pools: the smallest input a VGG takes
+STRIDE = 32  # a VGG's total stride (five 2×2 max-pools): ``dense`` trims each side to a multiple of it
+MIN_SIDE = STRIDE  # the smallest input a VGG takes
 GRID = 5  # the paper's multi-crop grid: 5×5 crops × 2 flips per scale
 SHIFT = 2  # ``shift``: the centre crop moved this many pixels along both diagonals (reflect-padded)
-STRIDE = 32  # a VGG's total stride (five 2×2 max-pools): ``dense`` trims each side to a multiple of it
 SYNTAX = "KIND[@SCALE,SCALE,...][:flip|:noflip] with KIND one of " + ", ".join(KINDS)
 ScaleValue = float | int
 
@@ -310,9 +310,8 @@ def _trim_to_stride(image: torch.Tensor, crop: int) -> torch.Tensor:
     the remainder evenly from both edges first keeps the dense view centred, like the paper's crops.
     Sides already at a multiple of 32 (the paper's Q = 256, 384, 512, 224 ...) are left as they are.
     """
-    h, w = image.shape[-2:]
-    th, tw = (side - side % STRIDE if side - side % STRIDE >= crop else side for side in (h, w))
-    return image if (th, tw) == (h, w) else TF.center_crop(image, [th, tw])
+    size = [side if side - side % STRIDE < crop else side - side % STRIDE for side in image.shape[-2:]]
+    return image if size == list(image.shape[-2:]) else TF.center_crop(image, size)
 
 
 def predict_proba(

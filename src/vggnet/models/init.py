@@ -97,8 +97,8 @@ def init_whitening(model: VGG, images: torch.Tensor, eps: float = 5e-4) -> int:
     cov = patches.T @ patches / len(patches)
     eigval, eigvec = torch.linalg.eigh(cov.double())  # ascending
     k = min(out_ch // 2, len(eigval))
-    order = eigval.flip(0)[:k], eigvec.flip(1)[:, :k]
-    filters = (order[1] / (order[0] + eps).sqrt()).T.float().reshape(k, in_ch, kh, kw)
+    variances, directions = eigval.flip(0)[:k], eigvec.flip(1)[:, :k]  # largest variance first
+    filters = (directions / (variances + eps).sqrt()).T.float().reshape(k, in_ch, kh, kw)
     conv.weight[:k] = filters
     conv.weight[k:2 * k] = -filters
     if conv.bias is not None:
