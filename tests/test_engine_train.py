@@ -202,3 +202,19 @@ def test_paper_augmentation_on_in_memory_images_learns(tmp_path):
     result = train(recipe("schedule.epochs=3", "data.augment=paper", "data.scale=[1.0, 1.5]", "data.lighting=0.1",
                           "data.flip=false", "model.width=0.25"), tmp_path / "paper")
     assert result["epoch"] == 3 and result["val_top1"] > 50.0  # ten classes: chance is 10 %
+
+
+def test_best_checkpoint_only_among_evaluated_epochs(tmp_path):
+    """With eval_every=2 an unevaluated epoch's training accuracy must not count as 'best'."""
+    out = tmp_path / "run"
+    result = train(recipe("schedule.epochs=3", "train.eval_every=2"), out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_top1" in r for r in records] == [False, True, True]
+    best_val = max(r["val_top1"] for r in records if "val_top1" in r)
+    assert result["best_top1"] == best_val
+    _, extra = load_checkpoint(out / "best.safetensors")
+    assert extra["metrics"]["val_top1"] == best_val
+    early = tmp_path / "early"  # stopped after an unevaluated epoch: no best yet
+    result = train(recipe("schedule.epochs=3", "train.eval_every=2", "train.stop_after_epoch=1"), early)
+    assert result["best_top1"] is None and not (early / "best.safetensors").exists()
+    assert json.loads((early / "final.json").read_text())["best_top1"] is None

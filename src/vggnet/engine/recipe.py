@@ -22,6 +22,7 @@ DEFAULTS: Recipe = {
         "name": "vgg11_bn", "width": 1.0, "head": "fc", "dropout": 0.5, "fc_width": 4096,
         "init": "kaiming",  # kaiming | xavier | normal (the paper's)
         "init_from": None,  # a trained net A checkpoint: the paper's warm start of deeper nets
+        "logit_scale": 1.0,  # logits x this (airbench-style recipes train at a fixed temperature, e.g. 1/9)
         "whiten": False,  # first conv starts as a patch-whitening (PCA) of training images (small-image trick)
     },
     "data": {
@@ -42,6 +43,8 @@ DEFAULTS: Recipe = {
         "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
         "batch_size": 256,  # global: divided among DDP processes
         "label_smoothing": 0.0, "grad_clip": 0.0,
+        "bias_lr_scale": 1.0,  # lr multiplier for 1-D parameters (biases, BN shifts): airbench uses 64
+        "decay_biases": False,  # decay 1-D parameters too, at the weights' per-step rate (lr x weight_decay)
     },
     "schedule": {
         "name": "plateau",  # plateau (the paper's) | step | cosine | onecycle | constant
@@ -49,11 +52,15 @@ DEFAULTS: Recipe = {
         "factor": 0.1, "patience": 2, "max_drops": 3, "threshold": 0.0,  # plateau
         "step_epochs": 30,  # step
         "pct_start": 0.25, "final_lr_frac": 0.0,  # onecycle / cosine
+        "initial_lr_frac": 0.04,  # onecycle: the warm-up starts at this fraction of lr
     },
     "train": {
         "precision": "auto",  # auto (bf16 where the hardware has it) | bf16 | fp16 | fp32
         "channels_last": True, "compile": False, "grad_checkpointing": False,
         "ema": 0.0,  # EMA decay of weights per step (0 = off), e.g. 0.999
+        "lookahead": 0,  # every k steps pull the weights to a slow copy (0 = off); the slow copy is kept at the end
+        "freeze_bn_scale": False,  # BN scales stay at 1, only the shifts learn (with a high bias_lr_scale)
+        "bn_momentum": None,  # BN running-stat momentum (PyTorch's convention; default 0.1)
         "sync_bn": False, "seed": 0, "deterministic": False,
         "keep": 2,  # epoch checkpoints kept (best and last are always kept as files)
         "eval_every": 1, "threads": None,

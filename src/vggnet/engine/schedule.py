@@ -26,10 +26,10 @@ class LRSchedule:
         t = step / self.steps  # epochs elapsed, fractional
         warm = cfg["warmup_epochs"]
         name = cfg["name"]
-        if name == "onecycle":  # linear up from lr/25 over pct_start, then linear down to final_lr_frac
-            peak = cfg["pct_start"] * epochs
+        if name == "onecycle":  # linear up from initial_lr_frac over pct_start, then down to final_lr_frac
+            peak, low = cfg["pct_start"] * epochs, cfg.get("initial_lr_frac", 0.04)
             if t < peak:
-                return self.base_lr * (0.04 + 0.96 * t / peak)
+                return self.base_lr * (low + (1 - low) * t / peak)
             frac = min(1.0, (t - peak) / max(1e-8, epochs - peak))
             return self.base_lr * (1 - frac * (1 - cfg["final_lr_frac"]))
         if warm > 0 and t < warm:

@@ -30,6 +30,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .inputs import Inputs, build_inputs
+from .lookahead import Lookahead
 from .recipe import Recipe, save_recipe
 from .schedule import LRSchedule
 
@@ -50,12 +51,20 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """SGD (heavy-ball or Nesterov) or AdamW; no weight decay on biases and BN, as is usual."""
+    """SGD (heavy-ball or Nesterov) or AdamW; no weight decay on biases and BN, as is usual.
+
+    ``bias_lr_scale`` runs the 1-D parameters (biases, BN) at a multiple of the learning rate (each
+    group's ``lr_scale``, applied by the loop); ``decay_biases`` decays them too, at the same per-step
+    rate as the weights (PyTorch's decay is lr x weight_decay, so their coefficient is divided by the scale).
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    scale = float(cfg.get("bias_lr_scale", 1.0))
+    bias_decay = cfg["weight_decay"] / scale if cfg.get("decay_biases") else 0.0
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": bias_decay, "lr_scale": scale}]
     fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in decay) else {}
     name = cfg["name"]
     if name in ("sgd", "nesterov"):
@@ -98,6 +107,17 @@ def evaluate(model: nn.Module, loader, num_classes: int, env: distributed.Dist, 
     if flip:
         out["val_top1_flip"] = 100 * sums[4].item() / n
     return out
+
+
+def configure_batch_norm(model: nn.Module, freeze_scale: bool, momentum: float | None) -> None:
+    """Fast small-image recipes fix every BN scale at 1 (only the shift learns, at a high lr) and use a
+    larger running-stat momentum, since a short run has few steps to settle the statistics."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if freeze_scale and m.weight is not None:
+                m.weight.requires_grad_(False)
+            if momentum is not None:
+                m.momentum = float(momentum)
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool):
@@ -158,12 +178,13 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
     inputs = build_inputs(recipe, env)
     model = create_model(mcfg["name"], num_classes=len(inputs.classes), in_channels=inputs.in_channels,
                          width=mcfg["width"], head=mcfg["head"], dropout=mcfg["dropout"],
-                         fc_width=mcfg["fc_width"], init=mcfg["init"])
+                         fc_width=mcfg["fc_width"], init=mcfg["init"], logit_scale=mcfg["logit_scale"])
     if mcfg["init_from"]:
         source, _ = load_checkpoint(mcfg["init_from"])
         init_from_shallower(model, source)
     elif mcfg["whiten"]:
         init_whitening(model, _sample_inputs(inputs.train, WHITEN_IMAGES))
+    configure_batch_norm(model, tcfg["freeze_bn_scale"], tcfg["bn_momentum"])
     model.to(env.device)
     if tcfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
@@ -179,6 +200,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg["ema"]), use_buffers=True)
+    lookahead = Lookahead(model, int(tcfg["lookahead"]), scfg["epochs"] * len(inputs.train)) \
+        if tcfg["lookahead"] else None
 
     start_epoch, best = 1, -math.inf
     ckpts = list_checkpoints(out) if resume else []
@@ -189,6 +212,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        if lookahead is not None and state.get("lookahead") is not None:
+            lookahead.load_state_dict(state["lookahead"])
         inputs.train.load_state_dict(state["loader"])
         set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
         start_epoch, best = state["epoch"] + 1, state["best"]
@@ -242,7 +267,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
             images, targets = _to_device(images, targets, env.device, channels_last)
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             with torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = net(images)
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=ocfg["label_smoothing"])
@@ -258,6 +283,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
+            if lookahead is not None:
+                lookahead.after_step(step)
             n = targets.numel()
             sums += torch.tensor([loss.item() * n, topk_correct(logits.detach().float(), targets, (1,))[1], n],
                                  dtype=torch.float64)
@@ -267,6 +294,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         sums = distributed.all_sum(sums, env)
         distributed.average_buffers(model, env)
         elapsed = time.perf_counter() - t0
+        if lookahead is not None and epoch == epochs:
+            lookahead.finish()
         record: dict[str, Any] = {
             "epoch": epoch, "epochs": epochs, "train_loss": sums[0].item() / sums[2].item(),
             "train_top1": 100 * sums[1].item() / sums[2].item(), "lr": lr,
@@ -280,13 +309,16 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
                                flip=tcfg["eval_flip"])
             confusion = metrics.pop("confusion")
             record.update(metrics)
-        score = record.get("val_top1", record["train_top1"])
+        # best = highest validation top-1 (training top-1 only for runs without validation data); epochs
+        # skipped by eval_every cannot be best, or a training accuracy would beat every validation one
+        score = record.get("val_top1", record["train_top1"] if inputs.val is None else -math.inf)
         if schedule.epoch_end(record.get("val_top1")):
             record["lr_drop"] = schedule.drops
         is_best = score > best
         best = max(best, score)
         state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
+                 "lookahead": lookahead.state_dict() if lookahead is not None else None,
                  "loader": inputs.train.state_dict(), "rng": _gather_rng(env)}
         if env.main:
             record["time"] = time.time()
@@ -300,12 +332,13 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
             print(format_epoch_line(record), flush=True)
         distributed.barrier(env)
         last = record
+    best_top1 = best if math.isfinite(best) else None  # None: stopped before any evaluated epoch
     if env.main and last:
-        (out / "final.json").write_text(json.dumps({**last, "best_top1": best}, indent=2))
+        (out / "final.json").write_text(json.dumps({**last, "best_top1": best_top1}, indent=2))
         logger.close()  # type: ignore[union-attr]
     if tcfg["record_shards"]:
         _record_final(out, env, model)
-    return {**last, "best_top1": best}
+    return {**last, "best_top1": best_top1}
 
 
 def _gather_rng(env: distributed.Dist) -> list[dict[str, Any]]:

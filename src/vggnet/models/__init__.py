@@ -50,6 +50,7 @@ def create_model(
     weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
     init: str = "kaiming",
     fc_width: int = 4096,
+    logit_scale: float = 1.0,
 ) -> VGG:
     """Build a VGG by name (see :func:`list_models`).
 
@@ -57,9 +58,10 @@ def create_model(
     FC stack), ``conv`` (the same weights as convolutions: dense evaluation) or ``gap``.
     ``weights`` is a vggnet checkpoint or a torchvision/timm VGG state dict (path or mapping);
     its format is detected. ``init`` is ``kaiming``, ``xavier`` or ``normal`` (the paper's).
+    ``logit_scale`` multiplies the logits (a fixed temperature some fast recipes train with).
     """
     config = VGGConfig(name=name, num_classes=num_classes, in_channels=in_channels, width=width,
-                       head=head, dropout=dropout, fc_width=fc_width)
+                       head=head, dropout=dropout, fc_width=fc_width, logit_scale=logit_scale)
     model = init_weights(VGG(config), init)
     if weights is not None:
         load_weights(model, weights)

@@ -50,6 +50,7 @@ class VGGConfig:
     head: str = "fc"
     dropout: float = 0.5
     fc_width: int = FC_WIDTH
+    logit_scale: float = 1.0  # logits x this: a fixed softmax temperature, part of the function served
 
     def __post_init__(self) -> None:
         base = self.name.removesuffix("_bn")
@@ -61,6 +62,8 @@ class VGGConfig:
             raise ValueError("num_classes, in_channels and fc_width must be positive")
         if not 0 < self.width <= 16:
             raise ValueError(f"width must be in (0, 16], got {self.width}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale must be positive, got {self.logit_scale}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -142,7 +145,8 @@ class VGG(nn.Module):
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+        x = self.head(x, pre_logits=pre_logits)
+        return x if pre_logits or self.config.logit_scale == 1 else x * self.config.logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -151,7 +155,8 @@ class VGG(nn.Module):
         """Dense class-score map (needs the ``conv`` head); the paper averages it over positions."""
         if not isinstance(self.head, ConvHead):
             raise ValueError("score maps need the conv head: call model.convert_head('conv') first")
-        return self.head.score_map(self.forward_features(x))
+        scores = self.head.score_map(self.forward_features(x))
+        return scores if self.config.logit_scale == 1 else scores * self.config.logit_scale
 
     def get_classifier(self) -> nn.Module:
         return getattr(self.head, self.head.classifier)
