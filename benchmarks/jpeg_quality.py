@@ -13,7 +13,6 @@ recipe on each. The anchor is the tree as given, trained in the same run. Each a
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import sys
@@ -21,11 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-from machine import cpu_name  # benchmarks/machine.py, beside this script
+from machine import write_results  # benchmarks/machine.py, beside this script
 from vggnet.engine.recipe import load_recipe
 from vggnet.engine.trainer import train
 
@@ -109,14 +107,8 @@ def main() -> int:
         psnr = "–" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
         print(f"| {r['arm']} | {r['bytes_per_image']:.0f} | {psnr} | {r['val_top1']:.2f} % | "
               f"{r['delta_top1']:+.2f} | {r['val_top1_flip']:.2f} % | {r['train_top1']:.1f} % |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "CIFAR-10 val top-1 vs JPEG quality of the (train and val) images, same recipe",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"}, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, "CIFAR-10 val top-1 vs JPEG quality of the (train and val) images, same recipe", args,
+                  rows=rows)
     return 0
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import platform
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def cpu_name() -> str:
@@ -15,3 +20,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_results(path: Path, benchmark: str, args: argparse.Namespace, **fields: Any) -> None:
+    """The results file every training benchmark writes: what, when, where, the command, then its numbers."""
+    import torch  # only the scripts that train need it; keep this module importable without
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "benchmark": benchmark, "date": datetime.date.today().isoformat(),
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"}, **fields}, indent=2) + "\n")
+    print(f"wrote {path}")
