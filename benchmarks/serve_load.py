@@ -1,7 +1,7 @@
 """Serving load test: `vggnet serve` with dynamic batching on and off vs the naive one-forward-per-request server.
 
 Three servers, one after the other, on 127.0.0.1, each a separate process serving the same checkpoint
-(by default the ``cifar10`` recipe's network — VGG-16-BN at half width, GAP head, 10 classes, 32×32 —
+(by default the previous ``cifar10`` recipe's network — VGG-16-BN at half width, GAP head, 10 classes, 32×32 —
 with random weights, which do not change the speed):
 
 * ``naive``: the seeds' pattern — a minimal FastAPI app whose handler decodes the upload and runs

@@ -157,7 +157,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bo
     """Train according to ``recipe``, writing everything into ``out_dir``; returns the final metrics.
 
     With ``resume`` (the default) an existing run folder continues from its newest complete
-    checkpoint: model, optimizer, schedule, scaler, EMA, epoch, RNG and data order are restored.
+    checkpoint: model, optimizer, schedule, scaler, EMA, lookahead, epoch, RNG and data order are restored.
     """
     env = distributed.setup()
     try:
