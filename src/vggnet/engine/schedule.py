@@ -27,7 +27,7 @@ class LRSchedule:
         warm = cfg["warmup_epochs"]
         name = cfg["name"]
         if name == "onecycle":  # linear up from initial_lr_frac over pct_start, then down to final_lr_frac
-            peak, low = cfg["pct_start"] * epochs, cfg.get("initial_lr_frac", 0.04)
+            peak, low = cfg["pct_start"] * epochs, cfg["initial_lr_frac"]
             if t < peak:
                 return self.base_lr * (low + (1 - low) * t / peak)
             frac = min(1.0, (t - peak) / max(1e-8, epochs - peak))

@@ -61,8 +61,8 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    scale = float(cfg.get("bias_lr_scale", 1.0))
-    bias_decay = cfg["weight_decay"] / scale if cfg.get("decay_biases") else 0.0
+    scale = float(cfg["bias_lr_scale"])
+    bias_decay = cfg["weight_decay"] / scale if cfg["decay_biases"] else 0.0
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0},
               {"params": no_decay, "weight_decay": bias_decay, "lr_scale": scale}]
     fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in decay) else {}
@@ -267,7 +267,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
             images, targets = _to_device(images, targets, env.device, channels_last)
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale lack it
             with torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = net(images)
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=ocfg["label_smoothing"])

@@ -146,7 +146,7 @@ class VGG(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head(x, pre_logits=pre_logits)
-        return x if pre_logits or self.config.logit_scale == 1 else x * self.config.logit_scale
+        return x if pre_logits else self._scale_logits(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -155,8 +155,11 @@ class VGG(nn.Module):
         """Dense class-score map (needs the ``conv`` head); the paper averages it over positions."""
         if not isinstance(self.head, ConvHead):
             raise ValueError("score maps need the conv head: call model.convert_head('conv') first")
-        scores = self.head.score_map(self.forward_features(x))
-        return scores if self.config.logit_scale == 1 else scores * self.config.logit_scale
+        return self._scale_logits(self.head.score_map(self.forward_features(x)))
+
+    def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        scale = self.config.logit_scale
+        return logits if scale == 1 else logits * scale
 
     def get_classifier(self) -> nn.Module:
         return getattr(self.head, self.head.classifier)
