@@ -218,3 +218,21 @@ def test_best_checkpoint_only_among_evaluated_epochs(tmp_path):
     result = train(recipe("schedule.epochs=3", "train.eval_every=2", "train.stop_after_epoch=1"), early)
     assert result["best_top1"] is None and not (early / "best.safetensors").exists()
     assert json.loads((early / "final.json").read_text())["best_top1"] is None
+
+
+def test_compile_trains_like_eager_in_a_process_that_trains_many_models(tmp_path, monkeypatch):
+    """train.compile goes through Dynamo (its eager backend here: Inductor's C++ builds take minutes on
+    2 cores). Every VGG shares VGG.forward's Dynamo cache, so without a reset the ninth model of a
+    process (`vggnet reproduce`) would silently train eagerly; with a limit of one entry the second model
+    fails loudly instead."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compile_(module, backend="eager", **kw))
+    train(recipe("schedule.epochs=1"), tmp_path / "eager")
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for width in (0.125, 0.25):
+            result = train(recipe("schedule.epochs=1", "train.compile=true", f"model.width={width}"),
+                           tmp_path / f"compiled-{width}")
+            assert result["epoch"] == 1
+    a, b = weights(tmp_path / "eager", 1), weights(tmp_path / "compiled-0.125", 1)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key

@@ -227,6 +227,10 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
                                                   else None)
     if tcfg["compile"]:
+        # Dynamo keys its cache on VGG.forward's code object, shared by every VGG instance in the process:
+        # a process that trains many models (`vggnet reproduce`) would hit the recompile limit at the ninth
+        # and silently train eagerly. Earlier runs are finished, so their compiled graphs can go.
+        torch.compiler.reset()
         net = torch.compile(net)
 
     logger = None
