@@ -236,3 +236,16 @@ def test_compile_trains_like_eager_in_a_process_that_trains_many_models(tmp_path
     a, b = weights(tmp_path / "eager", 1), weights(tmp_path / "compiled-0.125", 1)
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_cli_run_folder_defaults_to_the_recipe_name(tmp_path, monkeypatch):
+    """Without --out a run goes to runs/<recipe>, so a second recipe never resumes the first's checkpoints."""
+    from vggnet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("model:\n  name: vgg11_bn\ndata:\n  dataset: digits\n")
+    fast = ["--set", *FAST, "schedule.epochs=1", "--no-progress"]
+    assert main(["train", "--recipe", "demo", *fast]) == 0
+    assert main(["train", "--recipe", "mine.yaml", *fast]) == 0
+    assert (tmp_path / "runs" / "demo" / "last.safetensors").is_file()
+    assert (tmp_path / "runs" / "mine" / "last.safetensors").is_file()

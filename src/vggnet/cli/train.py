@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="demo", help="built-in recipe name or YAML file")
     p.add_argument("--data", help="dataset folder (ImageFolder tree: class folders, or train/ and val/)")
     p.add_argument("--model", help="model name, e.g. vgg16_bn (see `vggnet models`)")
-    p.add_argument("--out", default="runs/demo", help="run folder (created; resumed when it holds checkpoints)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (created; resumed when it holds checkpoints) "
+                   "(default: runs/<recipe name>, e.g. runs/cifar10 or runs/my for my.yaml)")
     p.add_argument("--epochs", type=int, help="override schedule.epochs")
     p.add_argument("--batch-size", type=int, help="override optim.batch_size (global, split across processes)")
     p.add_argument("--lr", type=float, help="override optim.lr")
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from vggnet.engine.trainer import train
 
+    # one folder per recipe, so a cifar10 run never tries to resume the demo's checkpoints
+    args.out = getattr(args, "out", None) or f"runs/{Path(args.recipe).stem}"
     result = train(recipe, args.out, resume=not args.no_resume, progress=args.progress)
     if "val_top1" in result:
         print(f"done: val top-1 {result['val_top1']:.2f}% (best {result['best_top1']:.2f}%) -> {args.out}")
