@@ -127,6 +127,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=11.5, help="airbench's lr unit (see the module docstring)")
     parser.add_argument("--weight-decay", type=float, default=0.0153)
+    parser.add_argument("--alternate-flip", action="store_true",
+                        help="airbench's flip: each image mirrored every other epoch (default: at random)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default: results/cifar10_reference_<net>.json)")
     args = parser.parse_args()
@@ -136,7 +138,8 @@ def main() -> int:
                      f"../shared/data/cifar10-train-jpg.tar.gz --out {args.data} --cache` first")
     torch.manual_seed(0)
     recipe = load_recipe("cifar10", [f"data.path={args.data}", "data.pad=2", "data.cutout=0",
-                                     f"optim.batch_size={args.batch_size}", "train.channels_last=true"])
+                                     f"optim.batch_size={args.batch_size}", "train.channels_last=true",
+                                     f"data.flip={'alternate' if args.alternate_flip else 'true'}"])
     inputs = build_inputs(recipe, Dist())
     train = inputs.train
     train.channels_last = True

@@ -74,6 +74,21 @@ def test_no_flip_and_no_pad_is_identity(data):
     assert torch.allclose(x, images[tl.epoch_indices()].float(), atol=1e-3)
 
 
+def test_alternating_flip_mirrors_each_image_every_other_epoch(data):
+    images = data[0].float() / 255
+    tl = loader(data, pad=0, flip="alternate", shuffle=False)
+    mirrored = []
+    for e in (1, 2, 3):
+        tl.set_epoch(e)
+        x = torch.cat([b for b, _ in tl])
+        assert all(torch.allclose(x[i], images[i]) or torch.allclose(x[i], images[i].flip(-1)) for i in range(N))
+        mirrored.append(torch.tensor([torch.allclose(x[i], images[i].flip(-1)) for i in range(N)]))
+    assert 0 < int(mirrored[0].sum()) < N  # a random half starts mirrored
+    assert torch.equal(mirrored[1], ~mirrored[0]) and torch.equal(mirrored[2], mirrored[0])
+    with pytest.raises(ValueError, match="flip must be"):
+        loader(data, flip="sometimes")
+
+
 def test_cutout_zeroes_a_clipped_square(data):
     tl = loader(data, pad=0, flip=False, cutout=4, mean=(2.0,) * C)  # no pixel is 0 otherwise
     x = torch.cat([b[0] for b in tl])

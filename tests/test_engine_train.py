@@ -183,6 +183,10 @@ def test_corrupt_images_are_skipped_not_fatal(tmp_path):
                                             "data.val_fraction=0.25", "optim.batch_size=4", "data.workers=0",
                                             f"data.in_memory={in_memory}"]), tmp_path / f"run-{in_memory}")
         assert result["epoch"] == 1
+    streamed = load_recipe("demo", [*FAST, "data.dataset=folder", f"data.path={data}", "data.in_memory=false",
+                                    "data.flip=alternate"])
+    with pytest.raises(ValueError, match="alternate needs images held in memory"):
+        train(streamed, tmp_path / "alternate")
 
 
 def test_init_from_a_trained_net_a(tmp_path):

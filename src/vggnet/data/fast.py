@@ -42,8 +42,9 @@ class TensorLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
                  drop_last: bool = False, seed: int = 0,
                  augment: Literal["none", "flip_crop", "paper", "center"] = "none",
-                 pad: int = 4, flip: bool = True, cutout: int = 0, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, device: str | torch.device = "cpu",
+                 pad: int = 4, flip: bool | Literal["alternate"] = True, cutout: int = 0,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 device: str | torch.device = "cpu",
                  channels_last: bool = False, rank: int = 0, world_size: int = 1,
                  crop: int | None = None, scale: Scale | None = None, lighting: float = 0.0) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8 or len(images) != len(labels):
@@ -51,6 +52,8 @@ class TensorLoader:
                              f"{images.dtype} and {len(labels)} labels")
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+        if flip not in (True, False, "alternate"):
+            raise ValueError(f"flip must be true, false or 'alternate', got {flip!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         _, c, h, w = images.shape
@@ -77,6 +80,9 @@ class TensorLoader:
         self.inv_std = (1.0 / std_t).to(self.device)
         self.shift = (mean_t / std_t).view(c, 1, 1).to(self.device)  # ... as x * scale - shift
         self.epoch = 0
+        # flip="alternate" (airbench): a fixed random half of the images starts mirrored and every image
+        # switches each epoch, so no image is seen in the same orientation twice running
+        self.first_flip = torch.rand(len(images), generator=_generator(seed, 2)) < 0.5
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -121,7 +127,7 @@ class TensorLoader:
             rows = torch.where(rows >= h, 2 * (h - 1) - rows, rows.abs())  # reflect padding via indices
             cols = torch.where(cols >= w, 2 * (w - 1) - cols, cols.abs())
             if self.flip:
-                cols = torch.where(torch.rand(b, 1, generator=rng) < 0.5, w - 1 - cols, cols)
+                cols = torch.where(self._mirrored(idx, rng).view(b, 1), w - 1 - cols, cols)
             pixel = (idx.view(b, 1, 1) * h + rows.view(b, h, 1)) * w + cols.view(b, 1, w)
             pixel = pixel.view(-1).to(self.device)
             x = self.images.view(n * h * w, c).index_select(0, pixel).view(b, h, w, c)
@@ -139,6 +145,12 @@ class TensorLoader:
             mask = inside_r & ((q >= left) & (q < left + self.cutout)).view(b, 1, 1, w)
             x.masked_fill_(mask.to(self.device), 0.0)
         return x
+
+    def _mirrored(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Which images of the batch to mirror: at random, or alternating by epoch."""
+        if self.flip == "alternate":
+            return self.first_flip[idx] ^ bool(self.epoch % 2 == 0)
+        return torch.rand(len(idx), generator=rng) < 0.5
 
     def _rescaled(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """Shorter side to S (per image), a crop x crop window, optional flip: one bilinear grid_sample.
@@ -165,8 +177,7 @@ class TensorLoader:
         steps = torch.arange(k, dtype=torch.float32) + 0.5
         cols = (left.view(b, 1) + steps) / factor.view(b, 1)  # source x of each output column
         if train and self.flip:
-            flipped = torch.rand(b, generator=rng) < 0.5
-            cols = torch.where(flipped.view(b, 1), cols.flip(1), cols)
+            cols = torch.where(self._mirrored(idx, rng).view(b, 1), cols.flip(1), cols)
         rows = (top.view(b, 1) + steps) / factor.view(b, 1)
         grid = torch.stack(torch.broadcast_tensors((2 * cols / w - 1).view(b, 1, k), (2 * rows / h - 1).view(b, k, 1)),
                            dim=-1)

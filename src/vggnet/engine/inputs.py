@@ -119,6 +119,9 @@ def build_inputs(recipe: dict[str, Any], env: Dist) -> Inputs:
 def _streaming(recipe, train_ds, val_ds, classes, batch, env: Dist) -> Inputs:
     d = recipe["data"]
     size, mean, std = int(d["image_size"]), list(d["mean"]), list(d["std"])
+    if d["flip"] == "alternate":
+        raise ValueError("data.flip: alternate needs images held in memory (tiny images, data.in_memory); "
+                         "use true for streamed datasets")
     scale = _scale(d, size)
     if d["augment"] == "paper":
         train_tf = vdata.paper_train_transform(scale, crop=size,

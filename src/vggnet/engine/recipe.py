@@ -32,7 +32,7 @@ DEFAULTS: Recipe = {
         "image_size": 32,  # crop side fed to the network
         "augment": "flip_crop",  # flip_crop (pad-and-crop + flip) | paper (scale jitter + crop + flip + PCA) | none
         "scale": None,  # paper: shorter side S, an int or [Smin, Smax] (jitter); default = image_size
-        "pad": 4, "flip": True, "cutout": 0, "lighting": 0.1,
+        "pad": 4, "flip": True, "cutout": 0, "lighting": 0.1,  # flip: true | false | alternate (in memory)
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
         "in_memory": "auto",  # decode once into RAM and augment batched tensors (tiny images)
         "cache_dir": None,  # where decoded images are cached (default: DATA/.vggnet-cache)
