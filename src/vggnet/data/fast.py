@@ -82,7 +82,8 @@ class TensorLoader:
         self.epoch = 0
         # flip="alternate" (airbench): a fixed random half of the images starts mirrored and every image
         # switches each epoch, so no image is seen in the same orientation twice running
-        self.first_flip = torch.rand(len(images), generator=_generator(seed, 2)) < 0.5
+        self.first_flip = (torch.rand(len(images), generator=_generator(seed, 2)) < 0.5
+                           if flip == "alternate" else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -149,7 +150,7 @@ class TensorLoader:
     def _mirrored(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """Which images of the batch to mirror: at random, or alternating by epoch."""
         if self.flip == "alternate":
-            return self.first_flip[idx] ^ bool(self.epoch % 2 == 0)
+            return self.first_flip[idx] ^ (self.epoch % 2 == 0)
         return torch.rand(len(idx), generator=rng) < 0.5
 
     def _rescaled(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
