@@ -176,7 +176,7 @@ def test_features_by_name():
     assert out["fc6"].shape == (1, 32)
     assert torch.equal(out["block5_pool"], model.forward_features(x))
     with pytest.raises(ValueError, match="unknown layer"):
-        model.forward_intermediates(x, ["conv3_2"])
+        model.forward_intermediates(x, ["conv6_1"])
 
 
 @pytest.mark.parametrize("head", ["fc", "conv", "gap"])

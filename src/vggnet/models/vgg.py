@@ -7,6 +7,7 @@ so features are asked for by name rather than by ``Sequential`` index.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -16,6 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .configs import CONFIGS, FC_WIDTH, LRN, NAME_TO_CONFIG, ConfigEntry
 from .heads import HEADS, ConvHead, convert_head, make_head
+
+# block3_conv2, block3_bn2, block3_relu2, block3_pool, block1_lrn: the parts of a canonical feature name
+_BLOCK_LAYER = re.compile(r"block(\d+)_(conv|bn|relu|pool|lrn)(\d*)")
 
 
 class ChannelLRN(nn.LocalResponseNorm):
@@ -184,20 +188,73 @@ class VGG(nn.Module):
         return self
 
     def layer_names(self) -> list[str]:
-        """Every name :meth:`forward_intermediates` accepts, in execution order."""
-        return [n for n, _ in self.features.named_children()] + [n for n, _ in self.head.named_children()]
+        """Every canonical layer name, in execution order (:meth:`layer_aliases` lists the other names)."""
+        return [n for n, _ in self.named_layers()]
+
+    def named_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every layer, feature blocks then head, in execution order."""
+        return [*self.features.named_children(), *self.head.named_children()]
+
+    def layer_aliases(self) -> dict[str, str]:
+        """The other names a layer answers to, mapped to the canonical one.
+
+        ``conv3_3`` / ``bn3_3`` / ``relu3_3`` / ``pool3`` are the names of style-transfer and LPIPS code
+        (Caffe's VGG prototxt), ``blockN`` is a block's output (its pool), ``features.N`` is torchvision's
+        ``Sequential`` index (the same order here, BN variants included), and ``classifier`` names the last
+        layer, whatever the head calls it.
+        """
+        aliases = {f"features.{i}": name for i, (name, _) in enumerate(self.features.named_children())}
+        for name, _ in self.features.named_children():
+            match = _BLOCK_LAYER.fullmatch(name)
+            if match:
+                block, kind, index = match.groups()
+                aliases[f"{kind}{block}_{index}" if index else f"{kind}{block}"] = name
+                if kind == "pool":
+                    aliases[f"block{block}"] = name  # a block's output
+        aliases["classifier"] = self.head.classifier
+        return aliases
+
+    def resolve_layer(self, name: str) -> str:
+        """The canonical name of ``name`` (canonical or alias); an unknown name lists the valid ones."""
+        canonical = self.layer_names()
+        if name in canonical:
+            return name
+        aliases = self.layer_aliases()
+        if name in aliases:
+            return aliases[name]
+        raise ValueError(f"unknown layer name {name!r} for {self.config.name} (head={self.config.head}); "
+                         f"valid names: {', '.join(canonical)} (also conv<B>_<I>, relu<B>_<I>, pool<B>, "
+                         "block<B>, features.<N>, classifier)")
+
+    def layers_through(self, name: str) -> list[tuple[str, nn.Module]]:
+        """The layers from the input up to and including ``name``; ``blockN`` ends at that block's pool
+        and ``features`` at the last pool (what ``model.freeze: block3`` freezes)."""
+        if name == "features":
+            return list(self.features.named_children())
+        last = self.resolve_layer(name)
+        layers = self.named_layers()
+        return layers[:[n for n, _ in layers].index(last) + 1]
 
     def forward_intermediates(self, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Outputs of the named layers (e.g. ``["block3_conv2", "fc6"]``); stops after the last one."""
-        wanted = list(names)
-        unknown = set(wanted) - set(self.layer_names())
-        if unknown:
-            raise ValueError(f"unknown layer names {sorted(unknown)}; see model.layer_names()")
+        """Outputs of the named layers, keyed as asked (``["block3_conv2", "relu4_3", "fc6"]``; aliases
+        work); only the layers up to the deepest requested one run.
+
+        An output that the next layer would overwrite in place (a conv or BN before ``ReLU(inplace=True)``)
+        is cloned, so each tensor is what its layer produced; gradients flow through the clones.
+        """
+        wanted: dict[str, set[str]] = {}
+        for asked in names:
+            wanted.setdefault(self.resolve_layer(asked), set()).add(asked)
+        total = sum(len(v) for v in wanted.values())
         found: dict[str, torch.Tensor] = {}
-        for name, module in [*self.features.named_children(), *self.head.named_children()]:
+        layers = self.named_layers()
+        for i, (name, module) in enumerate(layers):
+            if len(found) == total:
+                break
             x = module(x)
             if name in wanted:
-                found[name] = x.clone()  # the next ReLU is in-place
-                if len(found) == len(set(wanted)):
-                    break
+                following = layers[i + 1][1] if i + 1 < len(layers) else None
+                keep = x.clone() if getattr(following, "inplace", False) else x
+                for asked in wanted[name]:
+                    found[asked] = keep
         return found
