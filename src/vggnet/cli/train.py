@@ -9,12 +9,16 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a VGG from a recipe (paper, cifar10, demo or a YAML file)",
+        help="train a VGG from a recipe (paper, cifar10, demo, finetune or a YAML file)",
         description="Train a VGG network. Settings come from a recipe (built-in: paper, cifar10, demo; or a YAML "
         "path), then the flags below, then any --set section.key=value overrides. The resolved recipe, "
         "metrics (jsonl/csv), curves.png, confusion.png and checkpoints go to --out; running again with the "
         "same --out resumes from the newest complete checkpoint. For several processes use torchrun, e.g. "
-        "`torchrun --nproc_per_node 2 -m vggnet train ...` (gloo on CPU, nccl on GPU).",
+        "`torchrun --nproc_per_node 2 -m vggnet train ...` (gloo on CPU, nccl on GPU). To fine-tune, use "
+        "`--recipe finetune --weights FILE` (a vggnet checkpoint or run folder, or a torchvision / timm VGG state "
+        "dict, read with weights_only=True): the architecture and preprocessing follow the weights, the classifier "
+        "is re-initialised for new classes; `--set model.freeze=block3 optim.lr_mult.features=0.1` freezes or "
+        "slows parts of the network.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--recipe", default="demo", help="built-in recipe name or YAML file")
@@ -27,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="override optim.lr")
     p.add_argument("--width", type=float, help="override model.width (conv width multiplier)")
     p.add_argument("--init-from", help="vggnet checkpoint of a trained shallower net (the paper's warm start)")
+    p.add_argument("--weights", help="start from these weights (model.weights): a vggnet checkpoint or run folder, or "
+                   "torchvision / timm VGG weights (.pth / .safetensors); see --recipe finetune")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe overrides, e.g. optim.name=adamw train.ema=0.999")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run folder")
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     for flag, key in (("data", "data.path"), ("model", "model.name"), ("epochs", "schedule.epochs"),
                       ("batch_size", "optim.batch_size"), ("lr", "optim.lr"), ("width", "model.width"),
-                      ("init_from", "model.init_from")):
+                      ("init_from", "model.init_from"), ("weights", "model.weights")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -24,6 +24,12 @@ DEFAULTS: Recipe = {
         "init_from": None,  # a trained net A checkpoint: the paper's warm start of deeper nets
         "logit_scale": 1.0,  # logits x this (airbench-style recipes train at a fixed temperature, e.g. 1/9)
         "whiten": False,  # first conv starts as a patch-whitening (PCA) of training images (small-image trick)
+        # fine-tuning: a vggnet checkpoint or torchvision / timm VGG weights; null name/width/head/fc_width
+        # (and data.mean/std/image_size) are then read from the file; the classifier is re-initialised
+        # when the file's classes differ from the data's
+        "weights": None,
+        "freeze": None,  # no gradients up to and including this layer: block1..block5, features, fc6, fc7
+        "freeze_bn": False,  # frozen blocks' BN layers stay in eval mode (running statistics kept)
     },
     "data": {
         "dataset": "folder",  # folder (ImageFolder tree) | digits (embedded) | cifar10 | fashion_mnist (download)
@@ -45,6 +51,7 @@ DEFAULTS: Recipe = {
         "label_smoothing": 0.0, "grad_clip": 0.0,
         "bias_lr_scale": 1.0,  # lr multiplier for 1-D parameters (biases, BN shifts): airbench uses 64
         "decay_biases": False,  # decay 1-D parameters too, at the weights' per-step rate (lr x weight_decay)
+        "lr_mult": None,  # lr multipliers: {features: 0.1, head: 1.0}, blockN or a layer (most specific wins)
     },
     "schedule": {
         "name": "plateau",  # plateau (the paper's) | step | cosine | onecycle | constant
@@ -76,13 +83,19 @@ def builtin_recipes() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+# keys whose value is a mapping of the user's own keys (checked against the model when training starts)
+OPEN_MAPPINGS = {"optim.lr_mult"}
+
+
 def _merge(base: Recipe, update: Recipe, where: str = "") -> Recipe:
     out = copy.deepcopy(base)
     for key, value in update.items():
         path = f"{where}{key}"
         if key not in base:
             raise ValueError(f"unknown recipe key {path!r}; known: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict):
+        if path in OPEN_MAPPINGS and isinstance(value, dict):
+            out[key] = {**(base[key] or {}), **value}
+        elif isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ValueError(f"recipe key {path!r} must be a mapping")
             out[key] = _merge(base[key], value, path + ".")

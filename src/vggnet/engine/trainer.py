@@ -29,6 +29,7 @@ from .checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
+from .finetune import freeze, load_pretrained, lr_multipliers, resolve_recipe
 from .inputs import Inputs, build_inputs
 from .lookahead import Lookahead
 from .recipe import Recipe, save_recipe
@@ -50,22 +51,32 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
-def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: VGG, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """SGD (heavy-ball or Nesterov) or AdamW; no weight decay on biases and BN, as is usual.
 
     ``bias_lr_scale`` runs the 1-D parameters (biases, BN) at a multiple of the learning rate (each
     group's ``lr_scale``, applied by the loop); ``decay_biases`` decays them too, at the same per-step
     rate as the weights (PyTorch's decay is lr x weight_decay, so their coefficient is divided by the scale).
+    ``lr_mult`` (fine-tuning) multiplies the rate of parts of the network: one pair of groups per value.
+    Frozen parameters (``requires_grad=False``) are in no group, so no update or decay can touch them.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
+    mults = lr_multipliers(model, cfg.get("lr_mult"))
+    pairs: dict[float, tuple[list, list]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
+            decay, no_decay = pairs.setdefault(mults[name], ([], []))
             (no_decay if p.ndim <= 1 else decay).append(p)
     scale = float(cfg["bias_lr_scale"])
     bias_decay = cfg["weight_decay"] / scale if cfg["decay_biases"] else 0.0
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0},
-              {"params": no_decay, "weight_decay": bias_decay, "lr_scale": scale}]
-    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in decay) else {}
+    groups = []
+    for mult in sorted(pairs, reverse=True):  # 1.0 first: the group order of runs saved before lr_mult
+        decay, no_decay = pairs[mult]
+        groups += [{"params": decay, "weight_decay": cfg["weight_decay"], "lr_scale": mult},
+                   {"params": no_decay, "weight_decay": bias_decay, "lr_scale": scale * mult}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("no parameter left to train: model.freeze covers every layer")
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) else {}
     name = cfg["name"]
     if name in ("sgd", "nesterov"):
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=name == "nesterov", **fused)
@@ -167,6 +178,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bo
 
 
 def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: distributed.Dist) -> dict[str, Any]:
+    recipe, pretrained = resolve_recipe(recipe)
     tcfg, ocfg, scfg, mcfg = recipe["train"], recipe["optim"], recipe["schedule"], recipe["model"]
     if tcfg["threads"]:
         torch.set_num_threads(int(tcfg["threads"]))
@@ -179,12 +191,20 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
     model = create_model(mcfg["name"], num_classes=len(inputs.classes), in_channels=inputs.in_channels,
                          width=mcfg["width"], head=mcfg["head"], dropout=mcfg["dropout"],
                          fc_width=mcfg["fc_width"], init=mcfg["init"], logit_scale=mcfg["logit_scale"])
-    if mcfg["init_from"]:
+    if pretrained is not None:
+        note = load_pretrained(model, pretrained, inputs.classes)
+        if env.main:
+            print(note, flush=True)
+    elif mcfg["init_from"]:
         source, _ = load_checkpoint(mcfg["init_from"])
         init_from_shallower(model, source)
     elif mcfg["whiten"]:
         init_whitening(model, _sample_inputs(inputs.train, WHITEN_IMAGES))
     configure_batch_norm(model, tcfg["freeze_bn_scale"], tcfg["bn_momentum"])
+    frozen, frozen_bn = freeze(model, mcfg["freeze"], mcfg["freeze_bn"])
+    if frozen and env.main:
+        bn_note = f"; their {len(frozen_bn)} BN layers keep their statistics" if frozen_bn else ""
+        print(f"frozen: {frozen[0]} .. {frozen[-1]} ({len(frozen)} layers){bn_note}", flush=True)
     model.to(env.device)
     if tcfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
@@ -222,6 +242,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
 
     if tcfg["sync_bn"] and env.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    frozen_bn_modules = [dict(model.named_layers())[name] for name in frozen_bn]  # after any SyncBN swap
     net: nn.Module = model
     if env.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
@@ -241,6 +262,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         logger.truncate(start_epoch - 1)
     meta = {"classes": inputs.classes, "mean": inputs.mean, "std": inputs.std, "image_size": inputs.image_size,
             "recipe": recipe.get("description", "")}
+    if pretrained is not None:
+        meta["weights"] = pretrained.meta
 
     epochs, step = scfg["epochs"], (start_epoch - 1) * len(inputs.train)
     last: dict[str, Any] = {}
@@ -252,6 +275,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         if tcfg["record_shards"] and epoch == start_epoch:
             _record_shards(out, env, inputs)
         net.train()
+        for bn in frozen_bn_modules:
+            bn.eval()
         sums = torch.zeros(3, dtype=torch.float64)  # loss, top1, count
         t0, wait = time.perf_counter(), 0.0
         bar = tqdm(total=len(inputs.train), desc=f"epoch {epoch}/{epochs}", disable=not (progress and env.main),

@@ -151,16 +151,23 @@ def _translate(model: VGG, state: StateDict, fmt: str) -> StateDict:
     return out
 
 
-def load_weights(model: VGG, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> str:
+def load_weights(model: VGG, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                 skip_classifier: bool = False) -> str:
     """Load vggnet, torchvision or timm VGG weights into ``model`` (format detected); returns the format.
 
     The fc and conv heads accept each other's weights (fc6 viewed as c×7×7 kernels). Any missing
     layer or shape mismatch raises :class:`WeightsError` naming the layer; nothing is half-loaded.
+    ``skip_classifier`` leaves the last layer as it is (fine-tuning onto other classes): the file's
+    last layer is still paired by position, so the rest of the architecture must match exactly.
     """
     state, _ = read_weights(source)
     fmt = detect_format(state)
     state = _translate(model, state, fmt)
     target = model.state_dict()
+    if skip_classifier:
+        prefix = f"head.{model.head.classifier}."
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        target = {k: v for k, v in target.items() if not k.startswith(prefix)}
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]
     if missing or unexpected:
@@ -170,7 +177,8 @@ def load_weights(model: VGG, source: str | os.PathLike | Mapping[str, torch.Tens
     for key, value in state.items():
         want = target[key].shape
         if value.shape != want and not key.startswith("head."):
-            raise WeightsError(f"{key}: weights have shape {tuple(value.shape)}, model needs {tuple(want)}")
+            raise WeightsError(f"{key}: weights have shape {tuple(value.shape)}, model needs {tuple(want)} "
+                               "(another configuration or width?)")
         try:
             ready[key] = as_head_shape(key, value, want)
         except ValueError as exc:
