@@ -42,8 +42,8 @@ from vggnet.hardware import native_bf16
 from vggnet.metrics import confusion_matrix, topk_correct
 from vggnet.models import VGG
 
-__all__ = ["KINDS", "RELATIVE_BELOW", "Protocol", "crop_boxes", "parse_protocol", "predict_proba",
-           "resolve_scale", "summarize"]
+__all__ = ["KINDS", "RELATIVE_BELOW", "Protocol", "crop_boxes", "image_tensor", "parse_protocol", "predict_proba",
+           "resolve_scale", "summarize", "trim_to_stride"]
 
 KINDS = ("single", "shift", "dense", "multicrop", "dense+multicrop")
 _ALIASES = {"centre": "single", "center": "single", "multi-crop": "multicrop",
@@ -271,7 +271,7 @@ class _Accumulator:
         return torch.stack(means).mean(0).float()
 
 
-def _image(item: Any, channels: int) -> torch.Tensor | None:
+def image_tensor(item: Any, channels: int) -> torch.Tensor | None:
     """A CHW image tensor from a dataset item (a tensor or an ``(image, label)`` pair); ``None`` stays."""
     if isinstance(item, tuple | list):
         item = item[0]
@@ -288,7 +288,7 @@ def _image(item: Any, channels: int) -> torch.Tensor | None:
 def _views(comp: str, image: torch.Tensor, crop: int, flip: bool) -> torch.Tensor:
     """The network inputs one (rescaled, normalised) image yields for one component at one scale."""
     if comp == "dense":
-        views = _trim_to_stride(image, crop).unsqueeze(0)
+        views = trim_to_stride(image, crop).unsqueeze(0)
     elif comp == "single":
         views = TF.center_crop(image, [crop, crop]).unsqueeze(0)
     elif comp == "shift":  # small-image TTA: the centre crop and four diagonal translations of it
@@ -302,7 +302,7 @@ def _views(comp: str, image: torch.Tensor, crop: int, flip: bool) -> torch.Tenso
     return torch.cat([views, views.flip(-1)]) if flip else views
 
 
-def _trim_to_stride(image: torch.Tensor, crop: int) -> torch.Tensor:
+def trim_to_stride(image: torch.Tensor, crop: int) -> torch.Tensor:
     """The centred part of ``image`` whose sides are multiples of :data:`STRIDE` (never below ``crop``).
 
     Max-pooling floors its input, so on a side that is not a multiple of 32 the net silently drops up to
@@ -370,7 +370,7 @@ def predict_proba(
     with torch.inference_mode(), tqdm(total=n, desc=str(protocol), unit="img", disable=not show,
                                       mininterval=0.5) as bar:
         for start in range(0, n, batch_size):  # a window of images: dense views of equal size batch together
-            window = [(i, _image(images[i], channels)) for i in range(start, min(n, start + batch_size))]
+            window = [(i, image_tensor(images[i], channels)) for i in range(start, min(n, start + batch_size))]
             window = [(i, image) for i, image in window if image is not None]
             for q in qs:
                 for i, image in window:
