@@ -98,9 +98,10 @@ def test_same_classes_keep_the_classifier(tmp_path):
     assert load_backbone(model, source.state_dict()) is True
     assert torch.equal(model.head.fc8.weight, source.head.fc8.weight)
     fresh = vggnet.create_model("vgg11_bn", num_classes=10, **ARCH)
-    before = fresh.head.fc8.weight.clone()
     assert load_backbone(fresh, source.state_dict(), keep_classifier=False) is False
-    assert torch.equal(fresh.head.fc8.weight, before)
+    assert not torch.equal(fresh.head.fc8.weight, source.head.fc8.weight)  # re-initialised, N(0, 0.01)
+    assert fresh.head.fc8.bias.abs().sum() == 0 and fresh.head.fc8.weight.std() < 0.02
+    assert torch.equal(fresh.head.fc7.weight, source.head.fc7.weight)
 
 
 @pytest.mark.parametrize("other, match", [("vgg13_bn", r"do not fit vgg13_bn.*missing \['features.block1_conv2"),
@@ -186,18 +187,22 @@ def test_freeze_errors():
 
 def test_lr_multipliers_most_specific_wins():
     model = vggnet.create_model("vgg11_bn", num_classes=3, **ARCH)
-    mults = lr_multipliers(model, {"features": 0.1, "block5": 0.5, "block5_conv2": 0.7, "classifier": 2.0,
-                                   "fc8": 3.0})
+    mults = lr_multipliers(model, {"features": 0.1, "block5": 0.5, "block5_conv2": 0.7, "head": 2.0,
+                                   "fc7": 3.0})
     assert mults["features.block1_conv1.weight"] == 0.1
     assert mults["features.block5_conv1.weight"] == 0.5 and mults["features.block5_bn1.bias"] == 0.5
     assert mults["features.block5_conv2.weight"] == 0.7
-    assert mults["head.fc6.weight"] == 2.0 and mults["head.fc8.bias"] == 3.0
+    assert mults["head.fc6.weight"] == 2.0 and mults["head.fc7.bias"] == 3.0 and mults["head.fc8.bias"] == 2.0
+    last = lr_multipliers(model, {"head": 0.5, "classifier": 10})  # classifier: the last layer, as everywhere
+    assert last["head.fc8.weight"] == 10 and last["head.fc6.weight"] == 0.5
     assert set(lr_multipliers(model, None).values()) == {1.0}
     assert lr_multipliers(model, {"conv5_2": 0.2})["features.block5_conv2.weight"] == 0.2  # aliases too
     with pytest.raises(ValueError, match="unknown key 'blocks'"):
         lr_multipliers(model, {"blocks": 0.1})
     with pytest.raises(ValueError, match=">= 0"):
         lr_multipliers(model, {"features": -1})
+    with pytest.raises(ValueError, match="block5_pool has no parameters"):
+        lr_multipliers(model, {"pool5": 0})
 
 
 def test_optimizer_groups_carry_the_multipliers():
@@ -226,6 +231,29 @@ def test_lr_mult_is_applied_in_training(tmp_path):
 def test_lr_mult_override_merges_with_the_recipe():
     recipe = load_recipe("finetune", ["optim.lr_mult.block5=0.5"])
     assert recipe["optim"]["lr_mult"] == {"features": 0.1, "block5": 0.5}
+    assert load_recipe("finetune", ["optim.lr_mult=null"])["optim"]["lr_mult"] is None
+    with pytest.raises(ValueError, match="must be a mapping"):
+        load_recipe("finetune", ["optim.lr_mult=0.1"])
+
+
+def test_checkpoint_without_preprocessing_is_not_given_imagenet_values(tmp_path):
+    model = vggnet.create_model("vgg11_bn", num_classes=3, **ARCH)
+    bare = vggnet.save_checkpoint(model, tmp_path / "bare.safetensors")  # no mean / std / image_size
+    with pytest.raises(WeightsError, match="does not record its mean, std, image_size"):
+        resolve_recipe(finetune(f"model.weights={bare}"))
+    given = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "data.image_size=32"]
+    recipe, _ = resolve_recipe(finetune(f"model.weights={bare}", *given))  # fine once the recipe says them
+    assert recipe["model"]["name"] == "vgg11_bn"
+
+
+def test_same_class_count_other_names_resets_the_classifier(tmp_path, capsys):
+    ckpt, source = source_checkpoint(tmp_path / "src.safetensors", classes=[f"c{i}" for i in range(10)])
+    train(finetune(f"model.weights={ckpt}", "optim.lr=0"), tmp_path / "run")
+    assert "classifier fc8 re-initialised for 10 classes" in capsys.readouterr().out
+    model, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert not torch.equal(model.head.fc8.weight, source.head.fc8.weight)
+    assert model.head.fc8.weight.std() < 0.02  # VGG.reset_classifier's N(0, 0.01), as documented
+    assert torch.equal(model.head.fc7.weight, source.head.fc7.weight)
 
 
 def test_weights_and_init_from_together_are_refused(tmp_path):
@@ -234,13 +262,15 @@ def test_weights_and_init_from_together_are_refused(tmp_path):
         resolve_recipe(finetune(f"model.weights={ckpt}", f"model.init_from={ckpt}"))
 
 
-def test_finetune_resumes(tmp_path):
+def test_finetune_resumes_without_the_weights_file(tmp_path):
     ckpt, _ = source_checkpoint(tmp_path / "src.safetensors", classes=list("abcde"))
     args = [f"model.weights={ckpt}", "model.freeze=block2", "schedule.epochs=2"]
     straight, resumed = tmp_path / "a", tmp_path / "b"
     train(finetune(*args), straight)
     train(finetune(*args, "train.stop_after_epoch=1"), resumed)
+    ckpt.rename(tmp_path / "moved.safetensors")  # a downloaded file deleted since: resume needs only the run
     train(finetune(*args), resumed)
+    assert load_checkpoint(resumed / "last.safetensors")[1]["weights"]["source"] == str(ckpt)
     a, _ = load_checkpoint(straight / "last.safetensors")
     b, _ = load_checkpoint(resumed / "last.safetensors")
     for key, value in a.state_dict().items():

@@ -52,14 +52,19 @@ def average_buffers(model: torch.nn.Module, env: Dist) -> None:
     """Average BN running statistics over ranks at epoch end.
 
     DDP keeps parameters identical but each rank's last forward updates its own running stats;
-    averaging makes evaluation, checkpoints and every rank's model the same.
+    averaging makes evaluation, checkpoints and every rank's model the same. Modules held in eval mode
+    (frozen BN when fine-tuning) update nothing, and a sum divided by the world size is not always the
+    value itself in floating point, so their buffers are left alone.
     """
     if not env.enabled:
         return
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer)
-            buffer /= env.world
+    for module in model.modules():
+        if not module.training:
+            continue
+        for buffer in module.buffers(recurse=False):
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= env.world
 
 
 def barrier(env: Dist) -> None:

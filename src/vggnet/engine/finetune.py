@@ -10,15 +10,17 @@ values are what the run folder's ``recipe.yaml`` records, so a resumed run needs
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from vggnet.models import VGG, checkpoint_file
 from vggnet.models.pretrained import WeightsInfo, inspect_weights, load_backbone
 
 FROM_WEIGHTS = {"model": ("name", "width", "head", "fc_width"), "data": ("mean", "std", "image_size")}
-_PARTS = ("features", "head", "classifier")  # lr_mult keys besides blocks and layers; classifier = head
+_PARTS = ("features", "head")  # lr_mult keys besides blocks and layer names (classifier = the last layer)
 
 
 class Pretrained:
@@ -33,8 +35,12 @@ class Pretrained:
         return {"source": str(self.path), "format": self.info.format}
 
 
-def resolve_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], Pretrained | None]:
-    """Fill the recipe's ``null`` architecture and preprocessing keys from ``model.weights``."""
+def resolve_recipe(recipe: dict[str, Any], resumed: Path | None = None) -> tuple[dict[str, Any], Pretrained | None]:
+    """Fill the recipe's ``null`` architecture and preprocessing keys from ``model.weights``.
+
+    ``resumed`` is the ``recipe.yaml`` of a run being continued: the values come from there and the weights
+    file is not read at all (the checkpoint replaces every weight, and the file may be gone by now).
+    """
     m = recipe["model"]
     left = [f"{section}.{key}" for section, keys in FROM_WEIGHTS.items() for key in keys
             if recipe[section][key] is None]
@@ -46,10 +52,19 @@ def resolve_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], Pretrained |
         return recipe, None
     if m["init_from"]:
         raise ValueError("model.weights and model.init_from both start the model from a file; give one of them")
+    recipe = copy.deepcopy(recipe)
+    if resumed is not None and resumed.is_file():
+        saved = yaml.safe_load(resumed.read_text()) or {}
+        for section, keys in FROM_WEIGHTS.items():
+            for key in keys:
+                if recipe[section][key] is None:
+                    recipe[section][key] = saved.get(section, {}).get(key)
+        return recipe, None
     pretrained = Pretrained(m["weights"])
     info: WeightsInfo = pretrained.info
-    recipe = copy.deepcopy(recipe)
-    implied = {"model": info.config, "data": {"mean": info.mean, "std": info.std, "image_size": info.image_size}}
+    implied = {"model": info.config}
+    if any(recipe["data"][key] is None for key in FROM_WEIGHTS["data"]):
+        implied["data"] = info.preprocessing(f"{pretrained.path} (needed for the recipe's null data keys)")
     for section, keys in FROM_WEIGHTS.items():
         for key in keys:
             if recipe[section][key] is None:
@@ -63,6 +78,7 @@ def load_pretrained(model: VGG, pretrained: Pretrained, classes: list[str]) -> s
     info = pretrained.info
     same = info.classes == classes if info.classes is not None else info.config["num_classes"] == len(classes)
     loaded = load_backbone(model, pretrained.state, keep_classifier=same)
+    pretrained.state = {}  # the file's tensors are in the model now; do not hold a second copy for the run
     what = f"weights: {info.describe()} from {pretrained.path}"
     if loaded:
         return f"{what}; all layers loaded, classifier included (same classes)"
@@ -91,8 +107,8 @@ def freeze(model: VGG, through: str | None, freeze_bn: bool) -> tuple[list[str],
 
 def lr_multipliers(model: VGG, spec: dict[str, float] | None) -> dict[str, float]:
     """The learning-rate multiplier of every parameter: the most specific key of ``spec`` wins (a layer
-    such as ``block5_conv1`` or ``fc6``, then a block ``blockN``, then ``features`` or ``head``/
-    ``classifier``); parameters named by no key run at 1.0."""
+    such as ``block5_conv1``, ``fc6`` or ``classifier`` (the last layer), then a block ``blockN``, then
+    ``features`` or ``head``); parameters named by no key run at 1.0."""
     if spec is not None and not isinstance(spec, dict):
         raise ValueError(f"optim.lr_mult must be a mapping such as {{features: 0.1, head: 1.0}}, got {spec!r}")
     blocks = {f"block{i + 1}" for i in range(len(model.blocks()))}
@@ -101,13 +117,15 @@ def lr_multipliers(model: VGG, spec: dict[str, float] | None) -> dict[str, float
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"optim.lr_mult.{key} must be a number >= 0, got {value!r}")
         if key in _PARTS or key in blocks:
-            name = "head" if key == "classifier" else key
+            name = key
         else:
             try:
                 name = model.resolve_layer(str(key))
             except ValueError:
-                raise ValueError(f"optim.lr_mult: unknown key {key!r}; use features, head (or classifier), "
+                raise ValueError(f"optim.lr_mult: unknown key {key!r}; use features, head, "
                                  f"{', '.join(sorted(blocks))} or a layer name (see `vggnet info`)") from None
+            if not any(True for _ in dict(model.named_layers())[name].parameters()):
+                raise ValueError(f"optim.lr_mult.{key}: layer {name} has no parameters to scale")
         resolved[name] = float(value)
     out = {}
     for pname, _ in model.named_parameters():

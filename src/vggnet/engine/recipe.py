@@ -93,8 +93,8 @@ def _merge(base: Recipe, update: Recipe, where: str = "") -> Recipe:
         path = f"{where}{key}"
         if key not in base:
             raise ValueError(f"unknown recipe key {path!r}; known: {', '.join(sorted(base))}")
-        if path in OPEN_MAPPINGS and isinstance(value, dict):
-            out[key] = {**(base[key] or {}), **value}
+        if path in OPEN_MAPPINGS and (value is None or isinstance(value, dict)):
+            out[key] = None if value is None else {**(base[key] or {}), **value}  # null clears the mapping
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ValueError(f"recipe key {path!r} must be a mapping")

@@ -152,7 +152,7 @@ def _sample_inputs(loader, n: int) -> torch.Tensor:
     return torch.cat(parts)[:n].contiguous()
 
 
-def _check_resume(folder: Path, model: VGG, inputs: Inputs) -> dict[str, Any]:
+def _check_resume(folder: Path, model: VGG, inputs: Inputs) -> tuple[dict[str, Any], dict[str, Any]]:
     saved, extra = load_checkpoint(folder / "model.safetensors")
     if saved.config != model.config:
         raise ResumeError(f"{folder} holds {saved.config}, but this run builds {model.config}; "
@@ -161,7 +161,7 @@ def _check_resume(folder: Path, model: VGG, inputs: Inputs) -> dict[str, Any]:
         raise ResumeError(f"{folder} was trained on classes {extra.get('classes')}, the data now has "
                           f"{inputs.classes}; point --data at the original data or start a new --out folder")
     model.load_state_dict(saved.state_dict())
-    return load_training_state(folder)
+    return load_training_state(folder), extra
 
 
 def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bool | None = None) -> dict[str, Any]:
@@ -178,7 +178,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bo
 
 
 def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: distributed.Dist) -> dict[str, Any]:
-    recipe, pretrained = resolve_recipe(recipe)
+    ckpts = list_checkpoints(out) if resume else []
+    recipe, pretrained = resolve_recipe(recipe, out / "recipe.yaml" if ckpts else None)
     tcfg, ocfg, scfg, mcfg = recipe["train"], recipe["optim"], recipe["schedule"], recipe["model"]
     if tcfg["threads"]:
         torch.set_num_threads(int(tcfg["threads"]))
@@ -224,9 +225,10 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         if tcfg["lookahead"] else None
 
     start_epoch, best = 1, -math.inf
-    ckpts = list_checkpoints(out) if resume else []
+    started_from = pretrained.meta if pretrained is not None else None
     if ckpts:
-        state = _check_resume(ckpts[-1], model, inputs)
+        state, saved_extra = _check_resume(ckpts[-1], model, inputs)
+        started_from = saved_extra.get("weights")
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
@@ -262,8 +264,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         logger.truncate(start_epoch - 1)
     meta = {"classes": inputs.classes, "mean": inputs.mean, "std": inputs.std, "image_size": inputs.image_size,
             "recipe": recipe.get("description", "")}
-    if pretrained is not None:
-        meta["weights"] = pretrained.meta
+    if started_from is not None:
+        meta["weights"] = started_from
 
     epochs, step = scfg["epochs"], (start_epoch - 1) * len(inputs.train)
     last: dict[str, Any] = {}

@@ -20,9 +20,10 @@ import torch
 
 from .configs import CONFIGS, NAME_TO_CONFIG
 from .vgg import VGG, VGGConfig, scaled
-from .weights import FORMAT, StateDict, WeightsError, _translate, detect_format, load_weights, read_weights
+from .weights import FORMAT, StateDict, WeightsError, detect_format, load_weights, read_weights
 
-# torchvision's and timm's VGG weights were trained on ImageNet crops of 224 px, normalised thus
+# torchvision's and timm's VGG weights were trained on ImageNet crops of 224 px, normalised thus (the
+# same figures as vggnet.data.IMAGENET_MEAN/STD, repeated because the model zoo imports nothing of data)
 IMAGENET_PREPROCESSING = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 224}
 _LETTER_TO_NAME = {letter: name for name, letter in reversed(NAME_TO_CONFIG.items())}  # A -> vgg11, not vgg11_lrn
 
@@ -33,15 +34,26 @@ class WeightsInfo:
 
     ``config`` holds VGGConfig fields (``name``, ``width``, ``head``, ``fc_width``, ``in_channels``,
     ``num_classes``; a vggnet checkpoint gives all of them). ``classes`` is None when the file does not
-    name its classes (torchvision, timm). A-LRN and A have the same tensors: a foreign file is read as A.
+    name its classes (torchvision, timm). ``mean``, ``std`` and ``image_size`` are None for a vggnet
+    checkpoint saved without them: guessing ImageNet's would silently feed the net the wrong inputs.
+    A-LRN and A have the same tensors: a foreign file is read as A.
     """
 
     format: str
     config: dict[str, Any]
-    mean: list[float]
-    std: list[float]
-    image_size: int
+    mean: list[float] | None
+    std: list[float] | None
+    image_size: int | None
     classes: list[str] | None = None
+
+    def preprocessing(self, where: str) -> dict[str, Any]:
+        """``mean``, ``std`` and ``image_size``; an error naming ``where`` when the file lacks them."""
+        pre = {"mean": self.mean, "std": self.std, "image_size": self.image_size}
+        missing = [k for k, v in pre.items() if v is None]
+        if missing:
+            raise WeightsError(f"{where} does not record its {', '.join(missing)}; save it with "
+                               "vggnet.save_checkpoint(model, path, {'mean': [...], 'std': [...], 'image_size': N})")
+        return pre
 
     def describe(self) -> str:
         c = self.config
@@ -59,10 +71,11 @@ def inspect_weights(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> t
             extra = json.loads(metadata.get("extra", "{}"))
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
             raise WeightsError(f"{source}: corrupt vggnet metadata ({exc})") from exc
-        pre = {key: extra.get(key, IMAGENET_PREPROCESSING[key]) for key in IMAGENET_PREPROCESSING}
         classes = extra.get("classes")
-        return state, WeightsInfo(fmt, config, [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]],
-                                  int(pre["image_size"]), None if classes is None else [str(c) for c in classes])
+        mean, std, size = extra.get("mean"), extra.get("std"), extra.get("image_size")
+        return state, WeightsInfo(fmt, config, None if mean is None else [float(v) for v in mean],
+                                  None if std is None else [float(v) for v in std], None if size is None else int(size),
+                                  None if classes is None else [str(c) for c in classes])
     config = _infer_config(state, fmt)
     pre = IMAGENET_PREPROCESSING
     return state, WeightsInfo(fmt, config, list(pre["mean"]), list(pre["std"]), int(pre["image_size"]))
@@ -118,13 +131,15 @@ def _infer_config(state: StateDict, fmt: str) -> dict[str, Any]:
 
 def load_backbone(model: VGG, state: Mapping[str, torch.Tensor], keep_classifier: bool = True) -> bool:
     """Load every layer of ``state`` into ``model``; the last layer too when ``keep_classifier`` and its
-    shape fits (same class count), otherwise it keeps its fresh initialisation. Returns whether the
-    classifier was loaded. A backbone that does not match is a :class:`WeightsError` naming the layer."""
-    classifier = f"head.{model.head.classifier}."
-    target = {k: v for k, v in model.state_dict().items() if k.startswith(classifier)}
-    state = dict(state)
-    translated = _translate(model, state, detect_format(state))  # pairs layers by position
-    fits = all(k in translated and translated[k].numel() == v.numel() for k, v in target.items())
-    load = keep_classifier and fits
-    load_weights(model, state, skip_classifier=not load)
-    return load
+    shape fits (same class count), otherwise it is re-initialised as :meth:`VGG.reset_classifier` does.
+    Returns whether the classifier was loaded. A backbone that does not match is a :class:`WeightsError`
+    naming the layer."""
+    if keep_classifier:
+        try:
+            load_weights(model, state)
+            return True
+        except WeightsError:
+            pass  # the classifier does not fit (other class count), or the backbone does not: see below
+    load_weights(model, state, skip_classifier=True)
+    model.reset_classifier(model.config.num_classes)
+    return False
