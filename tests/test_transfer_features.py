@@ -10,8 +10,9 @@ from PIL import Image
 import vggnet
 from vggnet.cli import main
 from vggnet.data import eval_transform
+from vggnet.evaluate import FolderImages
 from vggnet.transfer import load_features
-from vggnet.transfer.features import extract_features, feature_images, load_source
+from vggnet.transfer.features import extract_features, feature_images, fingerprint, load_source
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 CLASSES = ["cat", "dog", "fox"]
@@ -159,16 +160,20 @@ def test_cli_with_torchvision_weights_on_a_folder(folder, tmp_path, capsys):
     torch.save(dict(zip(keys, small.values(), strict=True)), weights)  # a torchvision file at tiny width
     (folder / "fox" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "f.npz"
-    code = main(["features", "--weights", str(weights), "--data", str(folder), "--layer", "block5_pool",
+    code = main(["features", "--weights", str(weights), "--data", str(folder), "--layer", "pool5",
                  "--scales", "64", "--stack", "--val-fraction", "0.34", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "1 unreadable skipped" in printed
     ff = load_features(out)
     assert ff.model == "vgg11" and ff.stack and ff.classes == CLASSES and len(ff.labels) == 18
+    assert ff.layer == "block5_pool"  # the canonical name, whatever alias was asked for
     assert (ff.split == "val").sum() == 6 and all("broken" not in p for p in ff.paths)
     model, prep, _ = load_source(weights=str(weights))
     assert prep == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 224}
+    assert ff.fingerprint == fingerprint(model) and len(ff.fingerprint) == 16
+    other = tiny("vgg11", seed=1)
+    assert fingerprint(other) != ff.fingerprint  # same architecture, other weights
 
 
 def test_cli_errors_write_nothing(folder, run, tmp_path, capsys):
@@ -182,7 +187,12 @@ def test_cli_errors_write_nothing(folder, run, tmp_path, capsys):
     assert main(["features", "--ckpt", str(run), "--model", "vgg16", "--out", str(out)]) == 2
     assert "--model goes with --weights" in capsys.readouterr().err
     assert main(["features", "--ckpt", str(run), "--scales", "1,x", "--out", str(out)]) == 2
+    assert main(["features", "--ckpt", str(run), "--batch-size", "0", "--out", str(out)]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+    assert main(["features", "--ckpt", str(run), "--layer", "fc7", "--out", str(tmp_path)]) == 2  # a folder
+    assert "error" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".f.npz*"))
+    assert not list(tmp_path.glob(".*.tmp.npz"))
 
 
 def test_feature_images_keep_the_folder_split(folder):
@@ -192,5 +202,6 @@ def test_feature_images_keep_the_folder_split(folder):
             (folder.parent / "split" / part / c).symlink_to(folder / c)
     imgs, labels, classes, paths, split = feature_images(str(folder.parent / "split"), None)
     assert classes == CLASSES and split.count("train") == 18 and split.count("val") == 18
+    assert isinstance(imgs, FolderImages) and imgs.paths == paths  # lazy: decoded only when described
     only_val = feature_images(str(folder.parent / "split"), None, split="val")
     assert set(only_val[4]) == {"val"} and len(only_val[0]) == 18

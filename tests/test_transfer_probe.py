@@ -9,16 +9,18 @@ import pytest
 
 from vggnet.cli import main
 from vggnet.transfer.probe import probe, probe_files
-from vggnet.transfer.store import FeatureFile, FeatureFileError, save_features
+from vggnet.transfer.store import FeatureFile, FeatureFileError, load_features, save_features
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["cat", "dog", "fox"]
 
 
-def feature_file(x, y, classes=CLASSES, split="train", layer="fc7", scales=(224,), stack=False) -> FeatureFile:
+def feature_file(x, y, classes=CLASSES, split="train", layer="fc7", scales=(224,), stack=False, model="vgg16",
+                 fingerprint="") -> FeatureFile:
     split = [split] * len(y) if isinstance(split, str) else split
     return FeatureFile(features=x, labels=y, classes=list(classes), paths=[f"img{i}.png" for i in range(len(y))],
-                       split=split, layer=layer, scales=list(scales), stack=stack, model="vgg16", source="test")
+                       split=split, layer=layer, scales=list(scales), stack=stack, model=model, source="test",
+                       fingerprint=fingerprint)
 
 
 def blobs(per_class: int, n_classes: int = 3, dim: int = 16, seed: int = 0, spread: float = 0.05):
@@ -109,6 +111,7 @@ def test_file_without_labels_is_refused(tmp_path):
     ({"dim": 8}, "different dims"),
     ({"classes": ["cat", "dog", "owl"]}, "different class lists"),
     ({"scales": (256, 384)}, "different scales"),
+    ({"model": "vgg19"}, "different models"),
 ])
 def test_incompatible_files_are_refused(change, match):
     x, y = blobs(10)
@@ -118,6 +121,17 @@ def test_incompatible_files_are_refused(change, match):
     with pytest.raises(FeatureFileError, match=match) as info:
         probe(train, test)
     assert "train holds" in str(info.value) or "class lists" in str(info.value)
+
+
+def test_features_of_different_weights_are_refused(tmp_path):
+    """Same architecture, layer and scales, but two networks (say ImageNet VGG-16 and a fine-tuned one)."""
+    x, y = blobs(10)
+    train = feature_file(x, y, fingerprint="aaaa")
+    with pytest.raises(FeatureFileError, match="different weights"):
+        probe(train, feature_file(x, y, split="val", fingerprint="bbbb"))
+    assert probe(train, feature_file(x, y, split="val", fingerprint="aaaa"), models=["svm"])["n_test"] == 30
+    save_features(train, tmp_path / "f.npz")  # and the fingerprint survives the file
+    assert load_features(tmp_path / "f.npz").fingerprint == "aaaa"
 
 
 def test_single_class_and_empty_are_refused():

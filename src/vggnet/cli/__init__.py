@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # bad paths, files and values: a message, not a traceback
         print(f"vggnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

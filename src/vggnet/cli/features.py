@@ -82,30 +82,30 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vggnet.transfer import FeatureFile, save_features
-    from vggnet.transfer.features import extract_features, feature_images, load_source
+    from vggnet.transfer.features import extract_features, feature_images, fingerprint, load_source, pixel_scales
 
     scales = parse_scales(args.scales)
     if not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, prep, source = load_source(args.ckpt, args.weights, args.model)
-    layer = model.resolve_layer(args.layer)  # fail on a bad name before reading any image
+    layer = model.resolve_layer(args.layer)  # bad names and scales fail before any image is read
+    pixels = pixel_scales(scales, prep["image_size"])
     images, labels, classes, paths, split = feature_images(args.data, args.ckpt, args.split, args.val_fraction,
                                                            args.split_seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    feats, ok = extract_features(model, images, layer=layer, scales=scales, crop=prep["image_size"],
+    feats, ok = extract_features(model, images, layer=layer, scales=pixels, crop=prep["image_size"],
                                  mean=prep["mean"], std=prep["std"], stack=args.stack, flip=args.flip,
                                  batch_size=args.batch_size, device=device, amp_bf16=args.bf16,
                                  progress=args.progress)
     seconds = time.perf_counter() - start
     keep = ok.numpy()
-    from vggnet.evaluate import resolve_scale
-
-    pixels = [resolve_scale(q, prep["image_size"]) for q in scales]
     ff = FeatureFile(features=feats.numpy()[keep], labels=np.asarray(labels)[keep], classes=classes,
                      paths=[p for p, k in zip(paths, keep, strict=True) if k],
-                     split=np.asarray(split)[keep], layer=args.layer, scales=pixels, stack=args.stack,
-                     model=model.config.name, source=source)
+                     split=np.asarray(split)[keep], layer=layer, scales=pixels, stack=args.stack,
+                     model=model.config.name, source=source, fingerprint=fingerprint(model))
     save_features(ff, args.out)
     counts = {part: int((ff.split == part).sum()) for part in ("train", "val")}
     skipped = int((~keep).sum())

@@ -18,6 +18,7 @@ forward pass.
 from __future__ import annotations
 
 import copy
+import hashlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,7 @@ from vggnet.hardware import native_bf16
 from vggnet.models import VGG, VGGConfig, checkpoint_file, checkpoint_meta, load_checkpoint, load_weights
 from vggnet.models.pretrained import inspect_weights
 
-__all__ = ["dense_net", "extract_features", "feature_images", "load_source"]
+__all__ = ["dense_net", "extract_features", "feature_images", "fingerprint", "load_source"]
 
 
 def dense_net(model: VGG, device: torch.device) -> VGG:
@@ -56,6 +57,17 @@ def _descriptor(net: VGG, x: torch.Tensor, layer: str, flip: bool, bf16: bool) -
     if flip:
         out = (out[: len(x)] + out[len(x):]) / 2
     return F.normalize(out, dim=1)
+
+
+def pixel_scales(scales: Sequence[float | int], crop: int) -> list[int]:
+    """Test scales in pixels (below 16: multiples of ``crop``), each at least the 32 px a VGG needs."""
+    if not scales:
+        raise ValueError("give at least one scale")
+    qs = [resolve_scale(q, int(crop)) for q in scales]
+    small = [q for q in qs if q < MIN_SIDE]
+    if small:
+        raise ValueError(f"test scales {small} px are below the {MIN_SIDE} px a VGG needs")
+    return qs
 
 
 def extract_features(
@@ -81,17 +93,12 @@ def extract_features(
     model's training crop), from 16 up pixels. ``stack`` concatenates the per-scale descriptors
     (D = layer width × scales) instead of averaging them.
     """
-    if not scales:
-        raise ValueError("give at least one scale")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    qs = pixel_scales(scales, crop)
     device = torch.device(device)
     net = dense_net(model, device)
     layer = net.resolve_layer(layer)  # an unknown name fails here, before any image is read
-    qs = [resolve_scale(q, int(crop)) for q in scales]
-    small = [q for q in qs if q < MIN_SIDE]
-    if small:
-        raise ValueError(f"test scales {small} px are below the {MIN_SIDE} px a VGG needs")
     bf16 = native_bf16(device) if amp_bf16 is None else bool(amp_bf16)
     transforms = {q: eval_transform(q, None, mean=list(mean), std=list(std)) for q in set(qs)}
     n, channels = len(images), len(mean)
@@ -141,15 +148,35 @@ def load_source(ckpt: str | None = None, weights: str | None = None,
         return model, {k: meta[k] for k in ("mean", "std", "image_size")}, str(file)
     file = checkpoint_file(weights)
     state, info = inspect_weights(file)
+    prep = info.preprocessing(str(file))
     config = {**info.config, "name": name or info.config["name"]}
     model = VGG(VGGConfig.from_dict(config))
     load_weights(model, state)
-    return model.eval(), {"mean": info.mean, "std": info.std, "image_size": info.image_size}, str(file)
+    return model.eval(), prep, str(file)
+
+
+def fingerprint(model: VGG) -> str:
+    """A short hash of the weights, so features of two different networks of one architecture (ImageNet
+    VGG-16 and a fine-tuned VGG-16) are never mixed in one linear model, wherever their files lie."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _join(parts: list[Sequence[Any]]) -> Sequence[Any]:
+    """Several image sequences as one, still read lazily: images are decoded only when described."""
+    if all(isinstance(p, FolderImages) for p in parts):
+        return FolderImages([path for p in parts for path in p.paths])  # type: ignore[attr-defined]
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)  # type: ignore[arg-type]
+    return [image for p in parts for image in p]
 
 
 def feature_images(data: str | None, run: str | None, split: str = "all", val_fraction: float = 0.1,
-                   seed: int = 0) -> tuple[list[Any], list[int], list[str], list[str], list[str]]:
-    """(images, labels, class names, paths, split names) to describe.
+                   seed: int = 0) -> tuple[Sequence[Any], list[int], list[str], list[str], list[str]]:
+    """(images, labels, class names, paths, split names) to describe; files are read only when used.
 
     ``data`` is an ImageFolder tree: its own ``train/`` and ``val/`` folders when it has them, otherwise a
     stratified ``val_fraction`` split with ``seed`` (the rule training uses). Without ``data`` the run's
@@ -159,7 +186,7 @@ def feature_images(data: str | None, run: str | None, split: str = "all", val_fr
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be train, val or all, got {split!r}")
     wanted = ("train", "val") if split == "all" else (split,)
-    images: list[Any] = []
+    parts: list[Sequence[Any]] = []
     labels: list[int] = []
     paths: list[str] = []
     names: list[str] = []
@@ -174,19 +201,19 @@ def feature_images(data: str | None, run: str | None, split: str = "all", val_fr
                 if part == "val" and split == "all":
                     continue  # the run has no validation split: train rows only
                 raise
-            images += list(found)
+            parts.append(found)
             labels += list(part_labels)
             paths += list(getattr(found, "paths", [f"{run}:{part}:{i}" for i in range(len(part_labels))]))
             names += [part] * len(part_labels)
-        return images, labels, classes, paths, names
+        return _join(parts), labels, classes, paths, names
     train, val, classes = load_image_folder(data, val_fraction=val_fraction, seed=seed)
     for part, ds in (("train", train), ("val", val)):
         if part in wanted and ds is not None:
             part_paths = [p for p, _ in ds.samples]
-            images += list(FolderImages(part_paths))
+            parts.append(FolderImages(part_paths))
             labels += list(ds.targets)
             paths += part_paths
             names += [part] * len(part_paths)
-    if not images:
+    if not labels:
         raise ValueError(f"{data}: no {split} images (no val/ folder and val_fraction={val_fraction})")
-    return images, labels, classes, paths, names
+    return _join(parts), labels, classes, paths, names

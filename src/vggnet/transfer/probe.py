@@ -43,6 +43,10 @@ def _check_compatible(train: FeatureFile, test: FeatureFile) -> None:
         if a != b:
             raise FeatureFileError(f"train and test features come from different {what} ({a!r} vs {b!r}): "
                                    f"{held}; extract both with the same settings")
+    if train.fingerprint and test.fingerprint and train.fingerprint != test.fingerprint:
+        raise FeatureFileError(f"train and test features come from different weights (fingerprints "
+                               f"{train.fingerprint} vs {test.fingerprint}; files {train.source} and {test.source}): "
+                               f"{held}; extract both with the same network")
     if train.classes != test.classes:
         raise FeatureFileError(f"train and test have different class lists ({train.classes} vs {test.classes}); "
                                f"labels would not mean the same thing")

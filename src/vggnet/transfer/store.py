@@ -27,7 +27,8 @@ class FeatureFile:
     """Descriptors of N images: ``features`` (N × D float32, each row L2-normalised), ``labels`` (N),
     ``classes`` (names of the label indices), ``paths`` (one per image), ``split`` ("train"/"val" per image),
     and the extraction settings: ``layer``, ``scales`` (pixels), ``stack`` (scales concatenated rather
-    than averaged), ``model`` (architecture name) and ``source`` (the checkpoint or weights file)."""
+    than averaged), ``model`` (architecture name), ``source`` (the checkpoint or weights file) and
+    ``fingerprint`` (a hash of the weights: features of different networks must not meet in one model)."""
 
     features: np.ndarray
     labels: np.ndarray
@@ -39,6 +40,7 @@ class FeatureFile:
     stack: bool
     model: str
     source: str = ""
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -80,7 +82,7 @@ def save_features(ff: FeatureFile, path: str | os.PathLike) -> Path:
         "features": ff.features, "labels": ff.labels, "classes": np.asarray(ff.classes, dtype=str),
         "paths": np.asarray(ff.paths, dtype=str), "split": ff.split, "layer": np.asarray(ff.layer),
         "scales": np.asarray(ff.scales, dtype=np.int64), "stack": np.asarray(bool(ff.stack)),
-        "model": np.asarray(ff.model), "source": np.asarray(ff.source),
+        "model": np.asarray(ff.model), "source": np.asarray(ff.source), "fingerprint": np.asarray(ff.fingerprint),
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
     os.close(fd)
@@ -117,6 +119,6 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
             features=arrays["features"], labels=arrays["labels"], classes=[str(c) for c in arrays["classes"]],
             paths=[str(p) for p in arrays["paths"]], split=arrays["split"], layer=str(arrays["layer"]),
             scales=[int(s) for s in arrays["scales"]], stack=bool(arrays["stack"]), model=str(arrays["model"]),
-            source=str(arrays.get("source", "")))
+            source=str(arrays.get("source", "")), fingerprint=str(arrays.get("fingerprint", "")))
     except FeatureFileError as exc:
         raise FeatureFileError(f"{path}: {exc}") from exc
