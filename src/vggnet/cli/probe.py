@@ -17,7 +17,7 @@ files:
 
 protocol (the paper's Appendix B):
   a linear SVM (scikit-learn LinearSVC) on the descriptors, its C chosen by stratified k-fold
-  cross-validation on the TRAINING features only (grid 1e-3 ... 1e2); the test features are used once.
+  cross-validation on the TRAINING features only (grid 1e-3 ... 1e3); the test features are used once.
   --model logreg fits a logistic regression the same way. A class with fewer than 2 training images
   makes cross-validation impossible: C = 1 is used and the report says so.
 
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=5,
                    help="cross-validation folds for C, capped by the smallest class (default: 5)")
     p.add_argument("--c-grid", type=_c_grid, metavar="C,C,...",
-                   help="values of C to cross-validate (default: 0.001,0.01,0.1,1,10,100)")
+                   help="values of C to cross-validate (default: 0.001,0.01,0.1,1,10,100,1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold shuffle and solvers (default: 0)")
     p.add_argument("--out", metavar="DIR", help="folder for probe.json, probe.md and confusion_<model>.png")
     p.add_argument("--json", action="store_true", help="print the full report as JSON instead of the table")

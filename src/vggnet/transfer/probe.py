@@ -25,7 +25,7 @@ from .store import FeatureFile, FeatureFileError, load_features
 
 MODELS = ("svm", "logreg")
 MODEL_NAMES = {"svm": "linear SVM", "logreg": "logistic regression"}
-DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 6))
+DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-3, 3, 7))  # unit-length features often want a large C
 
 __all__ = ["DEFAULT_C_GRID", "MODELS", "markdown_table", "probe", "probe_files", "write_report"]
 
