@@ -46,6 +46,12 @@ def test_unknown_recipe_and_missing_file():
         load_recipe("missing.yaml")
 
 
+def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
+    (tmp_path / "cifar10").mkdir()  # e.g. the data folder, next to where the command runs
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("cifar10")["model"]["name"] == "vgg13_bn"
+
+
 def sched(name, **kw):
     cfg = {**DEFAULTS["schedule"], "name": name, "epochs": 10, **kw}
     return LRSchedule(cfg, base_lr=0.1, steps_per_epoch=10)

@@ -107,7 +107,7 @@ def _merge(base: Recipe, update: Recipe, where: str = "") -> Recipe:
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Defaults ← recipe file (a built-in name or a YAML path) ← ``key.sub=value`` overrides."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a recipe (cifar10/) is not one
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
         text = path.read_text()
