@@ -138,6 +138,16 @@ def test_cli_on_the_run_data_then_probe(run, tmp_path, capsys):
     assert "linear SVM" in capsys.readouterr().out
 
 
+def test_cli_default_layer_is_relu7_or_block5_pool_for_the_gap_head(folder, tmp_path, capsys):
+    for head, expected in (("fc", "relu7"), ("gap", "block5_pool")):
+        ckpt = vggnet.save_checkpoint(tiny(head=head), tmp_path / f"{head}.safetensors",
+                                      {"classes": CLASSES, "mean": MEAN, "std": STD, "image_size": 32})
+        out = tmp_path / f"{head}.npz"
+        assert main(["features", "--ckpt", str(ckpt), "--data", str(folder), "--split", "val", "--out", str(out)]) == 0
+        assert load_features(out).layer == expected
+    assert "block5_pool" in capsys.readouterr().out
+
+
 @pytest.fixture
 def folder(tmp_path):
     root = tmp_path / "photos"

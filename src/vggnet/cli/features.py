@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="held-out share per class when --data has no val/ folder (default: 0.1)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of that split (default: 0)")
-    p.add_argument("--layer", default="relu7", help="layer to describe with (default: relu7, the paper's)")
+    p.add_argument("--layer", help="layer to describe with (default: relu7, the paper's, for the fc and conv heads; "
+                   "block5_pool for the gap head, which has no fc7)")
     p.add_argument("--scales", default="1.0",
                    help="comma-separated test scales Q (default: 1.0 = the training crop)")
     p.add_argument("--stack", action="store_true", help="concatenate the scales' descriptors instead of averaging")
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, prep, source = load_source(args.ckpt, args.weights, args.model)
-    layer = model.resolve_layer(args.layer)  # bad names and scales fail before any image is read
+    default = "relu7" if "relu7" in model.layer_names() else "block5_pool"
+    layer = model.resolve_layer(args.layer or default)  # bad names and scales fail before any image is read
     pixels = pixel_scales(scales, prep["image_size"])
     images, labels, classes, paths, split = feature_images(args.data, args.ckpt, args.split, args.val_fraction,
                                                            args.split_seed)
