@@ -69,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the warm-up forward passes at load time")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", default=None,
                    help="no JSON access-log line per request")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="require Authorization: Bearer <key> with a key from FILE (one per line, >= 16 characters); "
+                   "tokens travel in clear text: put TLS in front")
+    p.add_argument("--public-endpoints", default="health,metrics", metavar="GROUPS",
+                   help="with --api-key-file, endpoint groups left open: health, metrics, metadata, comma-separated, "
+                   "or none (default: health,metrics)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -95,6 +101,14 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log)
+    if args.api_key_file:
+        from vggnet.serve.auth import PUBLIC_GROUPS, read_api_keys
+
+        public = tuple(g.strip() for g in args.public_endpoints.split(",") if g.strip() and g.strip() != "none")
+        unknown = sorted(set(public) - set(PUBLIC_GROUPS))
+        if unknown:
+            raise ValueError(f"--public-endpoints: unknown group(s) {unknown}; choose from {', '.join(PUBLIC_GROUPS)}")
+        settings = with_overrides(settings, api_keys=read_api_keys(args.api_key_file), public_endpoints=public)
     if settings.max_queue < settings.max_batch_size:
         settings = with_overrides(settings, max_queue=settings.max_batch_size)
     repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo

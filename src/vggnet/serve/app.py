@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -42,6 +43,7 @@ from vggnet.infer import Predictor, Preprocessing, preprocess
 from vggnet.models import checkpoint_meta, load_checkpoint
 
 from . import v2
+from .auth import AuthMiddleware
 from .batcher import Batcher, BatcherClosed, BatchInfo, QueueFull
 from .errors import ServeError, bad_request, not_found, unavailable
 from .limits import IMAGE_MEDIA_TYPES, decode_image, decompress, media_type, read_body
@@ -80,6 +82,10 @@ class ServeSettings:
     load_in_background: bool = True
     warmup: bool = True
     access_log: bool = True
+    #: bearer tokens a request must carry (empty: no authentication); see vggnet.serve.auth
+    api_keys: tuple[str, ...] = ()
+    #: endpoint groups reachable without a token when api_keys are set: health, metrics, metadata
+    public_endpoints: tuple[str, ...] = ("health", "metrics")
 
 
 class ModelVersion:
@@ -134,8 +140,8 @@ class ModelVersion:
                                    compute_lock=compute_lock, metrics=metrics,
                                    labels=(self.name, self.version)).start()
         except Exception as exc:
-            self.state, self.reason = "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
-            log.error("model %s version %s failed to load: %s", self.name, self.version, self.reason)
+            log.error("model %s version %s failed to load: %s: %s", self.name, self.version, type(exc).__name__, exc)
+            self.state, self.reason = "UNAVAILABLE", without_paths(f"{type(exc).__name__}: {exc}")
         else:
             self.state = "READY"
             if hasattr(predictor.runtime, "summary"):  # auto: what it measured and picked
@@ -298,7 +304,7 @@ class ModelServer:
                               retry_after_s=5) from None
         except Exception as exc:  # validated input that still failed: the model's fault, not the client's
             log.error("inference failed for model %s version %s: %r", mv.name, mv.version, exc)
-            raise ServeError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+            raise ServeError(500, "internal error") from None  # details in the log, never to the client
 
     async def infer(self, mv: ModelVersion, x: torch.Tensor) -> tuple[torch.Tensor, BatchInfo]:
         return await self.result(mv, self.submit(mv, x))
@@ -326,6 +332,7 @@ class ObservabilityMiddleware:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         info: dict[str, Any] = {}
         scope["vggnet.log"] = info
+        scope["vggnet.request_id"] = request_id
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -359,6 +366,22 @@ class ObservabilityMiddleware:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _internal(request: Request) -> JSONResponse:
+    """A 500 says nothing of what failed (exception text can hold paths, code or data): only a request id
+    that finds the logged details."""
+    request_id = request.scope.get("vggnet.request_id", "")
+    return JSONResponse({"error": "internal error", "request_id": request_id}, status_code=500)
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"():,/]+/)*([^\s'\"():,/]+)")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute path cut to its file name: load errors reach the repository index and
+    503 bodies, which must not map the server's filesystem for a client."""
+    return _ABS_PATH.sub(r"\1", text)
 
 
 def _note(request: Request, **fields: Any) -> None:
@@ -440,11 +463,13 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
                   description="VGG classifiers over the Open Inference Protocol (V2)")
     app.state.server = server
     app.state.metrics = metrics
+    if settings.api_keys:  # inside the observability middleware, so refused requests are counted and logged
+        app.add_middleware(AuthMiddleware, keys=settings.api_keys, public=settings.public_endpoints)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_access=settings.access_log)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
+        return _internal(request) if exc.status == 500 else _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -456,8 +481,9 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(500, "internal server error")
+        log.exception("unhandled error on %s (request id %s)", request.url.path,
+                      request.scope.get("vggnet.request_id", ""))
+        return _internal(request)
 
     # --- health and metadata ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ decodes nothing — and checked before ``load()`` allocates the pixel buffer.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 import zlib
 
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from .errors import ServeError, bad_request
 
 __all__ = [
-    "IMAGE_FORMATS", "IMAGE_MEDIA_TYPES", "decode_image", "decompress", "media_type", "read_body",
+    "IMAGE_FORMATS", "IMAGE_MEDIA_TYPES", "check_integrity", "decode_image", "decompress", "media_type", "read_body",
 ]
 
 #: PIL formats the service decodes; anything else (TIFF, PSD, EPS...) is refused: fewer decoders, fewer CVEs.
@@ -84,11 +85,49 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+def _png_chunks_intact(data: bytes) -> str | None:
+    """Why a PNG's chunk stream is damaged (a chunk's CRC-32 does not match, it runs past the end, IEND is
+    missing), or None. PIL checks the CRCs of the chunks before the pixel data only: a PNG whose IDAT
+    chunks were damaged in a way zlib still inflates would otherwise be classified as if whole."""
+    pos = 8  # after the signature
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return f"chunk {kind.decode('latin-1')!r} runs past the end of the file"
+        (crc,) = struct.unpack(">I", data[end:end + 4])
+        if zlib.crc32(data[pos + 4:end]) & 0xFFFFFFFF != crc:
+            return f"chunk {kind.decode('latin-1')!r} at byte {pos} fails its CRC check"
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return "no IEND chunk: the file is truncated"
+
+
+def check_integrity(data: bytes, image_format: str | None) -> None:
+    """Refuse (400) a file whose own consistency checks fail, before it is decoded and classified.
+
+    PNG carries a CRC-32 per chunk: all are verified (PIL verifies only those before the pixel data).
+    WebP's RIFF header states the file's length: a mismatch means a truncated or spliced file. JPEG, GIF
+    and BMP carry no checksum; their truncation is caught when the decoder runs out of data (400 too).
+    """
+    problem = None
+    if image_format == "PNG":
+        problem = _png_chunks_intact(data)
+    elif image_format == "WEBP" and len(data) >= 12:
+        (size,) = struct.unpack("<I", data[4:8])
+        if size + 8 != len(data) + (len(data) % 2):  # RIFF pads odd sizes with one byte
+            problem = f"the RIFF header states {size + 8:,} bytes but the file has {len(data):,}"
+    if problem:
+        raise bad_request(f"corrupt {image_format} file: {problem}")
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode an uploaded image with the pixel count checked from the header before any pixel is decoded,
     turned upright per its EXIF orientation (as ``vggnet.infer.load_image`` does for files).
 
-    Truncated or corrupt files and unknown formats are 400; too many pixels is 413. PIL's own global
+    Truncated or corrupt files (a bad PNG CRC included: :func:`check_integrity`) and unknown formats are 400;
+    too many pixels is 413. PIL's own global
     decompression-bomb limit stays in force as a second line (its error is mapped to 413 too).
     """
     if not data:
@@ -106,6 +145,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise ServeError(413, f"image of {width}×{height} = {width * height:,} pixels exceeds the "
                                       f"limit of {max_pixels:,} pixels")
+            check_integrity(data, image.format)
             image.load()  # decodes now: a truncated file fails here, not later in preprocessing
             upright = ImageOps.exif_transpose(image)  # as `vggnet predict` reads files: same image, same answer
     except ServeError:

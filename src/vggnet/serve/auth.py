@@ -1,0 +1,72 @@
+"""Optional bearer-token authentication, checked before a request's body is read.
+
+Keys come from a file (one per line), so they never appear on a command line or in ``ps``. The check
+is a constant-time comparison against each key; a missing or wrong token is 401 with
+``WWW-Authenticate: Bearer``, answered before routing, so an unauthenticated upload costs the server
+nothing but its headers. Health probes and Prometheus scrapes usually come from inside the cluster
+without credentials, so they stay public unless ``public`` says otherwise. A token travels in clear
+text: put TLS in front (an ingress or a proxy) whenever the network is not trusted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["PUBLIC_GROUPS", "AuthMiddleware", "read_api_keys"]
+
+#: endpoint groups that may be left public: health probes, Prometheus, model metadata (never inference)
+PUBLIC_GROUPS = ("health", "metrics", "metadata")
+
+def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
+    """The keys in ``path``: one per line, blank lines and ``#`` comments ignored; at least one, each of
+    16 characters or more (a short key is guessable)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"API key file not found: {file}")
+    keys = tuple(line.strip() for line in file.read_text().splitlines()
+                 if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"{file} holds no API key (one per line)")
+    short = [i + 1 for i, key in enumerate(keys) if len(key) < 16]
+    if short:
+        raise ValueError(f"{file}: key(s) {short} shorter than 16 characters; use e.g. `openssl rand -hex 32`")
+    return keys
+
+
+def _is_public(path: str, public: tuple[str, ...]) -> bool:
+    metadata = path == "/v2" or (path.startswith("/v2/models/") and not path.endswith("/infer"))
+    return (("health" in public and path.startswith("/v2/health/")) or ("metrics" in public and path == "/metrics")
+            or ("metadata" in public and metadata))
+
+class AuthMiddleware:
+    """Refuse (401) HTTP requests without ``Authorization: Bearer <one of keys>`` to non-public paths."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], public: tuple[str, ...] = ("health", "metrics")) -> None:
+        unknown = sorted(set(public) - set(PUBLIC_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown public endpoint group(s) {unknown}; choose from {', '.join(PUBLIC_GROUPS)}")
+        self.app, self.keys, self.public = app, tuple(k.encode() for k in keys), tuple(public)
+
+    def _authorised(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return False
+        token = token.strip()
+        return any(hmac.compare_digest(token, key) for key in self.keys)  # every key compared: no early exit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or _is_public(scope.get("path", ""), self.public) \
+                or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"error": "missing or invalid API key: send Authorization: Bearer <key>"}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b'Bearer realm="vggnet"')]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,176 @@
+"""Inputs whose own checksums fail, 500s that say nothing but a request id, no paths in the index, and
+optional bearer-token authentication checked before the body is read."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from serve_helpers import jpeg_bytes, tiny_checkpoint
+from vggnet.cli import main
+from vggnet.serve import ModelRepository, ServeSettings, create_app
+from vggnet.serve.auth import read_api_keys
+from vggnet.serve.errors import ServeError
+from vggnet.serve.limits import check_integrity, decode_image
+
+LIMITS = {"max_body_bytes": 1024 * 1024, "max_image_pixels": 1_000_000}
+KEY = "k" * 24
+
+
+def image_bytes(fmt: str) -> bytes:
+    pixels = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_with_bad_idat_crc() -> bytes:
+    """A PNG whose pixel data is intact but whose IDAT CRC is wrong: PIL alone decodes it."""
+    data = bytearray(image_bytes("PNG"))
+    start = data.find(b"IDAT")
+    (length,) = struct.unpack(">I", data[start - 4:start])
+    data[start + 4 + length] ^= 0xFF
+    return bytes(data)
+
+
+def test_pil_alone_would_classify_a_png_with_a_bad_crc():
+    with Image.open(io.BytesIO(png_with_bad_idat_crc())) as image:
+        image.load()  # the gap check_integrity closes: no error here
+    with pytest.raises(ServeError, match="chunk 'IDAT' at byte 33 fails its CRC check") as info:
+        decode_image(png_with_bad_idat_crc(), 10**7)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG", "GIF", "BMP"])
+def test_intact_files_of_every_accepted_format_pass(fmt):
+    assert decode_image(image_bytes(fmt), 10**7).size == (40, 40)
+
+
+def test_truncated_png_and_spliced_webp_are_refused():
+    png = image_bytes("PNG")
+    with pytest.raises(ServeError, match="IEND|runs past the end"):
+        check_integrity(png[:-12], "PNG")  # IEND cut off
+    with pytest.raises(ServeError, match="RIFF header states"):
+        check_integrity(image_bytes("WEBP") + b"appended", "WEBP")
+    check_integrity(png + b"trailing bytes after IEND are tolerated", "PNG")
+
+
+@pytest.fixture(scope="module")
+def repo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    tiny_checkpoint(root / "cls" / "1" / "best.safetensors", seed=1)
+    (root / "bad" / "1").mkdir(parents=True)
+    (root / "bad" / "1" / "best.safetensors").write_bytes(b"not a safetensors file")
+    return root
+
+
+def test_corrupt_png_is_400_and_the_intact_one_is_classified(repo_dir):
+    app = create_app(ModelRepository.from_dir(repo_dir), ServeSettings(load_in_background=False, **LIMITS))
+    with TestClient(app) as c:
+        ok = c.post("/predict?model=cls", content=image_bytes("PNG"), headers={"content-type": "image/png"})
+        assert ok.status_code == 200
+        bad = c.post("/predict?model=cls", content=png_with_bad_idat_crc(), headers={"content-type": "image/png"})
+        assert bad.status_code == 400 and "CRC" in bad.json()["error"]
+
+
+def test_500_says_internal_error_and_a_request_id_only(repo_dir, monkeypatch):
+    app = create_app(ModelRepository.from_dir(repo_dir), ServeSettings(load_in_background=False, **LIMITS))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        batcher = app.state.server.version("cls", None).batcher
+
+        def fail(x):
+            raise RuntimeError(f"secret detail from {repo_dir}/cls/1/best.safetensors")
+
+        monkeypatch.setattr(batcher, "fn", fail)
+        r = c.post("/predict?model=cls", content=jpeg_bytes(),
+                   headers={"x-request-id": "abc123", "content-type": "image/jpeg"})
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal error", "request_id": "abc123"}
+        assert r.headers["x-request-id"] == "abc123"
+        assert "secret" not in r.text and str(repo_dir) not in r.text
+
+
+def test_repository_index_shows_no_paths(repo_dir):
+    app = create_app(ModelRepository.from_dir(repo_dir), ServeSettings(load_in_background=False, **LIMITS))
+    with TestClient(app) as c:
+        index = {e["name"]: e for e in c.post("/v2/repository/index").json()}
+        reason = index["bad"]["reason"]
+        assert index["bad"]["state"] == "UNAVAILABLE" and "best.safetensors" in reason
+        assert str(repo_dir) not in reason and "/" not in reason.split(":", 1)[1]
+        body = c.post("/v2/models/bad/infer", json={"inputs": []}).text
+        assert str(repo_dir) not in body
+
+
+@pytest.fixture
+def secured(repo_dir):
+    def make(public=("health", "metrics")):
+        settings = ServeSettings(load_in_background=False, api_keys=(KEY, "second-key-0123456789"),
+                                 public_endpoints=public, **LIMITS)
+        return TestClient(create_app(ModelRepository.from_dir(repo_dir), settings))
+    return make
+
+
+def test_bearer_token_required_except_on_public_endpoints(secured):
+    with secured() as c:
+        image = {"content": jpeg_bytes(), "headers": {"content-type": "image/jpeg"}}
+        r = c.post("/predict?model=cls", **image)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert "API key" in r.json()["error"]
+        wrong = c.post("/predict?model=cls", content=image["content"],
+                       headers={**image["headers"], "authorization": "Bearer " + "x" * 24})
+        assert wrong.status_code == 401
+        for key in (KEY, "second-key-0123456789"):
+            good = c.post("/predict?model=cls", content=image["content"],
+                          headers={**image["headers"], "authorization": f"Bearer {key}"})
+            assert good.status_code == 200
+        assert c.get("/v2/health/live").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/v2/models/cls").status_code == 401  # metadata is not public by default
+        assert c.post("/v2/repository/index").status_code == 401
+        assert 'status="401"' in c.get("/metrics").text  # refused requests are counted
+
+
+def test_unauthenticated_upload_is_refused_before_its_body_is_read(secured):
+    with secured() as c:
+        r = c.post("/predict?model=cls", content=b"x" * (4 * 1024 * 1024), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 401  # not 413: the 4 MiB body over the 1 MiB limit was never looked at
+
+
+def test_public_endpoint_groups_are_configurable(secured):
+    with secured(public=()) as c:
+        assert c.get("/v2/health/live").status_code == 401 and c.get("/metrics").status_code == 401
+    with secured(public=("metadata",)) as c:
+        assert c.get("/v2/models/cls").status_code == 200 and c.get("/v2").status_code == 200
+        assert c.post("/v2/models/cls/infer", json={}).status_code == 401  # metadata never covers inference
+
+
+def test_api_key_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text(f"# production\n{KEY}\n\n  second-key-0123456789  \n")
+    assert read_api_keys(keys) == (KEY, "second-key-0123456789")
+    keys.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no API key"):
+        read_api_keys(keys)
+    keys.write_text("short\n")
+    with pytest.raises(ValueError, match="shorter than 16"):
+        read_api_keys(keys)
+
+
+def test_cli_refuses_unknown_public_groups(tmp_path, capsys, repo_dir):
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\n")
+    code = main(["serve", "--model-repo", str(repo_dir), "--api-key-file", str(keys), "--public-endpoints", "docs"])
+    assert code == 2 and "unknown group" in capsys.readouterr().err
+
+
+def test_crc_helper_agrees_with_zlib():
+    """The PNG walk reads (type + data) for the CRC, as the PNG spec defines it."""
+    data = image_bytes("PNG")
+    start = data.find(b"IHDR")
+    (stored,) = struct.unpack(">I", data[start + 17:start + 21])
+    assert zlib.crc32(data[start:start + 17]) & 0xFFFFFFFF == stored
