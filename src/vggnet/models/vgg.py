@@ -240,7 +240,9 @@ class VGG(nn.Module):
         work); only the layers up to the deepest requested one run.
 
         An output that the next layer would overwrite in place (a conv or BN before ``ReLU(inplace=True)``)
-        is cloned, so each tensor is what its layer produced; gradients flow through the clones.
+        is cloned, so each tensor is what its layer produced; gradients flow through the clones. Head layers
+        give their own output too: the conv head's ``fc8`` is its score map before averaging, and
+        ``logit_scale`` is not applied (``model(x)`` gives the logits).
         """
         wanted: dict[str, set[str]] = {}
         for asked in names:
