@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
 import torch
+import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,3 +53,26 @@ def output(response, name: str) -> np.ndarray:
 
 def metric_samples(text: str) -> list:
     return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """uvicorn serving ``app`` on 127.0.0.1 (port chosen by the OS) in a thread; yields (base URL, server)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
+                                          timeout_graceful_shutdown=15))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()

@@ -4,15 +4,18 @@ optional bearer-token authentication checked before the body is read."""
 from __future__ import annotations
 
 import io
+import socket
 import struct
+import time
 import zlib
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_helpers import jpeg_bytes, tiny_checkpoint
+from serve_helpers import jpeg_bytes, live_server, tiny_checkpoint
 from vggnet.cli import main
 from vggnet.serve import ModelRepository, ServeSettings, create_app
 from vggnet.serve.auth import read_api_keys
@@ -174,3 +177,60 @@ def test_crc_helper_agrees_with_zlib():
     start = data.find(b"IHDR")
     (stored,) = struct.unpack(">I", data[start + 17:start + 21])
     assert zlib.crc32(data[start:start + 17]) & 0xFFFFFFFF == stored
+
+
+# --- admission and the body-read time limit, over a real socket ------------------------------------------------
+
+
+def _held_upload(url: str, sent: int = 16, declared: int = 200_000) -> socket.socket:
+    """A client that announces a body of ``declared`` bytes, sends ``sent`` of them and keeps the socket open."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)))
+    conn.sendall(f"POST /predict?model=cls HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                 f"Content-Length: {declared}\r\n\r\n".encode() + b"\xff" * sent)
+    return conn
+
+
+def test_admission_503_before_the_body_is_read_and_health_stays_fast(repo_dir):
+    settings = ServeSettings(load_in_background=False, max_concurrency=1, body_timeout_s=20, **LIMITS)
+    app = create_app(ModelRepository.from_dir(repo_dir), settings)
+    with live_server(app) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
+        held = _held_upload(url)
+        try:
+            deadline = time.monotonic() + 5
+            while app.state.server.receiving < 1:  # the held upload has its slot
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            start = time.perf_counter()
+            r = http.post("/predict?model=cls", content=jpeg_bytes(), headers={"content-type": "image/jpeg"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert "being received already" in r.json()["error"]
+            assert time.perf_counter() - start < 2
+            t0 = time.perf_counter()
+            assert http.get("/v2/health/live").status_code == 200
+            assert time.perf_counter() - t0 < 0.5
+            assert "vggnet_admission_refused_total 1.0" in http.get("/metrics").text
+        finally:
+            held.close()
+        deadline = time.monotonic() + 5
+        while app.state.server.receiving:  # the slot is given back when the client goes away
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = http.post("/predict?model=cls", content=jpeg_bytes(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200
+
+
+def test_a_slow_sender_gets_408_and_frees_its_slot(repo_dir):
+    settings = ServeSettings(load_in_background=False, max_concurrency=1, body_timeout_s=0.5, **LIMITS)
+    app = create_app(ModelRepository.from_dir(repo_dir), settings)
+    with live_server(app) as (url, _):
+        held = _held_upload(url)
+        try:
+            held.settimeout(10)
+            start = time.perf_counter()
+            reply = held.recv(4096).decode("latin-1")
+            assert reply.startswith("HTTP/1.1 408") and "not received within 0.5 s" in reply
+            assert time.perf_counter() - start < 5
+        finally:
+            held.close()
+        assert app.state.server.receiving == 0

@@ -3,7 +3,6 @@ malformed input over the wire, draining shutdown, tritonclient, and the ``vggnet
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -19,10 +18,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
-from serve_helpers import jpeg_bytes, metric_samples, output, png_header, tiny_checkpoint
+from serve_helpers import jpeg_bytes, live_server, metric_samples, output, png_header, tiny_checkpoint
 from vggnet.infer import RUNTIMES, Predictor
 from vggnet.serve import ModelRepository, ServeSettings, create_app
 
@@ -58,29 +56,6 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(ckpt):
     return Predictor.from_checkpoint(ckpt)
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """uvicorn serving ``app`` on 127.0.0.1 (port chosen by the OS) in a thread; yields (base URL, server)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                          timeout_graceful_shutdown=15))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
 
 
 def v2_json(x: torch.Tensor) -> dict:

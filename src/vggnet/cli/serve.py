@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-pixels", type=int, help="largest uploaded image in pixels (default: 36000000)")
     p.add_argument("--request-timeout", type=float, help="seconds a request waits for its result (default: 30)")
     p.add_argument("--drain-timeout", type=float, help="seconds shutdown waits for queued requests (default: 30)")
+    p.add_argument("--max-concurrency", type=int, help="request bodies received or decoded at once; beyond it 503 "
+                   "before the body is read (bounds memory under a storm of uploads; 0: no bound; default: 16)")
+    p.add_argument("--body-timeout", type=float, help="seconds a client may take to send a body, then 408 "
+                   "(default: 30)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, = the cores)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="skip the warm-up forward passes at load time")
@@ -90,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     for flag, value in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
                         ("--max-queue", args.max_queue), ("--threads", args.threads),
-                        ("--max-image-pixels", args.max_image_pixels), ("--calib-n", args.calib_n)):
-        if value is not None and value < (0 if flag == "--port" else 1):
+                        ("--max-image-pixels", args.max_image_pixels), ("--calib-n", args.calib_n),
+                        ("--max-concurrency", args.max_concurrency)):
+        if value is not None and value < (0 if flag in ("--port", "--max-concurrency") else 1):
             raise ValueError(f"{flag} must be positive, got {value}")
     if args.name and not args.ckpt:
         raise ValueError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
@@ -100,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         batching=args.batching, max_queue=args.max_queue,
         max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout,
-        drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log)
+        drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log,
+        max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout)
     if args.api_key_file:
         from vggnet.serve.auth import PUBLIC_GROUPS, read_api_keys
 

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -79,6 +79,11 @@ class ServeSettings:
     request_timeout_s: float = 30.0
     #: seconds the shutdown waits for queued requests
     drain_timeout_s: float = 30.0
+    #: requests whose body is being received, decompressed, parsed or decoded at once (beyond: 503 before
+    #: reading); bounds the memory a storm of large uploads can take (0: no bound)
+    max_concurrency: int = 16
+    #: seconds a client may take to send a request body (a slow sender must not hold a slot): then 408
+    body_timeout_s: float = 30.0
     load_in_background: bool = True
     warmup: bool = True
     access_log: bool = True
@@ -214,6 +219,7 @@ class ModelServer:
         self.models = {name: ServedModel(config, settings) for name, config in repo.models.items()}
         self.compute_lock = threading.BoundedSemaphore(max(1, settings.parallel_forwards))
         self.closing = False
+        self.receiving = 0  # request bodies being received or decoded now (see admitted)
         self._loader: threading.Thread | None = None
         for model in self.models.values():
             for mv in model.versions.values():
@@ -280,6 +286,21 @@ class ModelServer:
             raise unavailable(f"model {mv.name!r} version {mv.version} is {mv.state}"
                               + (f": {mv.reason}" if mv.reason else ""))
         return mv.batcher
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """A slot for receiving and decoding one request body; 503 at once, before any byte of the body is
+        read, when ``max_concurrency`` bodies are already in hand. Used on the event loop only, so the
+        count needs no lock."""
+        limit = self.settings.max_concurrency
+        if limit and self.receiving >= limit:
+            self.metrics.admission_refused.inc()
+            raise unavailable(f"{limit} requests are being received already; retry shortly", retry_after_s=1)
+        self.receiving += 1
+        try:
+            yield
+        finally:
+            self.receiving -= 1
 
     def arriving(self, mv: ModelVersion) -> contextlib.AbstractContextManager[None]:
         """Announce a request to ``mv`` while its body is read and checked (see ``Batcher.arriving``);
@@ -402,6 +423,13 @@ def _topk(request: Request, default: int, classes: int) -> int:
     if k < 1:
         raise bad_request(f"topk must be at least 1, got {k}")
     return min(k, classes)
+
+
+def _parse_infer(body: bytes, encoding: str | None, header_length: str | None, prep: Preprocessing,
+                 max_batch: int, limit: int) -> tuple[Any, torch.Tensor, Any]:
+    """A V2 infer body -> (parsed request, input tensor, requested outputs), checked; run in a worker thread."""
+    parsed = v2.parse_request(decompress(body, encoding, limit), header_length)
+    return parsed, v2.input_tensor(parsed, prep, max_batch), v2.requested_outputs(parsed, prep)
 
 
 def _image_batch(data: bytes, prep: Preprocessing, max_pixels: int) -> torch.Tensor:
@@ -567,13 +595,14 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
         v2.check_json_media(media_type(request), header_length)
         mv = server.version(name, version)  # 404 / A/B choice before a byte of the body is read
         _note(request, model=mv.name, version=mv.version)
-        with server.arriving(mv):
-            body = await read_body(request, settings.max_body_bytes)
-            body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
-            parsed = v2.parse_request(body, header_length)
+        with server.admitted(), server.arriving(mv):
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
             prep = mv.prep
-            x = v2.input_tensor(parsed, prep, mv.max_batch_size)
-            outputs = v2.requested_outputs(parsed, prep)
+            # inflating, JSON parsing and tensor building are CPU work: off the event loop, so a 32 MiB body
+            # does not stall other connections (health probes included)
+            parsed, x, outputs = await run_in_threadpool(
+                _parse_infer, body, request.headers.get("content-encoding"), header_length, prep, mv.max_batch_size,
+                settings.max_body_bytes)
             future = server.submit(mv, x)
         logits, info = await server.result(mv, future)
         _note(request, rows=int(x.shape[0]), batch=info.batch_rows, queue_ms=round(info.queue_s * 1000, 2),
@@ -607,8 +636,8 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
         _note(request, model=mv.name, version=mv.version)
         prep = mv.prep
         k = _topk(request, settings.topk, prep.num_classes)
-        with server.arriving(mv):
-            body = await read_body(request, settings.max_body_bytes)
+        with server.admitted(), server.arriving(mv):
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
             data = await _upload_bytes(request, body) if media == "multipart/form-data" else body
             if not data:
                 raise bad_request("empty body; send an image")

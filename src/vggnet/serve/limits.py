@@ -10,6 +10,7 @@ decodes nothing — and checked before ``load()`` allocates the pixel buffer.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import warnings
@@ -40,12 +41,19 @@ def _too_large(limit: int) -> ServeError:
     return ServeError(413, f"request body larger than the limit of {limit:,} bytes")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 when it
+    has not arrived within ``timeout_s`` (a client sending a byte a second must not hold a slot).
 
     ``Content-Length`` is trusted only to refuse early; the streamed byte count is what is enforced, so a
     chunked body or a lying header cannot get past the cap.
     """
+    if timeout_s:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await read_body(request, limit)
+        except TimeoutError:
+            raise ServeError(408, f"request body not received within {timeout_s:g} s") from None
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

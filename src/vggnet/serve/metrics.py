@@ -36,6 +36,8 @@ class ServeMetrics:
                                          "Time from request start to the end of the response, by route",
                                          ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("vggnet_http_requests_in_flight", "HTTP requests being handled now", registry=r)
+        self.admission_refused = Counter("vggnet_admission_refused", "Requests refused (503) before their body was "
+                                         "read because max_concurrency bodies were in hand", registry=r)
         self.queue_latency = Histogram("vggnet_queue_duration_seconds",
                                        "Time a request waited in its model's queue before its batch started",
                                        ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
