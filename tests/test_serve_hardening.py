@@ -191,6 +191,25 @@ def _held_upload(url: str, sent: int = 16, declared: int = 200_000) -> socket.so
     return conn
 
 
+def _read_reply(conn: socket.socket) -> str:
+    """The whole HTTP reply: headers and body may arrive in separate TCP segments."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return data.decode("latin-1")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
+
+
 def test_admission_503_before_the_body_is_read_and_health_stays_fast(repo_dir):
     settings = ServeSettings(load_in_background=False, max_concurrency=1, body_timeout_s=20, **LIMITS)
     app = create_app(ModelRepository.from_dir(repo_dir), settings)
@@ -228,7 +247,7 @@ def test_a_slow_sender_gets_408_and_frees_its_slot(repo_dir):
         try:
             held.settimeout(10)
             start = time.perf_counter()
-            reply = held.recv(4096).decode("latin-1")
+            reply = _read_reply(held)
             assert reply.startswith("HTTP/1.1 408") and "not received within 0.5 s" in reply
             assert time.perf_counter() - start < 5
         finally:
