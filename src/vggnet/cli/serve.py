@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "before the body is read (bounds memory under a storm of uploads; 0: no bound; default: 16)")
     p.add_argument("--body-timeout", type=float, help="seconds a client may take to send a body, then 408 "
                    "(default: 30)")
+    p.add_argument("--decode-threads", type=int, help="threads that parse and decode request bodies, at a lower "
+                   "OS priority than the event loop so health probes stay fast (0: one per core; default: 0)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, = the cores)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="skip the warm-up forward passes at load time")
@@ -95,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
                         ("--max-queue", args.max_queue), ("--threads", args.threads),
                         ("--max-image-pixels", args.max_image_pixels), ("--calib-n", args.calib_n),
-                        ("--max-concurrency", args.max_concurrency)):
-        if value is not None and value < (0 if flag in ("--port", "--max-concurrency") else 1):
-            raise ValueError(f"{flag} must be positive, got {value}")
+                        ("--max-concurrency", args.max_concurrency), ("--decode-threads", args.decode_threads)):
+        zero_ok = flag in ("--port", "--max-concurrency", "--decode-threads")
+        if value is not None and value < (0 if zero_ok else 1):
+            raise ValueError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}, got {value}")
     if args.name and not args.ckpt:
         raise ValueError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
     settings = with_overrides(
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log,
-        max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout)
+        max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout, decode_threads=args.decode_threads)
     if args.api_key_file:
         from vggnet.serve.auth import PUBLIC_GROUPS, read_api_keys
 

@@ -23,10 +23,11 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,6 +85,9 @@ class ServeSettings:
     max_concurrency: int = 16
     #: seconds a client may take to send a request body (a slow sender must not hold a slot): then 408
     body_timeout_s: float = 30.0
+    #: threads that inflate, parse and decode request bodies (0: one per usable core); they run at a lower
+    #: OS priority than the event loop on Linux, so health probes are answered while a storm is decoded
+    decode_threads: int = 0
     load_in_background: bool = True
     warmup: bool = True
     access_log: bool = True
@@ -220,6 +224,12 @@ class ModelServer:
         self.compute_lock = threading.BoundedSemaphore(max(1, settings.parallel_forwards))
         self.closing = False
         self.receiving = 0  # request bodies being received or decoded now (see admitted)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = settings.decode_threads or cores
+        # A pool of its own rather than anyio's 40 shared threads: more decoders than cores only adds memory
+        # (every admitted body waits here, bounded by max_concurrency) and takes CPU from the event loop.
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, threads), thread_name_prefix="vggnet-decode", initializer=_lower_priority)
         self._loader: threading.Thread | None = None
         for model in self.models.values():
             for mv in model.versions.values():
@@ -255,6 +265,11 @@ class ModelServer:
         self.wait_loaded(self.settings.drain_timeout_s)
         for mv in self.all_versions():
             mv.close(self.metrics, self.settings.drain_timeout_s)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the decode pool; a request cancelled while waiting there is dropped unstarted."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     def model(self, name: str) -> ServedModel:
         model = self.models.get(name)
@@ -385,8 +400,29 @@ class ObservabilityMiddleware:
 # --- the app ------------------------------------------------------------------------------------------------
 
 
+def _lower_priority() -> None:
+    """Lower this worker thread's scheduling priority (nice +5; Linux, where the nice value is per thread).
+
+    On two cores a storm of decodes otherwise shares the CPU evenly with the event loop, and a liveness
+    probe waits behind them; the decoders still get every cycle the loop leaves idle.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5))
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _body_left_unread(request: Request) -> bool:
+    """Whether the client may still be sending a body this request will not read (refused before or while
+    reading it). The reply then closes the connection: otherwise the server keeps receiving, and throwing
+    away, up to ``max_body_bytes`` it has already said no to."""
+    if request.scope.get("vggnet.body_read"):
+        return False
+    length = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (length is not None and length.strip() not in ("", "0"))
 
 
 def _internal(request: Request) -> JSONResponse:
@@ -497,7 +533,10 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _internal(request) if exc.status == 500 else _error(exc.status, exc.message, exc.headers)
+        if exc.status == 500:
+            return _internal(request)
+        headers = {**exc.headers, "connection": "close"} if _body_left_unread(request) else exc.headers
+        return _error(exc.status, exc.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -600,7 +639,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
             prep = mv.prep
             # inflating, JSON parsing and tensor building are CPU work: off the event loop, so a 32 MiB body
             # does not stall other connections (health probes included)
-            parsed, x, outputs = await run_in_threadpool(
+            parsed, x, outputs = await server.offload(
                 _parse_infer, body, request.headers.get("content-encoding"), header_length, prep, mv.max_batch_size,
                 settings.max_body_bytes)
             future = server.submit(mv, x)
@@ -641,7 +680,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
             data = await _upload_bytes(request, body) if media == "multipart/form-data" else body
             if not data:
                 raise bad_request("empty body; send an image")
-            x = await run_in_threadpool(_image_batch, data, prep, settings.max_image_pixels)
+            x = await server.offload(_image_batch, data, prep, settings.max_image_pixels)
             future = server.submit(mv, x)
         logits, info = await server.result(mv, future)
         _note(request, rows=1, batch=info.batch_rows, queue_ms=round(info.queue_s * 1000, 2),
