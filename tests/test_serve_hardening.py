@@ -146,21 +146,6 @@ def test_unauthenticated_upload_is_refused_before_its_body_is_read(secured):
     with secured() as c:
         r = c.post("/predict?model=cls", content=b"x" * (4 * 1024 * 1024), headers={"content-type": "image/jpeg"})
         assert r.status_code == 401  # not 413: the 4 MiB body over the 1 MiB limit was never looked at
-        assert r.headers["connection"] == "close"  # and the connection closes rather than swallow the rest
-        assert "connection" not in c.get("/v2/models/cls", headers={"authorization": f"Bearer {KEY}"}).headers
-
-
-def test_refusals_before_the_body_is_read_close_the_connection(repo_dir):
-    """413 from Content-Length alone, 503 from a full queue: the client may still be sending, so the reply says
-    Connection: close; answers after the body was read (a 400 for a non-image) keep the connection."""
-    with TestClient(create_app(ModelRepository.from_dir(repo_dir), ServeSettings(load_in_background=False,
-                                                                                 **LIMITS))) as c:
-        big = c.post("/predict?model=cls", content=b"x" * (2 * 1024 * 1024), headers={"content-type": "image/jpeg"})
-        assert big.status_code == 413 and big.headers["connection"] == "close"
-        bad = c.post("/predict?model=cls", content=b"not an image", headers={"content-type": "image/jpeg"})
-        assert bad.status_code == 400 and "connection" not in bad.headers
-        ok = c.post("/predict?model=cls", content=jpeg_bytes(), headers={"content-type": "image/jpeg"})
-        assert ok.status_code == 200 and "connection" not in ok.headers
 
 
 def test_decoding_runs_in_its_own_pool_below_the_event_loop_priority(repo_dir):
@@ -258,7 +243,6 @@ def test_admission_503_before_the_body_is_read_and_health_stays_fast(repo_dir):
             start = time.perf_counter()
             r = http.post("/predict?model=cls", content=jpeg_bytes(), headers={"content-type": "image/jpeg"})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
-            assert r.headers["connection"] == "close"  # its body was never read
             assert "being received already" in r.json()["error"]
             assert time.perf_counter() - start < 2
             t0 = time.perf_counter()

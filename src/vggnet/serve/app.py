@@ -415,16 +415,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _body_left_unread(request: Request) -> bool:
-    """Whether the client may still be sending a body this request will not read (refused before or while
-    reading it). The reply then closes the connection: otherwise the server keeps receiving, and throwing
-    away, up to ``max_body_bytes`` it has already said no to."""
-    if request.scope.get("vggnet.body_read"):
-        return False
-    length = request.headers.get("content-length")
-    return "transfer-encoding" in request.headers or (length is not None and length.strip() not in ("", "0"))
-
-
 def _internal(request: Request) -> JSONResponse:
     """A 500 says nothing of what failed (exception text can hold paths, code or data): only a request id
     that finds the logged details."""
@@ -533,10 +523,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        if exc.status == 500:
-            return _internal(request)
-        headers = {**exc.headers, "connection": "close"} if _body_left_unread(request) else exc.headers
-        return _error(exc.status, exc.message, headers)
+        return _internal(request) if exc.status == 500 else _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -43,11 +43,6 @@ def _is_public(path: str, public: tuple[str, ...]) -> bool:
     return (("health" in public and path.startswith("/v2/health/")) or ("metrics" in public and path == "/metrics")
             or ("metadata" in public and metadata))
 
-def _has_body(scope: Scope) -> bool:
-    headers = dict(scope.get("headers") or [])
-    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() not in (b"", b"0")
-
-
 class AuthMiddleware:
     """Refuse (401) HTTP requests without ``Authorization: Bearer <one of keys>`` to non-public paths."""
 
@@ -73,7 +68,5 @@ class AuthMiddleware:
         body = json.dumps({"error": "missing or invalid API key: send Authorization: Bearer <key>"}).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b'Bearer realm="vggnet"')]
-                    # a refused upload's body is not read: close rather than receive and discard it
-                    + ([(b"connection", b"close")] if _has_body(scope) else [])})
+                                (b"www-authenticate", b'Bearer realm="vggnet"')]})
         await send({"type": "http.response.body", "body": body})

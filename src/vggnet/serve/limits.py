@@ -69,7 +69,6 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
         if total > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    request.scope["vggnet.body_read"] = True  # see app._body_left_unread
     return b"".join(chunks)
 
 
