@@ -7,6 +7,7 @@ machine that will never train.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,10 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
 
     prep = data_sub.add_parser(
-        "prepare", help="extract a .tar.gz of class folders, once",
+        "prepare", help="extract a .tar.gz of class folders (or a PASCAL VOC box set), once",
         description="Extract ARCHIVE (.tar or .tar.gz of <class>/<image> folders, optionally under train/ "
-        "and val/) into --out. Refuses members that would land outside --out, does nothing when --out "
-        "already holds this archive, never leaves a half-extracted folder. Prints the folder for --data.",
+        "and val/, or a PASCAL VOC box set: annotations/*.xml beside images/) into --out. Refuses members "
+        "that would land outside --out, does nothing when --out already holds this archive, never leaves a "
+        "half-extracted folder. Prints the folder for --data.",
     )
     prep.add_argument("archive", type=Path, metavar="ARCHIVE", help="the .tar.gz to extract")
     prep.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to extract into")
@@ -67,8 +69,29 @@ def _count(root: Path) -> tuple[list[str], dict[str, Counter[str]]]:
     return classes, {name: Counter(classes[t] for t in ds.targets) for name, ds in splits.items()}
 
 
+def _voc_root(root: Path) -> Path | None:
+    """The folder of a VOC box set (annotations as XML), for `vggnet localize --data`; None for class folders."""
+    for folder in (root, *[p for p in root.iterdir() if p.is_dir()]):
+        if any((folder / name).is_dir() and any((folder / name).glob("*.xml")) for name in ("annotations",
+                                                                                         "Annotations")):
+            return folder
+    return None
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     root = prepare_archive(args.archive, args.out)
+    voc = _voc_root(root)
+    if voc is not None:
+        from vggnet.data.voc import class_names, load_voc_folder
+
+        annotations, skipped = load_voc_folder(voc)
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        objects = sum(len(a.objects) for a in annotations)
+        print(f"VOC box set: {voc}")
+        print(f"{len(annotations):,} annotated images, {objects:,} objects, classes {class_names(annotations)}, "
+              f"{len(skipped)} skipped")
+        return 0
     classes, counts = _count(root)
     total = sum(sum(c.values()) for c in counts.values())
     print(f"ImageFolder root: {root}")

@@ -1,0 +1,55 @@
+"""Pictures of boxes: the prediction (red) and, when known, the truth (green) drawn on the image."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+
+PRED, TRUE = (230, 40, 40), (40, 200, 60)
+
+
+def draw_boxes(pixels: torch.Tensor, pred: torch.Tensor, truths: torch.Tensor | None = None,
+               label: str | None = None) -> Image.Image:
+    """uint8 CHW pixels + an xyxy box (and the true boxes) → an RGB picture, the IoU written when truth is known."""
+    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy()).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 200))
+    text = label or ""
+    if truths is not None and len(truths):
+        for box in truths.tolist():
+            draw.rectangle(box, outline=TRUE, width=width)
+        iou = float(box_iou(pred[None], truths.reshape(-1, 4)).max())
+        text = f"{text}  IoU {iou:.2f}".strip()
+    draw.rectangle(pred.tolist(), outline=PRED, width=width)
+    if text:
+        x0, y0 = pred[0].item(), pred[1].item()
+        draw.rectangle(draw.textbbox((x0 + width, y0 + width), text), fill=PRED)
+        draw.text((x0 + width, y0 + width), text, fill=(255, 255, 255))
+    return image
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write atomically: a half-written PNG never replaces a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def contact_sheet(images: Sequence[Image.Image], columns: int = 4, cell: int = 256) -> Image.Image:
+    """Several pictures in one grid (for the README), each fitted into a ``cell``-pixel square."""
+    rows = max(1, -(-len(images) // columns))
+    sheet = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
+    for i, image in enumerate(images):
+        thumb = image.copy()
+        thumb.thumbnail((cell, cell))
+        x, y = (i % columns) * cell + (cell - thumb.width) // 2, (i // columns) * cell + (cell - thumb.height) // 2
+        sheet.paste(thumb, (x, y))
+    return sheet
