@@ -240,3 +240,16 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing(tmp_path):
     with pytest.raises(ValueError, match="lower lr"):
         train_localizer(settings, annotations, ["blob"], tmp_path / "run", log=lambda line: None)
     assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_box_model_from_a_torchvision_file(tmp_path):
+    import torchvision
+
+    tv = torchvision.models.vgg11(num_classes=7)
+    path = tmp_path / "vgg11.pth"
+    torch.save(tv.state_dict(), path)
+    model, info = build_box_model("vgg16", BoxSpec(("x",)), weights=path)
+    assert model.config.name == "vgg11" and model.get_classifier().out_features == 4
+    assert info["format"] == "torchvision" and info["image_size"] == 224
+    assert torch.equal(model.features.block1_conv1.weight, tv.features[0].weight)
+    assert torch.equal(model.head.fc7.weight, tv.classifier[3].weight)

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--data", required=True, help="VOC-style folder (annotations/*.xml and images)")
     t.add_argument("--out", required=True, help="run folder to create (best.safetensors, metrics.json, curves)")
-    t.add_argument("--recipe", help="YAML of settings (default: the built-in localize.yaml)")
+    t.add_argument("--recipe", help="YAML of settings (default: the built-in vggnet/localize/localize.yaml)")
     t.add_argument("--weights", help="classification checkpoint or run folder (vggnet, torchvision, timm) to start "
                    "from; its architecture and normalisation are used")
     t.add_argument("--model", help="configuration without --weights (e.g. vgg11_bn)")
@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ckpt", required=True, help="run folder or checkpoint from `vggnet localize train`")
     r.add_argument("images", nargs="+", help="image files, folders or globs")
     r.add_argument("--out", required=True, help="folder for the PNGs")
-    r.add_argument("--protocol", choices=("whole", "centre", "dense"), default="dense")
+    r.add_argument("--protocol", choices=("whole", "centre", "dense"), default="whole",
+                   help="test view (default: whole, the best protocol in benchmarks/localize.md)")
     r.add_argument("--annotations", help="folder of VOC XML named like the images: true boxes drawn in green")
     r.add_argument("--class", dest="label", help="PCR checkpoints: the class whose box to draw (default: the "
                    "annotated main class, else the first)")
@@ -96,7 +97,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from vggnet.localize.train import LocalizeSettings
 
     text = Path(args.recipe).read_text() if args.recipe else \
-        (importlib.resources.files("vggnet.recipes") / "localize.yaml").read_text()
+        (importlib.resources.files("vggnet.localize") / "localize.yaml").read_text()
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{args.recipe or 'localize.yaml'}: expected a mapping of settings")

@@ -38,7 +38,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    image.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, path)
     return path
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -130,14 +131,20 @@ def predict_boxes(model: VGG, image: Image.Image | torch.Tensor, spec: BoxSpec, 
     return merged, boxes
 
 
-def score(pred: torch.Tensor, truths: Sequence[torch.Tensor]) -> dict[str, float]:
-    """Accuracy at IoU ≥ 0.5 and mean IoU (best-matching true box per image)."""
+def score(pred: torch.Tensor, truths: Sequence[torch.Tensor], per_image: bool = False) -> dict[str, Any]:
+    """Accuracy at IoU ≥ 0.5 and mean IoU (best-matching true box per image); ``per_image`` adds each image's
+    IoU, for paired comparisons between predictors on the same images."""
     best, hit = iou_hits(pred, truths)
-    return {"acc_iou50": float(hit.float().mean()), "mean_iou": float(best.mean()), "images": len(truths)}
+    out: dict[str, Any] = {"acc_iou50": float(hit.float().mean()), "mean_iou": float(best.mean()),
+                           "images": len(truths)}
+    if per_image:
+        out["iou"] = [round(float(v), 4) for v in best]
+    return out
 
 
 def baselines(train_boxes: Sequence[torch.Tensor], train_sizes: Sequence[tuple[int, int]],
-              test_truths: Sequence[torch.Tensor], test_sizes: Sequence[tuple[int, int]]) -> dict[str, dict]:
+              test_truths: Sequence[torch.Tensor], test_sizes: Sequence[tuple[int, int]],
+              per_image: bool = False) -> dict[str, dict]:
     """Three box predictors that look at no pixel, scored like the network: the mean training box, a centred
     box of the mean training size, and the whole image. (Boxes are averaged in normalised coordinates, so
     images of different sizes count alike.)"""
@@ -148,5 +155,5 @@ def baselines(train_boxes: Sequence[torch.Tensor], train_sizes: Sequence[tuple[i
     out = {}
     for name, code in (("mean box", mean), ("centred mean-size box", centred), ("whole image", whole)):
         pred = torch.stack([decode(code, size) for size in test_sizes])
-        out[name] = score(pred, test_truths)
+        out[name] = score(pred, test_truths, per_image)
     return out

@@ -59,7 +59,7 @@ def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], 
             "scales": list(views.scales), "rows": rows}
 
 
-def predict_files(ckpt: str | os.PathLike, images: Sequence[str], out: Path, protocol: str = "dense",
+def predict_files(ckpt: str | os.PathLike, images: Sequence[str], out: Path, protocol: str = "whole",
                   annotations: str | os.PathLike | None = None, label: str | None = None,
                   log: Callable[[str], None] = print) -> tuple[list[Path], int]:
     """One PNG per readable image: the predicted box in red, the annotated boxes (if any) in green.

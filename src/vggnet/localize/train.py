@@ -40,7 +40,7 @@ LOSSES = ("l2", "smooth_l1")
 
 @dataclass
 class LocalizeSettings:
-    """Everything a run needs; ``vggnet localize train`` reads these from YAML (recipes/localize.yaml)."""
+    """Everything a run needs; ``vggnet localize train`` reads these from YAML (localize/localize.yaml)."""
 
     model: str = "vgg11_bn"
     width: float = 0.5
