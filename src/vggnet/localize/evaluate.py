@@ -37,7 +37,7 @@ class Views:
     size: int
     mean: Sequence[float]
     std: Sequence[float]
-    scales: Sequence[float] = (1.0, 1.5, 2.0)  # × size: the shorter side of each rescaled image (dense)
+    scales: Sequence[float] = (1.0, 1.5, 2.0)  # × size: the side of each warped square image (dense)
     stride: float = 0.25  # × size: window step (dense)
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from tqdm import tqdm
 
-from vggnet.data.voc import VOCAnnotation, VOCError, read_voc, split_annotations
+from vggnet.data.voc import VOCAnnotation, VOCError, primary_object, read_pixels, read_voc, split_annotations
+from vggnet.infer.images import expand_image_paths
 from vggnet.models import VGG, checkpoint_file, load_checkpoint
 
 from .draw import draw_boxes, save_png
@@ -64,8 +67,6 @@ def predict_files(ckpt: str | os.PathLike, images: Sequence[str], out: Path, pro
                   log: Callable[[str], None] = print) -> tuple[list[Path], int]:
     """One PNG per readable image: the predicted box in red, the annotated boxes (if any) in green.
     Unreadable images are reported and skipped. Returns (files written, images that failed)."""
-    from vggnet.infer.images import expand_image_paths
-
     model, spec, views, _ = load_localizer(ckpt)
     if label is not None and label not in spec.classes:
         raise ValueError(f"class {label!r} is not one of the checkpoint's {list(spec.classes)}")
@@ -76,16 +77,11 @@ def predict_files(ckpt: str | os.PathLike, images: Sequence[str], out: Path, pro
         xml = Path(annotations) / f"{path.stem}.xml" if annotations else None
         try:
             if xml is not None and xml.is_file():
-                from vggnet.data.voc import primary_object, read_pixels
-
                 ann = read_voc(xml, images_dir=path.parent)
                 main = main or primary_object(ann).name
                 truths = torch.tensor([o.box for o in ann.objects if o.name == main], dtype=torch.float32)
                 pixels = read_pixels(ann)
             else:
-                import torchvision.transforms.v2.functional as TF
-                from PIL import Image
-
                 with Image.open(path) as im:
                     pixels = TF.pil_to_tensor(im.convert("RGB"))
         except (OSError, VOCError, SyntaxError) as exc:
