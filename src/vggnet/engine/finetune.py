@@ -69,6 +69,8 @@ def resolve_recipe(recipe: dict[str, Any], resumed: Path | None = None) -> tuple
         for key in keys:
             if recipe[section][key] is None:
                 recipe[section][key] = implied[section].get(key, 4096 if key == "fc_width" else None)
+    if m["channels"] is None and info.config.get("channels") is not None:  # a pruned file: its own widths
+        recipe["model"]["channels"] = list(info.config["channels"])
     return recipe, pretrained
 
 

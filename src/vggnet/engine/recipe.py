@@ -24,6 +24,9 @@ DEFAULTS: Recipe = {
         "init_from": None,  # a trained net A checkpoint: the paper's warm start of deeper nets
         "logit_scale": 1.0,  # logits x this (airbench-style recipes train at a fixed temperature, e.g. 1/9)
         "whiten": False,  # first conv starts as a patch-whitening (PCA) of training images (small-image trick)
+        # every conv's own width, replacing width scaling (a pruned network: `vggnet compress prune` sets it);
+        # null with model.weights: the file's own widths
+        "channels": None,
         # fine-tuning: a vggnet checkpoint or torchvision / timm VGG weights; null name/width/head/fc_width
         # (and data.mean/std/image_size) are then read from the file; the classifier is re-initialised
         # when the file's classes differ from the data's

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,20 +165,29 @@ def _check_resume(folder: Path, model: VGG, inputs: Inputs) -> tuple[dict[str, A
     return load_training_state(folder), extra
 
 
-def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bool | None = None) -> dict[str, Any]:
+# (logits, targets, inputs) -> the loss to minimise; inputs are the batch the model saw (a teacher can see it too).
+# A loss with a ``check_inputs(inputs: Inputs)`` method is shown the data before anything trains (and can refuse).
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bool | None = None,
+          loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Train according to ``recipe``, writing everything into ``out_dir``; returns the final metrics.
 
     With ``resume`` (the default) an existing run folder continues from its newest complete
     checkpoint: model, optimizer, schedule, scaler, EMA, lookahead, epoch, RNG and data order are restored.
+    ``loss_fn`` replaces the cross-entropy of the training steps (knowledge distillation passes one; it runs
+    inside the same autocast region as the model). Validation loss stays the plain cross-entropy.
     """
     env = distributed.setup()
     try:
-        return _train(recipe, Path(out_dir), resume, progress, env)
+        return _train(recipe, Path(out_dir), resume, progress, env, loss_fn)
     finally:
         distributed.cleanup(env)
 
 
-def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: distributed.Dist) -> dict[str, Any]:
+def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: distributed.Dist,
+           loss_fn: LossFn | None = None) -> dict[str, Any]:
     ckpts = list_checkpoints(out) if resume else []
     recipe, pretrained = resolve_recipe(recipe, out / "recipe.yaml" if ckpts else None)
     tcfg, ocfg, scfg, mcfg = recipe["train"], recipe["optim"], recipe["schedule"], recipe["model"]
@@ -189,9 +199,12 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
     progress = sys.stderr.isatty() if progress is None else progress
 
     inputs = build_inputs(recipe, env)
+    if loss_fn is not None and hasattr(loss_fn, "check_inputs"):
+        loss_fn.check_inputs(inputs)
     model = create_model(mcfg["name"], num_classes=len(inputs.classes), in_channels=inputs.in_channels,
                          width=mcfg["width"], head=mcfg["head"], dropout=mcfg["dropout"],
-                         fc_width=mcfg["fc_width"], init=mcfg["init"], logit_scale=mcfg["logit_scale"])
+                         fc_width=mcfg["fc_width"], init=mcfg["init"], logit_scale=mcfg["logit_scale"],
+                         channels=mcfg["channels"])
     if pretrained is not None:
         note = load_pretrained(model, pretrained, inputs.classes)
         if env.main:
@@ -301,7 +314,10 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale lack it
             with torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = net(images)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=ocfg["label_smoothing"])
+                if loss_fn is None:
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=ocfg["label_smoothing"])
+                else:
+                    loss = loss_fn(logits.float(), targets, images)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower optim.lr")
             optimizer.zero_grad(set_to_none=True)

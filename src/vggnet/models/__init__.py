@@ -6,7 +6,7 @@ Imports nothing of training, data or serving.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -51,6 +51,7 @@ def create_model(
     init: str = "kaiming",
     fc_width: int = 4096,
     logit_scale: float = 1.0,
+    channels: Sequence[int] | None = None,
 ) -> VGG:
     """Build a VGG by name (see :func:`list_models`).
 
@@ -59,9 +60,11 @@ def create_model(
     ``weights`` is a vggnet checkpoint or a torchvision/timm VGG state dict (path or mapping);
     its format is detected. ``init`` is ``kaiming``, ``xavier`` or ``normal`` (the paper's).
     ``logit_scale`` multiplies the logits (a fixed temperature some fast recipes train with).
+    ``channels`` gives every conv its own width instead of ``width`` (a pruned network's widths).
     """
     config = VGGConfig(name=name, num_classes=num_classes, in_channels=in_channels, width=width,
-                       head=head, dropout=dropout, fc_width=fc_width, logit_scale=logit_scale)
+                       head=head, dropout=dropout, fc_width=fc_width, logit_scale=logit_scale,
+                       channels=None if channels is None else tuple(channels))
     model = init_weights(VGG(config), init)
     if weights is not None:
         load_weights(model, weights)

@@ -55,6 +55,9 @@ class VGGConfig:
     dropout: float = 0.5
     fc_width: int = FC_WIDTH
     logit_scale: float = 1.0  # logits x this: a fixed softmax temperature, part of the function served
+    # The output channels of every conv in table order, replacing ``width`` scaling: a pruned network's own
+    # widths (``vggnet compress prune``). None: the table's widths times ``width``.
+    channels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         base = self.name.removesuffix("_bn")
@@ -70,6 +73,12 @@ class VGGConfig:
             raise ValueError(f"logit_scale must be positive, got {self.logit_scale}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))  # JSON gives a list
+            convs = conv_count(CONFIGS[self.config])
+            if len(self.channels) != convs or min(self.channels) < 1:
+                raise ValueError(f"channels must give {convs} positive conv widths for {self.name} "
+                                 f"(config {self.config}), got {list(self.channels)}")
 
     @property
     def config(self) -> str:
@@ -79,6 +88,13 @@ class VGGConfig:
     @property
     def batch_norm(self) -> bool:
         return self.name.endswith("_bn")
+
+    def conv_widths(self) -> list[int]:
+        """The output channels of every conv, in order: ``channels`` if set, else the table times ``width``."""
+        if self.channels is not None:
+            return list(self.channels)
+        return [scaled(int(e[0] if isinstance(e, tuple) else e), self.width) for e in CONFIGS[self.config]
+                if e not in ("M", "LRN")]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,9 +109,16 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def make_features(table: Iterable[ConfigEntry], in_channels: int, width: float, batch_norm: bool) -> nn.Sequential:
+def conv_count(table: Iterable[ConfigEntry]) -> int:
+    return sum(1 for e in table if e not in ("M", "LRN"))
+
+
+def make_features(table: Iterable[ConfigEntry], in_channels: int, width: float, batch_norm: bool,
+                  widths: Iterable[int] | None = None) -> nn.Sequential:
+    """The named conv blocks of ``table``; ``widths`` (one per conv) overrides the table's scaled widths."""
     layers: list[tuple[str, nn.Module]] = []
     block, index, channels = 1, 0, in_channels
+    own = iter(widths) if widths is not None else None
     for entry in table:
         if entry == "M":
             layers.append((f"block{block}_pool", nn.MaxPool2d(2, 2)))
@@ -104,7 +127,7 @@ def make_features(table: Iterable[ConfigEntry], in_channels: int, width: float, 
             layers.append((f"block{block}_lrn", ChannelLRN(**LRN)))
         else:
             out, kernel = entry if isinstance(entry, tuple) else (entry, 3)
-            out, index = scaled(int(out), width), index + 1
+            out, index = (next(own) if own is not None else scaled(int(out), width)), index + 1
             layers.append((f"block{block}_conv{index}", nn.Conv2d(channels, out, kernel, padding=kernel // 2)))
             if batch_norm:
                 layers.append((f"block{block}_bn{index}", nn.BatchNorm2d(out)))
@@ -119,7 +142,8 @@ class VGG(nn.Module):
     def __init__(self, config: VGGConfig) -> None:
         super().__init__()
         self.config = config
-        self.features = make_features(CONFIGS[config.config], config.in_channels, config.width, config.batch_norm)
+        self.features = make_features(CONFIGS[config.config], config.in_channels, config.width, config.batch_norm,
+                                      config.channels)
         self.num_features = next(m.out_channels for m in reversed(self.features) if isinstance(m, nn.Conv2d))
         self.head = make_head(config.head, self.num_features, config.num_classes, config.fc_width, config.dropout)
         self.grad_checkpointing = False
