@@ -14,8 +14,8 @@ import importlib
 import sys
 
 # Order here is the order shown in ``vggnet --help``.
-_SUBCOMMANDS = ["train", "eval", "reproduce", "features", "probe", "localize", "explain", "predict", "export", "serve",
-                "models", "info", "data"]
+_SUBCOMMANDS = ["train", "eval", "reproduce", "features", "probe", "localize", "explain", "compress", "predict",
+                "export", "serve", "models", "info", "data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,21 +42,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import yaml
+FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("epochs", "schedule.epochs"),
+             ("batch_size", "optim.batch_size"), ("lr", "optim.lr"), ("width", "model.width"),
+             ("init_from", "model.init_from"), ("weights", "model.weights"))
 
+
+def recipe_from_args(args: argparse.Namespace) -> dict:
+    """``--recipe`` ← the flags of :data:`FLAG_KEYS` a subcommand defines ← ``--set`` (shared with
+    ``vggnet compress distill``, whose student is trained like any run). ``--data`` on the digits recipe
+    switches it to a folder."""
     from vggnet.engine.recipe import load_recipe
 
     overrides = list(args.set)
-    for flag, key in (("data", "data.path"), ("model", "model.name"), ("epochs", "schedule.epochs"),
-                      ("batch_size", "optim.batch_size"), ("lr", "optim.lr"), ("width", "model.width"),
-                      ("init_from", "model.init_from"), ("weights", "model.weights")):
-        value = getattr(args, flag)
+    for flag, key in FLAG_KEYS:
+        value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     recipe = load_recipe(args.recipe, overrides)
-    if args.data is not None and recipe["data"]["dataset"] == "digits":
+    if getattr(args, "data", None) is not None and recipe["data"]["dataset"] == "digits":
         recipe["data"]["dataset"] = "folder"
+    return recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    recipe = recipe_from_args(args)
     if args.print_recipe:
         print(yaml.safe_dump(recipe, sort_keys=False))
         return 0
