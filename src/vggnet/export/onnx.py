@@ -4,13 +4,16 @@
 The graph's input is ``input`` (``batch``×C×S×S, float32, normalised) and its output ``logits``
 (``batch``×classes). Besides the ``vggnet`` JSON entry (see :mod:`vggnet.export.common`), ``mean``, ``std``,
 ``image_size``, ``in_channels`` and ``classes`` are stored as separate JSON-valued ``metadata_props`` so a
-consumer in another language can read them without parsing the whole document.
+consumer in another language can read them without parsing the whole document. An INT8 file
+(:func:`export_onnx_int8`) adds ``quantization`` (JSON: scheme, tool, calibration) to both.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +24,21 @@ from vggnet.models import VGG
 
 from .common import METADATA_KEY, ExportedModel, ExportError, _Checked, example_input, export_metadata, parse_metadata
 
-__all__ = ["OnnxRuntime", "export_onnx", "load_onnx", "needs_external_data", "quantize_onnx_static"]
+__all__ = ["OnnxRuntime", "export_onnx", "export_onnx_int8", "load_onnx", "needs_external_data",
+           "quantize_onnx_static"]
 
 INPUT, OUTPUT = "input", "logits"
 # ONNX files are protobufs, limited to 2 GiB; above this many bytes of weights they go to a side file.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def _metadata_props(model: VGG, prep: Preprocessing, source: str | os.PathLike | None) -> dict[str, str]:
+def _metadata_props(model: VGG, prep: Preprocessing, source: str | os.PathLike | None,
+                    quantization: dict[str, Any] | None = None) -> dict[str, str]:
     flat = prep.to_dict()
-    props = {METADATA_KEY: export_metadata(model, prep, source)}
+    props = {METADATA_KEY: export_metadata(model, prep, source, quantization)}
     props.update({k: json.dumps(flat[k]) for k in ("mean", "std", "image_size", "in_channels", "classes")})
+    if quantization is not None:
+        props["quantization"] = json.dumps(quantization, sort_keys=True)
     return props
 
 
@@ -99,13 +106,15 @@ class _CalibrationReader:
 
 
 def quantize_onnx_static(fp32: str | os.PathLike, out: str | os.PathLike, calib: torch.Tensor, *,
-                         activation: str = "uint8", per_channel: bool = True) -> Path:
+                         activation: str = "uint8", per_channel: bool = True,
+                         metadata: Mapping[str, str] | None = None) -> Path:
     """ORT static INT8 post-training quantization, QDQ format, MinMax calibration on ``calib``.
 
     Weights are signed int8 per output channel. Activations default to uint8 (U8S8): on x86 CPUs with
     AVX512-VNNI that is the fast integer path and has no saturation problem (``activation="int8"`` gives
     S8S8, ORT's general default). The model is first run through ORT's ``quant_pre_process`` (shape
-    inference + graph optimisation), as ORT recommends. The ``vggnet`` metadata is carried over.
+    inference + graph optimisation), as ORT recommends. The ``vggnet`` metadata is carried over;
+    ``metadata`` entries replace or add ``metadata_props`` (an INT8 export records its quantization).
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -129,8 +138,50 @@ def quantize_onnx_static(fp32: str | os.PathLike, out: str | os.PathLike, calib:
     for prop in source.metadata_props:
         if prop.key not in kept:
             quantized.metadata_props.add(key=prop.key, value=prop.value)
+    if metadata:
+        props = {p.key: p.value for p in quantized.metadata_props}
+        props.update(metadata)
+        del quantized.metadata_props[:]
+        for key, value in props.items():
+            quantized.metadata_props.add(key=key, value=value)
     onnx.save(quantized, str(out))
     return out
+
+
+def onnx_int8_scheme(activation: str = "uint8") -> dict[str, Any]:
+    """How :func:`quantize_onnx_static` quantizes, as recorded in an INT8 file's ``quantization`` entry."""
+    import onnxruntime
+
+    return {"dtype": "int8", "method": "static post-training", "format": "QDQ",
+            "tool": f"onnxruntime {onnxruntime.__version__}", "calibration_method": "MinMax",
+            "weights": "int8, symmetric, per output channel",
+            "activations": f"{activation}, {'asymmetric' if activation == 'uint8' else 'symmetric'}, per tensor"}
+
+
+def export_onnx_int8(model: VGG, prep: Preprocessing, out: str | os.PathLike, calib: torch.Tensor, *,
+                     source: str | os.PathLike | None = None, opset: int | None = None,
+                     calibration: dict[str, Any] | None = None, activation: str = "uint8") -> tuple[Path, int]:
+    """Export ``model`` as fp32 ONNX to a temporary folder, quantize it statically on ``calib`` (preprocessed
+    training images) into ``out`` and record the quantization (scheme + ``calibration``, where the images came
+    from) in its metadata. Returns the path and the fp32 file's size, for the size ratio a user wants to see.
+
+    The result runs anywhere ONNX Runtime does without the calibration images: the scales and zero points are
+    constants of the graph. ``onnx.checker`` runs on the result, as on every fp32 export.
+    """
+    import onnx
+
+    if needs_external_data(model):
+        raise ExportError("onnx-int8: weights over 1.8 GB go to an external data file, which the INT8 export does "
+                          "not handle; export fp32 ONNX and quantize it with onnxruntime.quantization")
+    out = Path(out)
+    quantization = {**onnx_int8_scheme(activation), "calibration": dict(calibration or {})}
+    with tempfile.TemporaryDirectory(prefix="vggnet-onnx-int8-") as tmp:
+        fp32 = export_onnx(model, prep, Path(tmp) / "model.onnx", source=source, opset=opset)
+        fp32_bytes = fp32.stat().st_size
+        quantize_onnx_static(fp32, out, calib, activation=activation,
+                             metadata=_metadata_props(model, prep, source, quantization))
+    onnx.checker.check_model(str(out), full_check=True)
+    return out, fp32_bytes
 
 
 def load_onnx(path: str | os.PathLike, threads: int | None = None) -> ExportedModel:

@@ -1,0 +1,256 @@
+"""INT8 exports (``onnx-int8``, ``pt2-int8``) of a tiny VGG trained for seconds on the embedded digits: calibrated
+at export on the run's own training split, loaded back without calibration data, checked by top-1 agreement
+with eager fp32; the errors for bad calibration data, a failed check and a missing extra."""
+
+import contextlib
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import vggnet
+import vggnet.export
+from vggnet.cli import main
+from vggnet.data import digits_tensors
+from vggnet.export import ExportError, export_model, load_exported
+from vggnet.export.common import int8_images
+from vggnet.infer import Preprocessing, preprocess, top1_agreement
+
+CLASSES = [str(i) for i in range(10)]
+META = {"classes": CLASSES, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "image_size": 32}
+DATA = {"dataset": "digits", "image_size": 32, "val_fraction": 0.2, "split_seed": 0}
+PREP = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_size=32, in_channels=3, num_classes=10,
+                     classes=tuple(CLASSES))
+
+
+def digits(split):
+    return digits_tensors(split, size=32, channels=3, val_fraction=DATA["val_fraction"], seed=DATA["split_seed"])
+
+
+def rows(batch):
+    """The images of a batch as a set of bytes, to test membership exactly."""
+    return {image.numpy().tobytes() for image in batch}
+
+
+def png_folder(root, images):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Models this small gain nothing from a second thread, and on a busy 2-core machine two threads per op
+    made training ten times slower (spinning OpenMP workers); ONNX Runtime follows torch's setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder as `vggnet train` leaves it, as far as export reads it: best.safetensors and recipe.yaml.
+
+    Trained (three epochs, a few seconds), not random: an untrained net's logits are nearly tied, so INT8
+    rounding would flip its top-1 on many images and the agreement would measure noise, not the export.
+    """
+    torch.manual_seed(0)
+    model = vggnet.create_model("vgg11_bn", num_classes=10, width=0.125, head="gap")
+    x, y = digits("train")
+    x = preprocess(list(x), PREP)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = tmp_path_factory.mktemp("run")
+    vggnet.save_checkpoint(model.eval(), run / "best.safetensors", META)
+    recipe = {"model": {"name": "vgg11_bn", "width": 0.125, "head": "gap"}, "data": DATA}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return run
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return vggnet.load_checkpoint(run_dir / "best.safetensors")[0]
+
+
+@pytest.fixture(scope="module")
+def onnx_int8(run_dir, tmp_path_factory):
+    """`vggnet export --format onnx-int8 --json`, run once through the CLI: the report it printed."""
+    out = tmp_path_factory.mktemp("exports") / "m.int8.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["export", "--ckpt", str(run_dir), "--format", "onnx-int8", "--out", str(out), "--json"])
+    assert code == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_onnx_int8_export_is_calibrated_on_training_images_checked_and_a_third_of_fp32(onnx_int8):
+    report = onnx_int8
+    path = Path(report["path"])
+    assert report["format"] == "onnx-int8" and path.is_file() and report["bytes"] == path.stat().st_size
+    assert [p.name for p in path.parent.iterdir()] == ["m.int8.onnx"]  # no partial, .pre or fp32 file left
+    calibration = report["quantization"]["calibration"]
+    assert calibration["source"] == "recipe" and calibration["split"] == "train" and calibration["images"] == 256
+    assert calibration["dataset"] == "digits" and calibration["path"].endswith("recipe.yaml")
+    assert report["check"]["split"] == "val" and report["check"]["images"] == 256
+    assert report["min_agreement"] == 0.98 and report["agreement"] >= 0.98
+    assert {"1", "3", "8"} <= set(report["max_rel_error"]) and report["tolerance"] is None
+    assert 0 < max(report["max_rel_error"].values()) < 0.5
+    # Per-channel scales and zero points, int32 biases, the graph and the metadata do not shrink, and weigh
+    # relatively more in a 146 k-parameter model than in VGG-16 (where the ratio nears 1/4): 0.31 measured.
+    assert report["reference"] == "fp32 ONNX file" and report["reference_bytes"] > report["bytes"]
+    assert report["size_ratio"] == pytest.approx(report["bytes"] / report["reference_bytes"])
+    assert report["size_ratio"] < 0.5
+
+
+def test_int8_file_loads_without_calibration_data_and_agrees_with_fp32(onnx_int8, model):
+    loaded = load_exported(onnx_int8["path"])  # nothing but the file
+    assert loaded.format == "onnx-int8" and loaded.prep == PREP
+    assert load_exported(onnx_int8["path"], "onnx-int8").format == "onnx-int8"
+    x = preprocess(list(digits("val")[0][::2]), PREP)  # 180 validation images, another batch size
+    with torch.inference_mode():
+        want = model(x)
+    assert top1_agreement(loaded(x), want) >= 0.97
+    assert loaded.predictor().predict([Image.new("RGB", (40, 30), (200, 200, 200))], topk=3)[0][0][0] in CLASSES
+
+
+def test_int8_metadata_round_trips(onnx_int8, run_dir, tmp_path):
+    loaded = load_exported(onnx_int8["path"])
+    quantization = loaded.meta["quantization"]
+    assert quantization == onnx_int8["quantization"]
+    assert quantization["dtype"] == "int8" and quantization["format"] == "QDQ"
+    assert quantization["weights"].startswith("int8") and quantization["activations"].startswith("uint8")
+    assert loaded.meta["source"] == str(run_dir / "best.safetensors") and loaded.meta["model"]["name"] == "vgg11_bn"
+    proto = onnx.load(onnx_int8["path"])
+    assert any(node.op_type == "QuantizeLinear" for node in proto.graph.node)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["quantization"]) == quantization  # readable without parsing "vggnet"
+    assert json.loads(props["classes"]) == CLASSES and json.loads(props["mean"]) == META["mean"]
+    assert json.loads(props["image_size"]) == 32 and json.loads(props["vggnet"])["quantization"] == quantization
+    # the quantization record, not the file name, is what makes it INT8
+    plain = json.loads(props["vggnet"])
+    del plain["quantization"]
+    for prop in proto.metadata_props:
+        if prop.key == "vggnet":
+            prop.value = json.dumps(plain)
+    onnx.save(proto, str(tmp_path / "relabelled.int8.onnx"))
+    assert load_exported(tmp_path / "relabelled.int8.onnx").format == "onnx"
+    with pytest.raises(ExportError, match="an fp32 onnx export, not onnx-int8"):
+        load_exported(tmp_path / "relabelled.int8.onnx", "onnx-int8")
+
+
+def test_predict_cli_runs_on_the_int8_file(onnx_int8, tmp_path, capsys):
+    x, _ = digits("val")
+    folder = png_folder(tmp_path / "imgs", x[:3])
+    assert main(["predict", "--ckpt", onnx_int8["path"], "--json", "--topk", "2", str(folder)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["runtime"] == "exported onnx-int8" and out["failed"] == 0
+    want = load_exported(onnx_int8["path"]).predictor().predict([Image.open(p) for p in sorted(folder.iterdir())], 2)
+    assert [[t["label"] for t in row["top"]] for row in out["predictions"]] == [[lab for lab, _ in r] for r in want]
+    assert main(["predict", "--ckpt", onnx_int8["path"], "--runtime", "int8", str(folder)]) == 2  # runs as exported
+
+
+def test_a_failed_agreement_check_leaves_no_file(run_dir, tmp_path, monkeypatch):
+    real = load_exported
+
+    def scrambled(path, fmt=None, **options):  # an INT8 model whose classes come out reversed
+        loaded = real(path, fmt, **options)
+        runtime = loaded.runtime
+        loaded.runtime = lambda x: runtime(x).flip(1)
+        return loaded
+
+    monkeypatch.setattr(vggnet.export, "load_exported", scrambled)
+    out = tmp_path / "out" / "bad.int8.onnx"
+    with pytest.raises(ExportError, match=r"top-1 agrees with eager fp32 on .* held-out images, below the required"):
+        export_model(run_dir, "onnx-int8", out, check_images=64)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_calibration_uses_training_images_never_validation(run_dir):
+    data = int8_images(run_dir, PREP, calib_images=100, check_images=64)
+    train, val = (rows(preprocess(list(digits(split)[0]), PREP)) for split in ("train", "val"))
+    assert data.calib.shape == (100, 3, 32, 32) and data.held.shape == (64, 3, 32, 32)
+    assert rows(data.calib) <= train and not rows(data.calib) & val  # training images only
+    assert rows(data.held) <= val  # checked on validation images
+    again = int8_images(run_dir, PREP, calib_images=100, check_images=64)
+    assert torch.equal(again.calib, data.calib)  # deterministic
+
+
+def test_calib_data_folder_replaces_the_runs_images_and_leftovers_check_without_a_recipe(run_dir, tmp_path):
+    x, _ = digits("train")
+    folder = png_folder(tmp_path / "calib", x[:80])
+    data = int8_images(run_dir, PREP, calib_data=folder, calib_images=8, check_images=64)
+    assert data.calibration == {"source": "folder", "path": str(folder), "images": 8, "unreadable": 0}
+    assert data.check["split"] == "val"  # the run still has its validation images
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run_dir / "best.safetensors", bare / "m.safetensors")
+    with pytest.raises(ValueError, match=r"no recipe.yaml .* pass --calib-data PATH"):
+        int8_images(bare / "m.safetensors", PREP)
+    data = int8_images(bare / "m.safetensors", PREP, calib_data=folder, calib_images=8, check_images=64)
+    assert data.check["split"] == "rest" and len(data.held) == 64  # of the 72 images not calibrated on
+    assert not rows(data.held) & rows(data.calib)
+    with pytest.raises(ValueError, match=r"only 60 held-out images .*at least 64 needed"):
+        int8_images(bare / "m.safetensors", PREP, calib_data=folder, calib_images=20, check_images=100)
+
+
+def test_bad_calibration_data_is_an_error_naming_it(run_dir, tmp_path, capsys):
+    out = tmp_path / "m.int8.onnx"
+    missing = tmp_path / "no-such-folder"
+    assert main(["export", "--ckpt", str(run_dir), "--format", "onnx-int8", "--out", str(out),
+                 "--calib-data", str(missing)]) == 2
+    assert f"calibration data {missing}" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (broken / "b.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"calibration data {broken}: none of the 2 images tried could be read"):
+        export_model(run_dir, "onnx-int8", out, calib_data=broken)
+    assert main(["export", "--ckpt", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--calib-data", str(broken)]) == 2
+    assert "--calib-data applies to the INT8 formats" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must end in .pt2"):
+        export_model(run_dir, "pt2-int8", tmp_path / "m.int8.zip")
+    with pytest.raises(ValueError, match="min_agreement must be between 0 and 1"):
+        export_model(run_dir, "onnx-int8", out, min_agreement=98)
+    assert not out.exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_without_the_export_extra_says_what_to_install(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: import raises ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+    with pytest.raises(ExportError, match=r"'onnx-int8' needs onnxruntime, which is not installed: .*vggnet\[export\]"):
+        export_model(run_dir, "onnx-int8", tmp_path / "m.int8.onnx")
+    assert main(["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "m.int8.onnx")]) == 2  # from the suffix
+    assert "pip install 'vggnet[export]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_pt2_int8_package_loads_without_calibration_data(run_dir, model, tmp_path):
+    """AOTInductor compiles C++: the one slow test (about 20 s for this model)."""
+    report = export_model(run_dir, "pt2-int8", tmp_path / "m.int8.pt2", check_images=64)
+    assert report.format == "pt2-int8" and report.agreement >= 0.98 and report.check["images"] == 64
+    assert report.size_ratio is None and sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.pt2"]
+    loaded = load_exported(report.path)
+    assert loaded.format == "pt2-int8" and loaded.prep == PREP
+    assert loaded.meta["quantization"]["calibration"]["images"] == 256
+    assert "X86InductorQuantizer" in loaded.meta["quantization"]["tool"]
+    x = preprocess(list(digits("val")[0][1::2]), PREP)
+    with torch.inference_mode():
+        want = model(x)
+    assert top1_agreement(loaded(x), want) >= 0.97
