@@ -1,4 +1,8 @@
-"""``vggnet serve``: an HTTP inference server (Open Inference Protocol V2 + /predict) with dynamic batching."""
+"""``vggnet serve``: an HTTP inference server (Open Inference Protocol V2 + /predict) with dynamic batching.
+
+Serves checkpoints (with a runtime of ``vggnet predict``) and files written by ``vggnet export``, which run as
+exported: no runtime choice and no calibration images (an INT8 export is calibrated already).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,18 @@ import textwrap
 
 EPILOG = """\
 model repository layout (--model-repo DIR):
-  DIR/<model>/<version>/       a run folder (best.safetensors, else last.safetensors) or one .safetensors
+  DIR/<model>/<version>/       a run folder (best.safetensors, else last.safetensors), one .safetensors, or
+                               one exported file (.onnx, .int8.onnx, .pt2, .int8.pt2, TorchScript .pt)
   DIR/<model>/config.yaml      optional: name, default_version, ab: {"1": 0.9, "2": 0.1}, max_batch_size,
                                max_delay_ms, batching, max_queue, runtime, calib_data
-  --ckpt RUN serves one checkpoint as model <run folder name>, version 1.
+  --ckpt RUN serves one checkpoint as model <run folder name>, version 1; --ckpt m.int8.onnx one exported
+  file as model m.int8.
+
+exported files (vggnet export):
+  served as they are, INT8 ones included: the preprocessing, and an INT8 file's calibration, are inside the
+  file, so --runtime must stay eager (the default) and no --calib-data is needed. ONNX runs in ONNX Runtime
+  and runs no code from the file; .pt2 (a compiled shared library) and TorchScript (a program) do, and load
+  only with --trust-model-code.
 
 routes:
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME[/versions/V][/ready|/config], /metrics
@@ -23,6 +35,8 @@ examples:
   curl -s -X POST --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'localhost:8000/predict?topk=3'
   vggnet serve --model-repo models/ --host 0.0.0.0 --max-batch-size 32 --max-delay-ms 10
   vggnet serve --ckpt runs/cifar10 --runtime auto --calib-data data/cifar10/train --calib-n 128
+  vggnet export --ckpt runs/cifar10 --format onnx-int8 --out models/cifar10/2/model.int8.onnx
+  vggnet serve --ckpt models/cifar10/2/model.int8.onnx
 """
 
 
@@ -44,14 +58,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-repo", metavar="DIR", help="model repository folder (see the layout below)")
     source.add_argument("--ckpt", action="append", metavar="RUN",
-                        help="run folder or .safetensors checkpoint; repeat to serve several")
+                        help="run folder, .safetensors checkpoint or exported file (.onnx, .int8.onnx, .pt2, "
+                        ".int8.pt2, .pt), served as exported; repeat to serve several")
     p.add_argument("--name", action="append", metavar="NAME",
                    help="served name of the --ckpt at the same position (default: its run folder's name)")
     p.add_argument("--runtime", default=None,
                    help="inference runtime: eager (default), channels_last, bf16, compile, int8, int8-dynamic, onnx, "
-                        "onnx-int8 or auto (see vggnet predict --help); a model's config.yaml may set its own")
+                        "onnx-int8 or auto (see vggnet predict --help); a model's config.yaml may set its own. "
+                        "Checkpoints only: exported files run as exported")
     p.add_argument("--calib-data", metavar="PATH",
-                   help="calibration images (folder, glob or file) for int8, onnx-int8 and auto: training images")
+                   help="calibration images (folder, glob or file) for int8, onnx-int8 and auto: training images "
+                   "(not needed for exported INT8 files, calibrated at export)")
     p.add_argument("--calib-n", type=int, metavar="N", help="calibration images, spread evenly (default: 64)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -81,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-endpoints", default="health,metrics", metavar="GROUPS",
                    help="with --api-key-file, endpoint groups left open: health, metrics, metadata, comma-separated, "
                    "or none (default: health,metrics)")
+    p.add_argument("--trust-model-code", action="store_true", default=None,
+                   help="allow exported files that run code from the file when loaded: .pt2 (a compiled shared "
+                   "library) and TorchScript; ONNX needs no trust")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -91,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vggnet.serve.app import ServeSettings, ensure_runtime, run_server, with_overrides
+    from vggnet.serve.app import ServeSettings, check_exported, ensure_runtime, run_server, with_overrides
     from vggnet.serve.repository import ModelRepository
 
     for flag, value in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
@@ -109,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log,
-        max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout, decode_threads=args.decode_threads)
+        max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout, decode_threads=args.decode_threads,
+        calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code)
     if args.api_key_file:
         from vggnet.serve.auth import PUBLIC_GROUPS, read_api_keys
 
@@ -125,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
     for model in repo.models.values():  # usage errors now, not a model that never gets ready
         runtime = model.runtime or settings.runtime
         ensure_runtime(runtime)
-        if runtime in _CALIBRATED and not (model.calib_data or settings.calib_data):
+        # exported files are served as they are: a runtime or calibration images would not apply to them
+        kinds = [check_exported(file, runtime, settings.trust_model_code) for file in model.versions.values()]
+        if None in kinds and runtime in _CALIBRATED and not (model.calib_data or settings.calib_data):
             raise ValueError(f"runtime {runtime} (model {model.name}) needs calibration images: pass --calib-data "
                              "PATH (a folder of training images) or set calib_data in its config.yaml")
     if args.threads:

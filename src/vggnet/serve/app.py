@@ -10,6 +10,14 @@ requests finish — uvicorn waits for them — then drains each model's queue be
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready``, ``.../config``, ``POST .../infer``, ``POST /v2/repository/index``, ``POST /predict``
 (an image upload → top-k labels) and ``GET /metrics``.
+
+A version is a checkpoint (run with a runtime of :mod:`vggnet.infer`, calibrated if it needs it) or a file
+written by ``vggnet export`` (``.onnx``, ``.int8.onnx``, ``.pt2``, ``.int8.pt2``, TorchScript), which runs as
+exported: its preprocessing, and for INT8 its calibration, travel inside it. ONNX files load by default
+(ONNX Runtime parses a protobuf: no code from the file runs); ``.pt2`` packages (a compiled shared library,
+loaded with ``dlopen``) and TorchScript (a program run by ``torch.jit.load``) run code from the file, so they
+load only with ``ServeSettings.trust_model_code`` (``--trust-model-code``). ``vggnet.export`` is imported only
+when an exported version loads; it imports models and infer, never training code.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -49,12 +58,18 @@ from .batcher import Batcher, BatcherClosed, BatchInfo, QueueFull
 from .errors import ServeError, bad_request, not_found, unavailable
 from .limits import IMAGE_MEDIA_TYPES, decode_image, decompress, media_type, read_body
 from .metrics import ServeMetrics
-from .repository import ModelConfig, ModelRepository, VersionRouter
+from .repository import ModelConfig, ModelRepository, VersionRouter, exported_kind
 
-__all__ = ["ModelServer", "ModelVersion", "ServeSettings", "create_app", "run_server"]
+__all__ = ["ModelServer", "ModelVersion", "ServeSettings", "check_exported", "create_app", "run_server"]
 
 log = logging.getLogger("vggnet.serve")
 access_log = logging.getLogger("vggnet.serve.access")
+
+#: exported kinds whose loading runs code from the file: an AOTInductor package's shared library, a TorchScript
+#: program; served only with ``trust_model_code``
+CODE_KINDS = ("pt2", "torchscript")
+# V2 / Triton ``platform`` of an exported format (Triton's names where it has one); checkpoints are "pytorch".
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,33 @@ class ServeSettings:
     api_keys: tuple[str, ...] = ()
     #: endpoint groups reachable without a token when api_keys are set: health, metrics, metadata
     public_endpoints: tuple[str, ...] = ("health", "metrics")
+    #: load exported files that run code from the file (``.pt2``: a shared library; TorchScript): off, so
+    #: that serving a repository runs no code from it unless its owner says the files are trusted
+    trust_model_code: bool = False
+
+
+def check_exported(file: str | os.PathLike, runtime: str, trust_model_code: bool) -> str | None:
+    """The exported kind of ``file`` (None for a checkpoint), or a ValueError when it cannot be served so:
+    with a runtime other than eager (the file is already compiled / quantized; a runtime would be silently
+    ignored), without ONNX Runtime for an ONNX file, or running code from the file without
+    ``trust_model_code``. Checked by the CLI before the server starts and again when a version loads, for
+    servers built with :func:`create_app` directly."""
+    kind = exported_kind(file)
+    if kind is None:
+        return None
+    name = os.path.basename(file)
+    if runtime != "eager":
+        raise ValueError(f"{name}: an exported file runs in its own runtime ({kind}, with its own quantization "
+                         f"if INT8); drop --runtime {runtime} (or runtime: in the model's config.yaml), or serve "
+                         "the checkpoint it was exported from to use a runtime")
+    if kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:  # a message, not a load-time traceback
+        raise ValueError(f"{name}: serving an ONNX file needs onnxruntime, which is not installed: "
+                         "pip install 'vggnet[serve,export]'")
+    if kind in CODE_KINDS and not trust_model_code:
+        what = "a compiled shared library" if kind == "pt2" else "a TorchScript program"
+        raise ValueError(f"{name}: a {kind} file holds {what} that runs when it loads; serve it only if you trust "
+                         "it, with --trust-model-code (ServeSettings.trust_model_code), or export ONNX instead")
+    return kind
 
 
 class ModelVersion:
@@ -105,6 +147,10 @@ class ModelVersion:
         self.runtime_name = config.runtime or settings.runtime
         self.calib_data = config.calib_data or settings.calib_data
         self.calib_n = settings.calib_n
+        self.trust_model_code = settings.trust_model_code
+        #: the export format of an exported file ("onnx", then "onnx-int8" once loaded if it is one); None for a
+        #: checkpoint
+        self.format: str | None = exported_kind(self.file)
         self.max_batch_size = config.max_batch_size or settings.max_batch_size
         self.max_delay_ms = config.max_delay_ms if config.max_delay_ms is not None else settings.max_delay_ms
         self.batching = config.batching if config.batching is not None else settings.batching
@@ -126,19 +172,22 @@ class ModelVersion:
 
     @property
     def runtime_label(self) -> str:
+        if self.format is not None:  # what runs it is the format: "onnx-int8" is ORT INT8, as the runtime is
+            return self.format
         runtime = getattr(self.predictor, "runtime", None)
         return str(getattr(runtime, "name", self.runtime_name))
 
+    @property
+    def platform(self) -> str:
+        """The V2 metadata's ``platform``: what executes the model, for clients that pick on it."""
+        return _PLATFORMS.get(self.format or "", "pytorch")
+
     def load(self, metrics: ServeMetrics, compute_lock: threading.Semaphore, warmup: bool) -> None:
-        """Load the checkpoint with its runtime, warm it up, start the worker. Errors leave it UNAVAILABLE."""
+        """Load the checkpoint with its runtime, or the exported file as it is, warm it up, start the worker.
+        Errors leave it UNAVAILABLE."""
         metrics.set_state(self.name, self.version, "LOADING")
         try:
-            ensure_runtime(self.runtime_name)
-            model, extra = load_checkpoint(self.file)
-            prep = Preprocessing.from_meta(checkpoint_meta(self.file, model, extra))
-            calib = calibration_batch(self.calib_data, self.calib_n, prep) if self.calib_data else None
-            predictor = Predictor(model, prep, self.runtime_name, calib=calib, max_batch=self.max_batch_size)
-            predictor.source = self.file
+            predictor = self._load_exported() if self.format is not None else self._load_checkpoint()
             if warmup:  # first calls pick kernels / compile: pay that now, not in the first request's latency
                 c, s = predictor.prep.in_channels, predictor.prep.image_size
                 for n in sorted({1, self.max_batch_size}):
@@ -160,6 +209,28 @@ class ModelVersion:
                      self.version, self.file, self.runtime_label, self.max_batch_size, self.max_delay_ms,
                      "" if self.batching else ", batching off")
         metrics.set_state(self.name, self.version, self.state)
+
+    def _load_checkpoint(self) -> Predictor:
+        ensure_runtime(self.runtime_name)
+        model, extra = load_checkpoint(self.file)
+        prep = Preprocessing.from_meta(checkpoint_meta(self.file, model, extra))
+        calib = calibration_batch(self.calib_data, self.calib_n, prep) if self.calib_data else None
+        predictor = Predictor(model, prep, self.runtime_name, calib=calib, max_batch=self.max_batch_size)
+        predictor.source = self.file
+        return predictor
+
+    def _load_exported(self) -> Predictor:
+        """The exported file behind the same Predictor interface the batcher and routes use (preprocessing
+        from the file's metadata); calibration images are not needed: an INT8 file carries its scales."""
+        from vggnet.export import load_exported  # only when a version is exported: ONNX Runtime is optional
+
+        check_exported(self.file, self.runtime_name, self.trust_model_code)
+        if self.calib_data:
+            log.info("model %s version %s: an exported file needs no calibration images; calib_data is not used",
+                     self.name, self.version)
+        exported = load_exported(self.file)
+        self.format = exported.format
+        return exported.predictor(max_batch=self.max_batch_size)
 
     def close(self, metrics: ServeMetrics, timeout: float) -> None:
         if self.batcher is not None:
@@ -577,7 +648,8 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
         params: dict[str, Any] = {"runtime": mv.runtime_label, "max_batch_size": mv.max_batch_size}
         if not version:
             params.update(default_version=model.config.default_version, ab=model.config.ab)
-        return v2.model_metadata(name, versions, mv.prep, parameters=params)
+        params["format"] = mv.format or "checkpoint"
+        return v2.model_metadata(name, versions, mv.prep, platform=mv.platform, parameters=params)
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str) -> dict[str, Any]:
@@ -604,7 +676,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
         model = server.model(name)
         mv = server.version(name, version) if version else model.versions[model.config.default_version]
         return v2.model_config(name, mv.prep, max_batch_size=mv.max_batch_size, max_delay_ms=mv.max_delay_ms,
-                               batching=mv.batching)
+                               batching=mv.batching, platform=mv.platform)
 
     @app.get("/v2/models/{name}/config")
     async def model_config(name: str) -> dict[str, Any]:

@@ -1,15 +1,22 @@
 """The model repository: which models and versions a server offers, and how each is batched and routed.
 
 The layout follows Triton's, so whoever runs Triton knows it, and a checkpoint needs no conversion —
-a version folder is simply a vggnet run folder (or any folder holding one ``.safetensors``)::
+a version folder is simply a vggnet run folder (or any folder holding one ``.safetensors``), or a folder
+holding one file written by ``vggnet export``::
 
     DIR/
       cifar10/                  model name = folder name (or ``name:`` in config.yaml)
         config.yaml             optional, see below
         1/                      version "1": best.safetensors, else last.safetensors, else the one *.safetensors
-        2/
+        2/                      version "2": model.int8.onnx (an exported file, run as exported)
       digits/
         3/
+
+A version folder holds exactly one model: a run's checkpoint (best, else last), one ``.safetensors`` file,
+or one exported file (``.onnx``, ``.pt2``, TorchScript ``.pt``). Two of them is an error rather than a
+guess, since which one the server picked would otherwise be known only from its log. An exported file
+carries its own preprocessing and runtime (INT8 ones their calibration), so ``runtime`` and ``calib_data``
+do not apply to it.
 
 ``config.yaml`` (every key optional; an unknown key is an error, so a misspelt one is never ignored)::
 
@@ -20,7 +27,8 @@ a version folder is simply a vggnet run folder (or any folder holding one ``.saf
     max_delay_ms: 5             # how long the first queued request waits for others to join its batch
     batching: true              # false: one request per forward pass
     max_queue: 256              # rows waiting before requests are refused with 503
-    runtime: eager              # a name in vggnet.infer.RUNTIMES (eager, channels_last, bf16, onnx, auto...)
+    runtime: eager              # a name in vggnet.infer.RUNTIMES (eager, channels_last, bf16, onnx, auto...);
+                                # checkpoints only: an exported file runs as exported
     calib_data: _calib/         # calibration images for int8, onnx-int8, auto (relative to the model folder)
 
 Versions are folder names of letters, digits, ``._-``; all-numeric names sort numerically (so 10 > 9).
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +49,16 @@ import yaml
 
 from vggnet.models import CHECKPOINT_NAMES, checkpoint_file
 
-__all__ = ["ModelConfig", "ModelRepository", "VersionRouter", "model_name_for", "sort_versions"]
+__all__ = ["EXPORTED_SUFFIXES", "ModelConfig", "ModelRepository", "VersionRouter", "exported_kind", "model_name_for",
+           "sort_versions"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CONFIG_KEYS = {"name", "default_version", "ab", "max_batch_size", "max_delay_ms", "batching", "max_queue",
                 "runtime", "calib_data"}
+# What `vggnet export` writes, by suffix (vggnet.export.format_for's rule; .int8.onnx / .int8.pt2 end the same).
+_EXPORTED = {".onnx": "onnx", ".pt2": "pt2"}
+_TORCHSCRIPT = (".pt", ".ts", ".torchscript", ".jit")
+EXPORTED_SUFFIXES = (*_EXPORTED, *_TORCHSCRIPT)
 
 
 def sort_versions(versions: Iterable[str]) -> list[str]:
@@ -61,16 +75,50 @@ def _check_name(kind: str, value: str, where: str) -> str:
     return value
 
 
+def exported_kind(path: str | os.PathLike) -> str | None:
+    """``"onnx"``, ``"pt2"`` or ``"torchscript"`` for a file of ``vggnet export`` (INT8 or not: that is in its
+    metadata, known once loaded), ``None`` for a checkpoint.
+
+    ``.pt`` is both TorchScript's suffix and a common one for ``torch.save`` weights, which serve has always
+    loaded as a checkpoint (weights only): only an archive holding TorchScript code counts as exported, so
+    such a checkpoint keeps loading as before instead of being handed to ``torch.jit.load``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in _EXPORTED:
+        return _EXPORTED[suffix]
+    if suffix in _TORCHSCRIPT and _holds_torchscript(path):
+        return "torchscript"
+    return None
+
+
+def _holds_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/__torch__/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _version_checkpoint(folder: Path) -> Path:
-    """A version folder's checkpoint: a run folder's best/last, else its only ``.safetensors`` file."""
+    """A version folder's one model: a run folder's best/last, else its only ``.safetensors`` file, else its
+    only exported file."""
+    visible = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    exported = [p for p in visible if exported_kind(p)]
+    # a run folder: best, else last, is one checkpoint; an export beside it makes two models
     if any((folder / name).is_file() for name in CHECKPOINT_NAMES):
-        return checkpoint_file(folder)
-    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
-    if len(files) != 1:
-        found = ", ".join(p.name for p in files) or "none"
-        raise ValueError(f"{folder}: a version folder needs {' or '.join(CHECKPOINT_NAMES)} or exactly one "
-                         f".safetensors file (found: {found})")
-    return files[0]
+        if not exported:
+            return checkpoint_file(folder)
+        candidates = [checkpoint_file(folder), *exported]
+    else:
+        candidates = [p for p in visible if p.suffix == ".safetensors"] + exported
+    if len(candidates) != 1:
+        found = ", ".join(p.name for p in candidates) or "none"
+        hint = "; keep one, e.g. move an exported file into a version folder of its own" if candidates else ""
+        raise ValueError(f"{folder}: a version folder needs {' or '.join(CHECKPOINT_NAMES)}, or exactly one "
+                         f".safetensors file or exported model file ({', '.join(EXPORTED_SUFFIXES)}); "
+                         f"found: {found}{hint}")
+    return candidates[0]
 
 
 def model_name_for(path: str | os.PathLike) -> str:
@@ -85,7 +133,7 @@ def model_name_for(path: str | os.PathLike) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One served model: its versions (version → checkpoint file), routing and batching overrides.
+    """One served model: its versions (version → checkpoint or exported file), routing and batching overrides.
 
     ``None`` in a batching field means "the server's default" (:class:`~vggnet.serve.app.ServeSettings`).
     """
@@ -161,7 +209,9 @@ class ModelConfig:
     @classmethod
     def single(cls, checkpoint: str | os.PathLike, name: str | None = None, version: str = "1",
                **overrides: Any) -> ModelConfig:
-        """One checkpoint (run folder or file) as a one-version model, named after its run folder."""
+        """One checkpoint (run folder or file) or exported file as a one-version model, named after its run
+        folder or file. A run folder means its checkpoint, even with exports beside it (``vggnet export``
+        writes them there by default)."""
         file = checkpoint_file(checkpoint)
         name = _check_name("model name", name or model_name_for(checkpoint), str(checkpoint))
         return cls(name=name, versions={version: file}, default_version=version, **overrides)
