@@ -1,0 +1,258 @@
+"""Compression on CIFAR-10: what pruning, distillation and INT8 cost in accuracy and buy in speed and size.
+
+One base network (VGG-16-BN at --width, `benchmarks/recipes/compression_base.yaml`, --base-epochs) and everything
+made from it:
+
+  base + fine-tune   the base trained --finetune-epochs more, unpruned (the anchor every pruned row is held to:
+                     the same recipe and the same budget)
+  pruned             `vggnet compress prune --macs-reduction R` for each R in --macs-reductions, fine-tuned
+                     --finetune-epochs with the base run's recipe at 0.1 x its lr
+  student / KD       --student (e.g. VGG-11-BN at width 0.25) trained alone, and distilled from the base
+                     (T = 4, alpha = 0.9), same recipe and epochs
+  PTQ INT8           torchao PT2E static INT8 of the base (x86 Inductor), calibrated on --calib-n training images
+  QAT INT8           torchao PT2E QAT fine-tuning of the base for --qat-epochs, converted to INT8
+  pruned + INT8      PTQ of the strongest pruned network
+
+Every accuracy is top-1 on the same 5,000 held-out training images (the recipe's fixed-seed split; CIFAR-10's
+test set is not on this machine). Latency: batch 1 and 8 at 32 x 32, each arm timed in turn over --repeats
+interleaved rounds, median; the ratio is to the base fp32 eager model measured in the same round. Stages
+are resumable: a finished run folder is reused, so the script can be stopped and started again.
+
+    .venv/bin/vggnet data prepare ../shared/data/cifar10-train-jpg.tar.gz --out data/cifar10
+    .venv/bin/python benchmarks/compression.py                      # ~1-1.5 h on 2 cores
+    .venv/bin/python benchmarks/compression.py --stages measure     # re-time and re-tabulate only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from machine import write_results  # benchmarks/machine.py, beside this script
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RECIPE = str(HERE / "recipes" / "compression_base.yaml")  # VGG-16-BN w0.5, batch 256, one-cycle: trains VGG-16
+STAGES = ("base", "anchor", "prune", "student", "distill", "qat", "measure")
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def finished(run: Path, epochs: int) -> bool:
+    final = run / "final.json"
+    return final.is_file() and json.loads(final.read_text()).get("epoch") == epochs
+
+
+def train_stages(args: argparse.Namespace) -> dict[str, float]:
+    """Train whatever is not trained yet; returns the wall seconds of what ran now."""
+    from vggnet.compress.distill import DistillSettings, distill
+    from vggnet.compress.prune import PruneSettings, prune_run
+    from vggnet.engine.recipe import load_recipe
+    from vggnet.engine.trainer import train
+
+    work = Path(args.work)
+    walls: dict[str, float] = {}
+    common = [f"data.path={args.data}", "train.eval_every=2"]
+    base = work / "base"
+    if "base" in args.stages and not finished(base, args.base_epochs):
+        t0 = time.perf_counter()
+        train(load_recipe(RECIPE, [*common, f"model.width={args.width}", f"schedule.epochs={args.base_epochs}"]),
+              base, progress=False)
+        walls["base"] = time.perf_counter() - t0
+    lr = 0.1 * float(load_recipe(base / "recipe.yaml")["optim"]["lr"])
+    anchor = work / "base-finetuned"
+    if "anchor" in args.stages and not finished(anchor, args.finetune_epochs):
+        t0 = time.perf_counter()
+        train(load_recipe(base / "recipe.yaml", [f"model.weights={base / 'best.safetensors'}",
+                                                 f"schedule.epochs={args.finetune_epochs}", f"optim.lr={lr}"]),
+              anchor, progress=False)
+        walls["anchor"] = time.perf_counter() - t0
+    if "prune" in args.stages:
+        for reduction in args.macs_reductions:
+            run = work / f"pruned-{round(100 * reduction)}"
+            if finished(run, args.finetune_epochs):
+                continue
+            t0 = time.perf_counter()
+            prune_run(PruneSettings(source=str(base), macs_reduction=reduction, criterion=args.criterion), run,
+                      epochs=args.finetune_epochs, progress=False, log=log)
+            walls[run.name] = time.perf_counter() - t0
+    student = [*common, f"model.name={args.student}", f"model.width={args.student_width}",
+               f"schedule.epochs={args.student_epochs}"]
+    if "student" in args.stages and not finished(work / "student", args.student_epochs):
+        t0 = time.perf_counter()
+        train(load_recipe(RECIPE, student), work / "student", progress=False)
+        walls["student"] = time.perf_counter() - t0
+    if "distill" in args.stages and not finished(work / "student-kd", args.student_epochs):
+        t0 = time.perf_counter()
+        distill(load_recipe(RECIPE, student), DistillSettings(str(base), args.temperature, args.alpha),
+                work / "student-kd", progress=False)
+        walls["student-kd"] = time.perf_counter() - t0
+    if "qat" in args.stages and not (work / "qat" / "metrics.json").is_file():
+        from vggnet.compress.qat import qat_finetune
+
+        t0 = time.perf_counter()
+        qat_finetune(base, work / "qat", epochs=args.qat_epochs, calib_images=args.calib_n)
+        walls["qat"] = time.perf_counter() - t0
+    return walls
+
+
+def timed_rate(fn: Any, x: torch.Tensor, target_s: float) -> float:
+    fn(x)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < target_s:
+        fn(x)
+        n += 1
+    return n * len(x) / (time.perf_counter() - t0)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy, size, parameters, MACs and latency of every arm on the same validation images."""
+    from vggnet.evaluate import eval_images
+    from vggnet.infer import Predictor, Preprocessing, preprocess
+    from vggnet.models import checkpoint_file, checkpoint_meta, count_macs, count_params, load_checkpoint
+
+    work = Path(args.work)
+    base_file = checkpoint_file(work / "base")
+    base_model, extra = load_checkpoint(base_file)
+    prep = Preprocessing.from_meta(checkpoint_meta(base_file, base_model, extra))
+    images, labels, _ = eval_images(work / "base", None, "val", classes=prep.classes)
+    kept = [(im, y) for im, y in zip(images, labels, strict=True) if im is not None]
+    x, y = preprocess([im for im, _ in kept], prep), torch.tensor([lab for _, lab in kept])
+    train_images, train_labels, _ = eval_images(work / "base", None, "train", classes=prep.classes,
+                                                limit=args.calib_n)
+    calib = preprocess([im for im in train_images if im is not None], prep)
+    log(f"{len(y)} validation images, {len(calib)} calibration images")
+
+    arms: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, run: Path, runtime: str = "eager", note: str = "", file_bytes: int | None = None) -> None:
+        if not run.exists():
+            log(f"  {name}: {run} missing, skipped")
+            return
+        file = checkpoint_file(run)
+        model, _ = load_checkpoint(file)
+        t0 = time.perf_counter()
+        predictor = Predictor(model, prep, runtime, calib=calib if "int8" in runtime else None, max_batch=256)
+        logits = predictor.logits(x)
+        arms[name] = {"run": str(run), "runtime": runtime, "note": note, "model": model.config.to_dict(),
+                      "top1": 100 * float((logits.argmax(1) == y).float().mean()),
+                      "params": count_params(model), "macs": count_macs(model.config, prep.image_size),
+                      "file_bytes": file_bytes if file_bytes is not None else file.stat().st_size,
+                      "build_and_eval_s": round(time.perf_counter() - t0, 1), "_fn": predictor.runtime}
+        log(f"  {name}: top-1 {arms[name]['top1']:.2f} %")
+
+    add("base (fp32)", work / "base")
+    add("base + fine-tune, unpruned (anchor)", work / "base-finetuned")
+    for reduction in args.macs_reductions:
+        add(f"pruned −{round(100 * reduction)} % MACs", work / f"pruned-{round(100 * reduction)}")
+    add(f"student {args.student} w{args.student_width} alone", work / "student")
+    add(f"student {args.student} w{args.student_width} distilled", work / "student-kd")
+    add("base PTQ INT8 (torchao PT2E)", work / "base", "int8")
+    strongest = work / f"pruned-{round(100 * max(args.macs_reductions))}"
+    add(f"pruned −{round(100 * max(args.macs_reductions))} % + PTQ INT8", strongest, "int8")
+    qat_metrics = work / "qat" / "metrics.json"
+    if qat_metrics.is_file():
+        arms["base QAT INT8 (torchao PT2E)"] = {"run": str(work / "qat"), "runtime": "qat",
+                                                **json.loads(qat_metrics.read_text())}
+
+    timed = {k: v for k, v in arms.items() if "_fn" in v}
+    anchor_name = "base (fp32)"
+    rates: dict[str, dict[int, list[float]]] = {k: {b: [] for b in args.batches} for k in timed}
+    for r in range(args.repeats):
+        for b in args.batches:
+            xb = x[:b].contiguous()
+            for name, arm in timed.items():
+                rates[name][b].append(timed_rate(arm["_fn"], xb, args.target_s))
+        log(f"  latency round {r + 1}/{args.repeats} done")
+    for name, arm in timed.items():
+        arm.pop("_fn")
+        for b in args.batches:
+            ratios = [a / c for a, c in zip(rates[name][b], rates[anchor_name][b], strict=True)]
+            arm[f"b{b}"] = {"img_per_s": statistics.median(rates[name][b]), "runs": rates[name][b],
+                            "x_base": statistics.median(ratios), "ms_per_batch": 1000 * b
+                            / statistics.median(rates[name][b])}
+    return {"validation_images": len(y), "calibration_images": len(calib), "anchor": anchor_name, "arms": arms}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, arm in result["arms"].items():
+        if "top1" not in arm or "macs" not in arm:
+            continue
+        marker = "s" if "INT8" in name else "o"
+        ax.scatter(arm["macs"] / 1e6, arm["top1"], marker=marker)
+        ax.annotate(name, (arm["macs"] / 1e6, arm["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("MACs per 32×32 image (millions)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("CIFAR-10: accuracy against compute (squares: INT8)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(result: dict[str, Any], batches: list[int]) -> str:
+    speeds = " | ".join(f"b{b} × base" for b in batches)
+    head = f"| model | top-1 % | params (M) | MACs (M) | {speeds} | file (MB) |"
+    lines = [head, "|" + "---|" * (5 + len(batches))]
+    for name, arm in result["arms"].items():
+        speed = " | ".join(f"{arm[f'b{b}']['x_base']:.2f}" if f"b{b}" in arm else "–" for b in batches)
+        lines.append(f"| {name} | {arm.get('top1', float('nan')):.2f} | {arm.get('params', 0) / 1e6:.2f} | "
+                     f"{arm.get('macs', 0) / 1e6:.1f} | {speed} | {arm.get('file_bytes', 0) / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/cifar10", help="CIFAR-10 JPEG tree from `vggnet data prepare`")
+    ap.add_argument("--work", default="runs/compression", help="run folders")
+    ap.add_argument("--width", type=float, default=0.5, help="the base VGG-16-BN's width")
+    ap.add_argument("--base-epochs", type=int, default=12)
+    ap.add_argument("--finetune-epochs", type=int, default=6)
+    ap.add_argument("--macs-reductions", type=float, nargs="+", default=[0.5, 0.75])
+    ap.add_argument("--criterion", default="l1", choices=("l1", "bn"))
+    ap.add_argument("--student", default="vgg11_bn")
+    ap.add_argument("--student-width", type=float, default=0.25)
+    ap.add_argument("--student-epochs", type=int, default=12)
+    ap.add_argument("--temperature", type=float, default=4.0)
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--qat-epochs", type=int, default=2)
+    ap.add_argument("--calib-n", type=int, default=512)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--target-s", type=float, default=1.0, help="seconds per latency measurement")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--out", default=str(HERE / "results" / "compression.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "compression.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    walls = train_stages(args)
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    walls = {**old.get("train_wall_s", {}), **{k: round(v, 1) for k, v in walls.items()}}
+    if "measure" not in args.stages:
+        return 0
+    result = measure(args)
+    print(table(result, args.batches))
+    plot(result, Path(args.plot))
+    write_results(out, "compression", args, train_wall_s=walls, **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
