@@ -61,7 +61,7 @@ def train_stages(args: argparse.Namespace) -> dict[str, float]:
 
     work = Path(args.work)
     walls: dict[str, float] = {}
-    common = [f"data.path={args.data}", "train.eval_every=2"]
+    common = [f"data.path={args.data}", "train.eval_every=2"] if args.data else []
     base = work / "base"
     if "base" in args.stages and not finished(base, args.base_epochs):
         t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     arms: dict[str, dict[str, Any]] = {}
 
-    def add(name: str, run: Path, runtime: str = "eager", note: str = "", file_bytes: int | None = None) -> None:
+    def add(name: str, run: Path, runtime: str = "eager", note: str = "", file_bytes: int | None = -1) -> None:
         if not run.exists():
             log(f"  {name}: {run} missing, skipped")
             return
@@ -146,7 +146,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         arms[name] = {"run": str(run), "runtime": runtime, "note": note, "model": model.config.to_dict(),
                       "top1": 100 * float((logits.argmax(1) == y).float().mean()),
                       "params": count_params(model), "macs": count_macs(model.config, prep.image_size),
-                      "file_bytes": file_bytes if file_bytes is not None else file.stat().st_size,
+                      "file_bytes": file.stat().st_size if file_bytes == -1 else file_bytes,
                       "build_and_eval_s": round(time.perf_counter() - t0, 1), "_fn": predictor.runtime}
         log(f"  {name}: top-1 {arms[name]['top1']:.2f} %")
 
@@ -156,13 +156,34 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         add(f"pruned −{round(100 * reduction)} % MACs", work / f"pruned-{round(100 * reduction)}")
     add(f"student {args.student} w{args.student_width} alone", work / "student")
     add(f"student {args.student} w{args.student_width} distilled", work / "student-kd")
-    add("base PTQ INT8 (torchao PT2E)", work / "base", "int8")
+    add("base PTQ INT8 (torchao PT2E, built at load)", work / "base", "int8", file_bytes=None)
     strongest = work / f"pruned-{round(100 * max(args.macs_reductions))}"
-    add(f"pruned −{round(100 * max(args.macs_reductions))} % + PTQ INT8", strongest, "int8")
+    add(f"pruned −{round(100 * max(args.macs_reductions))} % + PTQ INT8", strongest, "int8", file_bytes=None)
     qat_metrics = work / "qat" / "metrics.json"
     if qat_metrics.is_file():
-        arms["base QAT INT8 (torchao PT2E)"] = {"run": str(work / "qat"), "runtime": "qat",
-                                                **json.loads(qat_metrics.read_text())}
+        from vggnet.compress.qat import load_qat
+
+        saved = json.loads(qat_metrics.read_text())
+        qat = load_qat(work / "qat", compile=True)
+        logits = torch.cat([qat.runtime(chunk) for chunk in x.split(256)])
+        arms["base QAT INT8 (torchao PT2E, qat.pt2)"] = {
+            "run": str(work / "qat"), "runtime": "qat-int8 (compiled)", "note": "top-1 re-measured here",
+            "top1": 100 * float((logits.argmax(1) == y).float().mean()), "params": saved.get("params"),
+            "macs": saved.get("macs"), "file_bytes": saved.get("file_bytes"), "qat_metrics": saved,
+            "_fn": qat.runtime}
+        log(f"  QAT: top-1 {arms['base QAT INT8 (torchao PT2E, qat.pt2)']['top1']:.2f} %")
+    from vggnet.export import export_model, load_exported
+
+    for fmt, name in (("onnx", "base ONNX fp32 file (ONNX Runtime)"), ("onnx-int8", "base ONNX INT8 file")):
+        path = work / f"base{'.int8' if fmt == 'onnx-int8' else ''}.onnx"
+        report = export_model(base_file, fmt, path, **({"calib_images": args.calib_n} if fmt == "onnx-int8" else {}))
+        loaded = load_exported(path)
+        logits = torch.cat([loaded.runtime(chunk) for chunk in x.split(256)])
+        arms[name] = {"run": str(path), "runtime": loaded.format, "top1": 100 * float((logits.argmax(1) == y)
+                                                                                     .float().mean()),
+                      "params": count_params(base_model), "macs": count_macs(base_model.config, prep.image_size),
+                      "file_bytes": path.stat().st_size, "export": report.to_dict(), "_fn": loaded.runtime}
+        log(f"  {name}: top-1 {arms[name]['top1']:.2f} %, {path.stat().st_size / 1e6:.2f} MB")
 
     timed = {k: v for k, v in arms.items() if "_fn" in v}
     anchor_name = "base (fp32)"
@@ -212,8 +233,9 @@ def table(result: dict[str, Any], batches: list[int]) -> str:
     lines = [head, "|" + "---|" * (5 + len(batches))]
     for name, arm in result["arms"].items():
         speed = " | ".join(f"{arm[f'b{b}']['x_base']:.2f}" if f"b{b}" in arm else "–" for b in batches)
+        size = f"{arm['file_bytes'] / 1e6:.2f}" if arm.get("file_bytes") else "–"
         lines.append(f"| {name} | {arm.get('top1', float('nan')):.2f} | {arm.get('params', 0) / 1e6:.2f} | "
-                     f"{arm.get('macs', 0) / 1e6:.1f} | {speed} | {arm.get('file_bytes', 0) / 1e6:.2f} |")
+                     f"{arm.get('macs', 0) / 1e6:.1f} | {speed} | {size} |")
     return "\n".join(lines)
 
 
@@ -237,10 +259,19 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--target-s", type=float, default=1.0, help="seconds per latency measurement")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--smoke", action="store_true",
+                    help="every stage on the embedded digits at width 0.125, one epoch each, short timings; "
+                         "writes under /tmp and no results file: only shows that every path runs")
     ap.add_argument("--out", default=str(HERE / "results" / "compression.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "compression.png"))
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    global RECIPE
+    if args.smoke:
+        RECIPE = "demo"
+        args.work, args.data, args.width, args.student_width = "/tmp/compression-smoke", "", 0.125, 0.0625
+        args.base_epochs = args.finetune_epochs = args.student_epochs = args.qat_epochs = 1
+        args.calib_n, args.repeats, args.target_s = 64, 1, 0.05
+        args.out, args.plot = "/tmp/compression-smoke/compression.json", "/tmp/compression-smoke/compression.png"
     walls = train_stages(args)
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
