@@ -227,3 +227,22 @@ def test_cli_help_and_table(qat_run, run, tmp_path, capsys):
         assert row in table
     assert main(["compress", "qat", "--ckpt", str(out / "qat.pt2"), "--out", str(tmp_path / "x")]) == 2
     assert "cannot be trained" in capsys.readouterr().err
+
+
+def test_predict_and_load_exported_take_the_qat_file(qat_run, data, tmp_path, capsys):
+    """`qat.pt2` is a torch.export program, not an AOTInductor package: the export reader tells them apart."""
+    from PIL import Image
+
+    from vggnet.export import load_exported
+
+    _, _, val_x = data
+    loaded = load_exported(qat_run / "qat.pt2")
+    assert loaded.format == "pt2-int8" and loaded.meta["quantization"]["method"] == "qat"
+    saved = load_qat(qat_run)
+    assert torch.equal(loaded(val_x[:8]).argmax(1), saved(val_x[:8]).argmax(1))
+    image = ((val_x[0] * 0.5 + 0.5) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(image).save(tmp_path / "digit.png")
+    assert main(["predict", "--ckpt", str(qat_run / "qat.pt2"), str(tmp_path / "digit.png"), "--topk", "1",
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    assert saved.predictor().predict([Image.open(tmp_path / "digit.png")], topk=1)[0][0][0] in out

@@ -152,9 +152,9 @@ def load_exported(path: str | os.PathLike, fmt: str | None = None, **options: An
 
         loaded = load_onnx(path, **options)
     elif base == "pt2":
-        from .pt2 import load_pt2
+        from .pt2 import is_program, load_program, load_pt2
 
-        loaded = load_pt2(path)
+        loaded = load_program(path) if is_program(path) else load_pt2(path)
     else:
         from .torchscript import load_torchscript
 

@@ -19,7 +19,7 @@ from vggnet.models import VGG
 
 from .common import METADATA_KEY, ExportedModel, ExportError, _Checked, example_input, export_metadata, parse_metadata
 
-__all__ = ["export_pt2", "load_pt2"]
+__all__ = ["export_pt2", "is_program", "load_program", "load_pt2"]
 
 
 def export_pt2(model: VGG, prep: Preprocessing, out: str | os.PathLike, *,
@@ -56,3 +56,37 @@ def load_pt2(path: str | os.PathLike) -> ExportedModel:
             return compiled(x)
 
     return ExportedModel(path, "pt2", prep, _Checked("pt2", run, prep), meta)
+
+
+PROGRAM_METADATA = "vggnet.json"  # the extra file a saved torch.export program keeps its metadata in
+
+
+def is_program(path: str | os.PathLike) -> bool:
+    """Whether a ``.pt2`` is a saved ``torch.export`` program (``torch.export.save``, e.g. ``vggnet compress qat``'s
+    ``qat.pt2``) rather than an AOTInductor package: it has a serialized model and no compiled library."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("models/model.json") for n in names) and not any("aotinductor" in n for n in names)
+
+
+def load_program(path: str | os.PathLike) -> ExportedModel:
+    """A saved ``torch.export`` program with vggnet metadata, run eagerly (its INT8 q/dq ops in fp32 reference
+    arithmetic: the same predictions as the compiled INT8 kernels up to rounding, no compiler needed)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the q/dq ops a converted graph calls
+
+    path = Path(path)
+    extra = {PROGRAM_METADATA: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError / SerializeError for foreign or damaged archives
+        raise ExportError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
+    prep, meta = parse_metadata(extra[PROGRAM_METADATA], path)
+    module = program.module()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x)
+
+    return ExportedModel(path, "pt2-program", prep, _Checked("pt2-program", run, prep), meta)
