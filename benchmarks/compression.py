@@ -210,14 +210,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.0, 4.6))
     for name, arm in result["arms"].items():
-        if "top1" not in arm or "macs" not in arm:
+        if not arm.get("top1") or not arm.get("macs"):
             continue
         marker = "s" if "INT8" in name else "o"
-        ax.scatter(arm["macs"] / 1e6, arm["top1"], marker=marker)
-        ax.annotate(name, (arm["macs"] / 1e6, arm["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel("MACs per 32×32 image (millions)")
+        ax.scatter(arm["macs"] / 1e6, arm["top1"], marker=marker, s=40, alpha=0.8, label=f"{name}: {arm['top1']:.2f} %")
+    ax.set_xscale("log")
+    ax.set_xticks([5, 10, 20, 40, 80], labels=["5", "10", "20", "40", "80"])
+    ax.minorticks_off()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    ax.set_xlabel("MACs per 32×32 image (millions, log scale)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("CIFAR-10: accuracy against compute (squares: INT8)")
     ax.grid(alpha=0.3)
@@ -259,6 +262,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--target-s", type=float, default=1.0, help="seconds per latency measurement")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--replot", action="store_true", help="redraw --plot from --out, measure nothing")
     ap.add_argument("--smoke", action="store_true",
                     help="every stage on the embedded digits at width 0.125, one epoch each, short timings; "
                          "writes under /tmp and no results file: only shows that every path runs")
@@ -272,10 +276,13 @@ def main() -> int:
         args.base_epochs = args.finetune_epochs = args.student_epochs = args.qat_epochs = 1
         args.calib_n, args.repeats, args.target_s = 64, 1, 0.05
         args.out, args.plot = "/tmp/compression-smoke/compression.json", "/tmp/compression-smoke/compression.png"
-    walls = train_stages(args)
+    walls = {} if args.replot else train_stages(args)
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
     walls = {**old.get("train_wall_s", {}), **{k: round(v, 1) for k, v in walls.items()}}
+    if args.replot:  # the figure again from the results file, nothing re-measured
+        plot(json.loads(out.read_text()), Path(args.plot))
+        return 0
     if "measure" not in args.stages:
         return 0
     result = measure(args)
