@@ -69,7 +69,8 @@ def train_stages(args: argparse.Namespace) -> dict[str, float]:
               base, progress=False)
         walls["base"] = time.perf_counter() - t0
     lr = 0.1 * float(load_recipe(base / "recipe.yaml")["optim"]["lr"])
-    anchor = work / "base-finetuned"
+    tag = "" if args.finetune_epochs == 6 else f"-e{args.finetune_epochs}"  # the committed table's runs: 6 epochs
+    anchor = work / f"base-finetuned{tag}"
     if "anchor" in args.stages and not finished(anchor, args.finetune_epochs):
         t0 = time.perf_counter()
         train(load_recipe(base / "recipe.yaml", [f"model.weights={base / 'best.safetensors'}",
@@ -78,7 +79,7 @@ def train_stages(args: argparse.Namespace) -> dict[str, float]:
         walls["anchor"] = time.perf_counter() - t0
     if "prune" in args.stages:
         for reduction in args.macs_reductions:
-            run = work / f"pruned-{round(100 * reduction)}"
+            run = work / f"pruned-{round(100 * reduction)}{tag}"
             if finished(run, args.finetune_epochs):
                 continue
             t0 = time.perf_counter()
