@@ -219,14 +219,6 @@ class PruneSettings:
             raise ValueError(f"unknown pruning scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
 
 
-def source_recipe(file: Path) -> Path | None:
-    """The recipe a checkpoint was trained with: ``recipe.yaml`` in its run folder, when there is one."""
-    for folder in (file.parent, file.parent.parent.parent):  # run/best.safetensors, run/checkpoints/epoch-N/...
-        if (folder / "recipe.yaml").is_file():
-            return folder / "recipe.yaml"
-    return None
-
-
 def prune_run(settings: PruneSettings, out_dir: str | os.PathLike, *, epochs: int, lr: float | None = None,
               overrides: Sequence[str] = (), recipe: str | None = None, progress: bool | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -239,6 +231,7 @@ def prune_run(settings: PruneSettings, out_dir: str | os.PathLike, *, epochs: in
     """
     from vggnet.engine.recipe import load_recipe
     from vggnet.engine.trainer import train
+    from vggnet.evaluate.sources import find_recipe  # the run folder's recipe.yaml, as eval finds it
     from vggnet.models import checkpoint_file, load_checkpoint, save_checkpoint
 
     if epochs < 0:
@@ -247,7 +240,7 @@ def prune_run(settings: PruneSettings, out_dir: str | os.PathLike, *, epochs: in
     record, pruned_file = out / "prune.json", out / "pruned.safetensors"
     wanted = asdict(settings)
     file = checkpoint_file(settings.source)
-    recipe_file = recipe or source_recipe(file)
+    recipe_file = recipe or find_recipe(file)
     if epochs and recipe_file is None:
         raise ValueError(f"{file} has no recipe.yaml beside it to fine-tune with: pass --recipe (the one it was "
                          "trained with), or --epochs 0 to prune only")
