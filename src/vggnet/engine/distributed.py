@@ -39,6 +39,28 @@ def setup(device: str | None = None) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
+def check_sync_bn(sync_bn: bool, env: Dist) -> str | None:
+    """``train.sync_bn`` checked before any data is loaded or the run folder is written.
+
+    torch's SyncBatchNorm runs only on CUDA devices: under torchrun on CPUs (gloo) it would fail at the first
+    forward pass ("SyncBatchNorm layers only work with GPU modules"), so that is refused here, with what to do.
+    In a single process batch norm already sees the whole batch, so the setting changes nothing: it is ignored
+    and the returned note (None when there is nothing to say) tells the user so.
+    """
+    if not sync_bn:
+        return None
+    if not env.enabled:
+        return ("train.sync_bn: ignored in a single process (batch norm already sees the whole batch); "
+                "it applies under torchrun with CUDA devices")
+    if env.device.type != "cuda":
+        raise ValueError(f"train.sync_bn: true needs CUDA devices (torch's SyncBatchNorm only runs on GPUs), but "
+                         f"these {env.world} torchrun processes run on the {env.device.type} (gloo). Run them on CUDA "
+                         "devices, or set train.sync_bn false (--set train.sync_bn=false): each process's batch norm "
+                         "then normalises its own shard of the batch, and the running statistics are still averaged "
+                         "across processes at the end of every epoch")
+    return None
+
+
 def all_sum(values: torch.Tensor, env: Dist) -> torch.Tensor:
     """Sum a tensor of counts over ranks (identity without DDP)."""
     if env.enabled:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vggnet import data as vdata
+from vggnet.data.transforms import scale_pixels
 
 from .distributed import Dist
 
@@ -29,6 +30,8 @@ class Inputs:
     image_size: int
     mean: list[float]
     std: list[float]
+    #: the validation view's shorter side in px (the paper's single test scale Q), recorded in checkpoints
+    test_scale: int | None = None
 
 
 class StreamingLoader:
@@ -113,7 +116,9 @@ def build_inputs(recipe: dict[str, Any], env: Dist) -> Inputs:
     if val_x is not None and len(val_x):
         val = vdata.TensorLoader(val_x, val_y, batch_size=batch, shuffle=False, drop_last=False, seed=seed,
                                  augment="center" if paper else "none", scale=_test_scale(scale), **common)
-    return Inputs(train, val, classes, channels, size, mean, std)
+    # in memory, only the paper's views rescale: the others see the images as decoded, at the crop
+    test_scale = scale_pixels(_test_scale(scale), size) if paper else size
+    return Inputs(train, val, classes, channels, size, mean, std, test_scale)
 
 
 def _streaming(recipe, train_ds, val_ds, classes, batch, env: Dist) -> Inputs:
@@ -137,7 +142,7 @@ def _streaming(recipe, train_ds, val_ds, classes, batch, env: Dist) -> Inputs:
     if val_ds is not None and len(val_ds):
         val_ds.transform = vdata.eval_transform(q, size, mean=mean, std=std)
         val = StreamingLoader(val_ds, batch, False, seed, d["workers"], env)
-    return Inputs(train, val, classes, 3, size, mean, std)
+    return Inputs(train, val, classes, 3, size, mean, std, scale_pixels(q, size))
 
 
 def _scale(d: dict[str, Any], size: int) -> Any:

@@ -77,6 +77,9 @@ DEFAULTS: Recipe = {
         "eval_flip": False,  # also report val_top1_flip: softmax averaged with the mirrored image
         "stop_after_epoch": None,  # end this run after that epoch; the schedule still plans schedule.epochs
         "record_shards": False,  # debugging/tests: write each rank's sample indices of epoch 1
+        "tracking": "tensorboard",  # tensorboard (tb/ in the run folder) | mlflow (the tracking extra) | none
+        "tracking_uri": None,  # mlflow: null = $MLFLOW_TRACKING_URI, else SQLite in mlruns/ beside the run folder
+        "tracking_experiment": None,  # mlflow: null = $MLFLOW_EXPERIMENT_NAME, else "vggnet"
     },
 }
 

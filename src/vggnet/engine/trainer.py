@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vggnet.hardware import native_bf16
+from vggnet.hardware import autocast_dtype
 from vggnet.models import VGG, create_model, init_from_shallower, init_whitening, load_checkpoint
 
 from . import distributed
@@ -35,6 +35,7 @@ from .inputs import Inputs, build_inputs
 from .lookahead import Lookahead
 from .recipe import Recipe, save_recipe
 from .schedule import LRSchedule
+from .tracking import Tracker, check_tracking, open_tracker
 
 
 class ResumeError(ValueError):
@@ -42,14 +43,9 @@ class ResumeError(ValueError):
 
 
 def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto`` uses bf16 where the hardware runs it natively."""
-    if requested == "fp32":
-        return None
-    if requested == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if native_bf16(device) else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+    """The autocast dtype, or None for fp32. ``auto`` uses bf16 where the hardware runs it natively (the rule
+    ``vggnet predict`` / ``serve --precision auto`` share, :func:`vggnet.hardware.autocast_dtype`)."""
+    return autocast_dtype(requested, device)
 
 
 def build_optimizer(model: VGG, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -188,9 +184,13 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bo
 
 def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: distributed.Dist,
            loss_fn: LossFn | None = None) -> dict[str, Any]:
+    sync_bn_note = distributed.check_sync_bn(bool(recipe["train"]["sync_bn"]), env)  # before data or run folder
+    if sync_bn_note and env.main:
+        print(sync_bn_note, file=sys.stderr, flush=True)
     ckpts = list_checkpoints(out) if resume else []
     recipe, pretrained = resolve_recipe(recipe, out / "recipe.yaml" if ckpts else None)
     tcfg, ocfg, scfg, mcfg = recipe["train"], recipe["optim"], recipe["schedule"], recipe["model"]
+    check_tracking(recipe)  # a missing MLflow fails here, before any data is loaded
     if tcfg["threads"]:
         torch.set_num_threads(int(tcfg["threads"]))
     torch.manual_seed(tcfg["seed"] + env.rank)
@@ -269,14 +269,17 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         torch.compiler.reset()
         net = torch.compile(net)
 
-    logger = None
+    logger, tracker = None, Tracker()
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
-        logger = RunLogger(out)
+        logger = RunLogger(out, tensorboard=tcfg["tracking"] == "tensorboard")
         logger.truncate(start_epoch - 1)
+        tracker = open_tracker(recipe, out, resuming=bool(ckpts))
     meta = {"classes": inputs.classes, "mean": inputs.mean, "std": inputs.std, "image_size": inputs.image_size,
             "recipe": recipe.get("description", "")}
+    if inputs.test_scale is not None:  # the validation view's shorter side: predict / serve / export resize to it
+        meta["test_scale"] = int(inputs.test_scale)
     if started_from is not None:
         meta["weights"] = started_from
 
@@ -370,6 +373,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
         if env.main:
             record["time"] = time.time()
             logger.log(record)  # type: ignore[union-attr]
+            tracker.log_epoch(record)
             save_training_checkpoint(out, epoch, model, ema.module if ema is not None else None, state,
                                      {**meta, "metrics": {k: v for k, v in record.items() if k != "time"}},
                                      is_best, tcfg["keep"])
@@ -383,6 +387,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
     if env.main and last:
         (out / "final.json").write_text(json.dumps({**last, "best_top1": best_top1}, indent=2))
         logger.close()  # type: ignore[union-attr]
+    if env.main:
+        tracker.finish(out)  # artifacts (curves, confusion, best checkpoint) once they are final
     if tcfg["record_shards"]:
         _record_final(out, env, model)
     return {**last, "best_top1": best_top1}

@@ -1,0 +1,207 @@
+"""Experiment tracking: where a run's numbers go besides its own files. TensorBoard (the default) or MLflow.
+
+``train.tracking`` picks it: ``tensorboard`` (events in the run folder's ``tb/``, written by
+:class:`~vggnet.engine.artifacts.RunLogger`), ``mlflow`` or ``none`` (``metrics.jsonl`` / ``.csv`` are written
+whatever the choice). The trainer sees a tiny interface: :func:`check_tracking` before anything is built (an
+unknown choice or a missing package fails there, not after the data is loaded), :func:`open_tracker` on rank 0,
+then ``log_epoch(record)`` per epoch and ``finish(out)`` at the end.
+
+MLflow, imported only when chosen: the resolved recipe becomes the run's parameters (dotted keys, values as
+YAML would write them, cut to MLflow's length limit), every epoch's numbers its metrics (step = epoch), and at
+the end ``curves.png``, ``confusion.png``, ``best.safetensors`` and ``recipe.yaml`` its artifacts. The store
+is ``train.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a local SQLite store ``mlruns/mlflow.db`` (with
+artifacts in ``mlruns/artifacts/``) in the run folder's parent: beside the run, so every run under ``runs/``
+lands in one store and can be compared (MLflow 3 refuses its old plain-file store unless told to; SQLite
+needs no server). The MLflow run id is kept in the run folder's ``mlflow.json``, so a resumed run continues
+the same MLflow run; epochs redone after a resume from an earlier checkpoint are logged again at the same step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+TRACKERS = ("tensorboard", "mlflow", "none")
+STORE_DIR = "mlruns"  # beside the run folder, unless a tracking URI is given
+RUN_FILE = "mlflow.json"  # in the run folder: which MLflow run a resume continues
+ARTIFACTS = ("curves.png", "confusion.png", "best.safetensors", "recipe.yaml")
+DEFAULT_EXPERIMENT = "vggnet"
+INSTALL = "pip install 'vggnet[tracking]'"
+_NOT_METRICS = ("epoch", "epochs", "time")  # the step itself, a constant and a timestamp
+
+
+class TrackingUnavailable(ValueError):
+    """``train.tracking: mlflow`` without MLflow installed (a message for the CLI, raised before training)."""
+
+
+def check_tracking(recipe: dict[str, Any]) -> None:
+    """Refuse an unknown ``train.tracking``, or ``mlflow`` when the packages it needs do not import."""
+    kind = recipe["train"]["tracking"]
+    if kind not in TRACKERS:
+        raise ValueError(f"unknown train.tracking {kind!r}; choose {', '.join(TRACKERS)}")
+    if kind == "mlflow":
+        _mlflow_client(local_store=_given_uri(recipe) is None)
+
+
+def open_tracker(recipe: dict[str, Any], out: Path, resuming: bool) -> Tracker:
+    """The tracker of ``train.tracking`` for the main process (others log nothing, so never call this)."""
+    if recipe["train"]["tracking"] == "mlflow":
+        return MlflowTracker(recipe, out, resuming)
+    return Tracker()  # tensorboard is written by RunLogger with the metrics files; none writes only those
+
+
+class Tracker:
+    """Nothing to do (TensorBoard or none); the interface the trainer calls."""
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, out: Path) -> None:
+        pass
+
+
+def flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``; an empty mapping stays one value."""
+    flat: dict[str, Any] = {}
+    for key, value in recipe.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def param_value(value: Any, limit: int = 6000) -> str:
+    """A recipe value as a parameter: strings as they are, others as YAML / JSON spell them (null, true, [1, 2])."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _given_uri(recipe: dict[str, Any]) -> str | None:
+    return recipe["train"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def _mlflow_client(local_store: bool) -> Any:
+    """MlflowClient, imported now; the default SQLite store also needs SQLAlchemy and Alembic."""
+    modules = []
+    for name in ("mlflow.tracking", *(("sqlalchemy", "alembic") if local_store else ())):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError as exc:
+            raise TrackingUnavailable(f"train.tracking: mlflow needs {name.split('.')[0]}, which does not import "
+                                      f"({exc}): {INSTALL}") from exc
+    return modules[0].MlflowClient
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run per run folder, continued when the run folder is resumed."""
+
+    def __init__(self, recipe: dict[str, Any], out: Path, resuming: bool) -> None:
+        given = _given_uri(recipe)
+        local = given is None
+        client_cls = _mlflow_client(local_store=local)
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils import validation
+
+        self._limits = (getattr(validation, "MAX_PARAM_VAL_LENGTH", 500),
+                        getattr(validation, "MAX_PARAMS_TAGS_PER_BATCH", 100),
+                        getattr(validation, "MAX_METRICS_PER_BATCH", 1000))
+        out = Path(out).resolve()
+        store = out.parent / STORE_DIR
+        if local:
+            store.mkdir(parents=True, exist_ok=True)
+            from mlflow.utils.file_utils import path_to_local_sqlite_uri
+
+            given = path_to_local_sqlite_uri(str(store / "mlflow.db"))
+        self.uri = given
+        self.client = client_cls(self.uri)
+        run = None
+        saved = _read_json(out / RUN_FILE)
+        if resuming and saved.get("tracking_uri") == self.uri and saved.get("run_id"):
+            try:
+                run = self.client.get_run(saved["run_id"])
+            except MlflowException:  # deleted from the store: start afresh
+                run = None
+            if run is not None and run.info.lifecycle_stage != "active":
+                run = None
+        if run is None:
+            experiment = self._experiment(recipe["train"]["tracking_experiment"]
+                                          or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+                                          store / "artifacts" if local else None)
+            run = self.client.create_run(experiment, run_name=out.name,
+                                         tags={"vggnet.run_folder": str(out)})
+            (out / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run.info.run_id,
+                                                    "experiment_id": experiment}, indent=2) + "\n")
+            action = "started"
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            action = "continued"
+        self.run_id = run.info.run_id
+        self._log_params(recipe, run.data.params)
+        print(f"mlflow: {action} run {self.run_id} in {self.uri}", flush=True)
+
+    def _experiment(self, name: str, artifacts: Path | None) -> str:
+        """The experiment's id, created when missing; in the default store its artifacts go beside the database
+        (MLflow would put them in ./mlruns of the working directory)."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if artifacts is not None:
+            location = (artifacts / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment")).as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another run created it meanwhile
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _log_params(self, recipe: dict[str, Any], existing: dict[str, str]) -> None:
+        """Parameters cannot change once logged: a resumed run adds only keys it lacks (recipe.yaml, logged at the
+        end, has the values the run ended with)."""
+        from mlflow.entities import Param
+
+        limit, per_batch, _ = self._limits
+        params = [Param(key, param_value(value, limit)) for key, value in flatten(recipe).items()
+                  if key not in existing]
+        for i in range(0, len(params), per_batch):
+            self.client.log_batch(self.run_id, params=params[i:i + per_batch])
+        changed = [key for key, value in flatten(recipe).items()
+                   if key in existing and existing[key] != param_value(value, limit)]
+        if changed:
+            print(f"mlflow: parameters keep the values the run started with: {', '.join(changed)} "
+                  "differ now (recipe.yaml is logged at the end)", flush=True)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        step = int(record["epoch"])
+        stamp = int(1000 * record.get("time", time.time()))
+        metrics = [Metric(key, float(value), stamp, step) for key, value in record.items()
+                   if key not in _NOT_METRICS and isinstance(value, int | float) and not isinstance(value, bool)]
+        per_batch = self._limits[2]
+        for i in range(0, len(metrics), per_batch):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + per_batch])
+
+    def finish(self, out: Path) -> None:
+        for name in ARTIFACTS:
+            path = Path(out) / name
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,116 @@
+"""train.tracking: mlflow on the embedded digits, read back with MLflow's own client; a missing MLflow; resume."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when MLflow is imported: no usage pings from tests
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from vggnet.engine.recipe import load_recipe  # noqa: E402
+from vggnet.engine.tracking import RUN_FILE, TrackingUnavailable, flatten, param_value  # noqa: E402
+from vggnet.engine.trainer import train  # noqa: E402
+
+# MLflow 3.17's SQL store uses a loader strategy SQLAlchemy 2.1 deprecates; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+FAST = ["model.width=0.125", "data.image_size=32", "optim.batch_size=64", "train.threads=1",
+        "train.deterministic=true", "train.precision=fp32", "train.channels_last=false", "train.tracking=mlflow"]
+
+
+def recipe(*overrides):
+    return load_recipe("demo", [*FAST, *overrides])
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made once: creating them (Alembic migrations) takes seconds."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def runs(tmp_path, empty_store, monkeypatch) -> Path:
+    """A runs/ folder whose mlruns/ (the default store beside a run) starts as a copy of the empty store."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "mlruns").mkdir()
+    shutil.copyfile(empty_store, tmp_path / "mlruns" / "mlflow.db")
+    return tmp_path
+
+
+def client_for(runs: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{runs / 'mlruns' / 'mlflow.db'}")
+
+
+def test_params_metrics_and_artifacts_read_back(runs):
+    out = runs / "digits"
+    train(recipe("schedule.epochs=2"), out)
+    saved = json.loads((out / RUN_FILE).read_text())
+    client = client_for(runs)
+    run = client.get_run(saved["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "digits"
+    assert client.get_experiment(run.info.experiment_id).name == "vggnet"
+
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    expected = {key: param_value(value) for key, value in flatten(resolved).items()}
+    assert run.data.params == expected
+    assert run.data.params["optim.lr"] == "0.05" and run.data.params["model.name"] == "vgg11_bn"
+    assert run.data.params["train.tracking"] == "mlflow" and run.data.params["model.channels"] == "null"
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "val_top1", "lr"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+        assert [m.value for m in history] == pytest.approx([r[key] for r in records]), key
+    assert "epoch" not in run.data.metrics and "time" not in run.data.metrics
+
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curves.png", "confusion.png", "best.safetensors", "recipe.yaml"} <= names
+    assert run.info.artifact_uri.startswith((runs / "mlruns" / "artifacts").as_uri())  # beside the database
+    copy = client.download_artifacts(run.info.run_id, "best.safetensors", str(runs / "dl"))
+    assert Path(copy).read_bytes() == (out / "best.safetensors").read_bytes()
+    assert not (out / "tb").exists()  # MLflow instead of TensorBoard
+
+
+def test_resume_continues_the_same_mlflow_run(runs):
+    out = runs / "resumed"
+    train(recipe("schedule.epochs=2", "train.stop_after_epoch=1"), out)
+    first = json.loads((out / RUN_FILE).read_text())["run_id"]
+    train(recipe("schedule.epochs=2"), out)
+    assert json.loads((out / RUN_FILE).read_text())["run_id"] == first
+    client = client_for(runs)
+    assert len(client.search_runs([client.get_experiment_by_name("vggnet").experiment_id])) == 1
+    assert [m.step for m in client.get_metric_history(first, "val_top1")] == [1, 2]
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.stop_after_epoch"] == "1"  # parameters are fixed at the run's start
+
+
+@pytest.mark.parametrize("package", ["mlflow", "sqlalchemy"])  # the default SQLite store needs SQLAlchemy too
+def test_missing_mlflow_fails_before_training(tmp_path, monkeypatch, package):
+    for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import mlflow...` now raises ImportError
+    monkeypatch.setitem(sys.modules, package, None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(TrackingUnavailable, match=rf"needs {package}, .*pip install 'vggnet\[tracking\]'"):
+        train(recipe("schedule.epochs=1"), out)
+    assert not out.exists()  # nothing trained, no run folder
+
+
+def test_unknown_tracking_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tensorboard, mlflow, none"):
+        train(recipe("train.tracking=wandb"), tmp_path / "run")
+
+
+def test_param_values_are_cut_to_mlflow_limit():
+    assert param_value("x" * 7000) == "x" * 5997 + "..."
+    assert param_value([0.5, 0.5]) == "[0.5, 0.5]" and param_value(True) == "true" and param_value("sgd") == "sgd"
+    assert flatten({"a": {"b": 1, "c": {}}, "d": None}) == {"a.b": 1, "a.c": {}, "d": None}
