@@ -87,17 +87,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from vggnet.evaluate import eval_images, load_models, parse_protocol, predict_proba, summarize
+    from vggnet.hardware import resolve_device
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     protocols = [parse_protocol(text) for text in args.protocol or ["single"]]  # fail before any loading
+    device = str(resolve_device(args.device))  # likewise a CUDA device that is not there
     models, meta = load_models(args.ckpt)
     images, labels, classes = eval_images(args.ckpt[0], args.data, args.split, classes=meta["classes"],
                                           limit=args.limit)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     crop = meta["image_size"]
     results = []
     for protocol in protocols:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 EPILOG = """\
-runtimes (--runtime; all run on the CPU and return the same labels up to their precision):
-  eager           fp32 as trained (default)
+runtimes (--runtime; all return the same labels up to their precision):
+  eager           fp32 as trained (default); the only one that takes --device cuda and --precision
   channels_last   fp32, batch norm folded, NHWC memory layout
   bf16            bf16 weights and autocast (fast on CPUs with AVX512-BF16 or AMX)
   compile         torch.compile (Inductor), fp32; compiles on the first batch
@@ -23,14 +23,20 @@ runtimes (--runtime; all run on the CPU and return the same labels up to their p
   auto            tries them on the calibration images, keeps the fastest whose top-1 agrees with eager
                   on >= 99 % of them, says which on stderr; needs --calib-data
 
---ckpt may also be a file written by `vggnet export` (.onnx, .pt2, .pt): it runs as exported, with the
-preprocessing stored inside it, and --runtime does not apply.
+--ckpt may also be a file written by `vggnet export` (.onnx, .pt2, .pt): it runs as exported, on the CPU,
+with the preprocessing stored inside it, and --runtime, --device and --precision do not apply.
+
+devices (--device, --precision; the eager runtime of a checkpoint):
+  cpu (default), cuda, cuda:N; fp32 (default), bf16, fp16 (CUDA only) or auto (bf16 where the hardware runs
+  it natively, fp16 on GPUs without bf16, else fp32) as autocast. A CUDA device that is not there, fp16 on
+  the CPU, or a device for another runtime or an exported file is an error before anything loads.
 
 examples:
   vggnet predict --ckpt runs/cifar10 photo.jpg
   vggnet predict --ckpt runs/cifar10 --topk 3 --json 'shots/**/*.png' > labels.json
   vggnet predict --ckpt runs/cifar10 --runtime int8 --calib-data data/cifar10/train --calib-n 256 shots/
   vggnet predict --ckpt model.onnx shots/
+  vggnet predict --ckpt runs/cifar10 --device cuda --precision bf16 shots/
 """
 
 
@@ -38,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="top-k labels for images (files, folders, globs) from a checkpoint or exported model",
         description=textwrap.fill(
-            "Classify images with a trained checkpoint: each image is resized (shorter side to the training crop), "
-            "centre-cropped and normalised exactly as the checkpoint records, then run in batches through the "
+            "Classify images with a trained checkpoint: each image is resized (shorter side to the checkpoint's "
+            "test scale: the view it was validated at, else the training crop), centre-cropped to the training "
+            "crop and normalised exactly as the checkpoint records, then run in batches through the "
             "chosen runtime. Prints one line per image with the top-k labels and probabilities, or JSON. "
             "Folders are searched recursively for image files; quote globs so that vggnet expands them "
             "(** matches sub-folders). An unreadable, truncated or oversized image is an error naming the "
@@ -53,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", default=None, metavar="R",
                    help="eager, channels_last, bf16, compile, compile-bf16, int8, int8-dynamic, onnx, onnx-int8 "
                    "or auto (default: eager)")
+    p.add_argument("--device", metavar="D", help="cpu (default), cuda or cuda:N: where the eager runtime runs")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast of the eager runtime: fp32 (default), bf16, fp16 (CUDA only) or auto")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images decoded and run per forward pass (default: 32)")
@@ -71,6 +81,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 _CALIBRATED = ("int8", "onnx-int8", "auto")
 _EXPORT_SUFFIXES = (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # vggnet.hardware.PRECISIONS, without importing torch for --help
+
+
+def check_device(args: argparse.Namespace) -> str:
+    """--device / --precision checked before anything is loaded (vggnet.hardware's rules, as in `vggnet eval`);
+    the device the predictions run on."""
+    from vggnet.infer.predictor import check_cpu_only, placement
+
+    ckpt = Path(args.ckpt)
+    if ckpt.suffix.lower() in _EXPORT_SUFFIXES:
+        check_cpu_only(f"an exported file ({ckpt.name})", args.device, args.precision)
+        return "cpu"
+    runtime = args.runtime or "eager"
+    if runtime != "eager":
+        check_cpu_only(f"--runtime {runtime}", args.device, args.precision)
+        return "cpu"
+    return str(placement(args.device, args.precision)[0])
 
 
 def _calibration(args: argparse.Namespace, prep: Any) -> Any:
@@ -103,7 +130,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, str]:
     model, extra = load_checkpoint(file)
     prep = Preprocessing.from_meta(checkpoint_meta(file, model, extra))
     calib = _calibration(args, prep) if args.calib_data else None
-    predictor = Predictor(model, prep, runtime, calib=calib, max_batch=args.batch_size)
+    predictor = Predictor(model, prep, runtime, calib=calib, max_batch=args.batch_size, device=args.device,
+                          precision=args.precision)
     predictor.source = file
     return predictor, predictor.runtime.name
 
@@ -131,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--topk must be at least 1, got {args.topk}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = check_device(args)
     paths = expand_image_paths(args.images)  # a typo fails before the model is loaded
     predictor, runtime = _load(args)
     if hasattr(predictor.runtime, "summary"):  # auto: say what was measured and picked
@@ -159,8 +188,9 @@ def run(args: argparse.Namespace) -> int:
             bar.update(len(batch))
     failed = sum("error" in r for r in rows)
     if args.json:
-        print(json.dumps({"checkpoint": str(predictor.source), "runtime": runtime, "topk": topk,
-                          "image_size": predictor.prep.image_size, "predictions": rows, "failed": failed}, indent=2))
+        print(json.dumps({"checkpoint": str(predictor.source), "runtime": runtime, "device": device,
+                          "precision": args.precision or "fp32", "topk": topk, "image_size": predictor.prep.image_size,
+                          "test_scale": predictor.prep.test_scale, "predictions": rows, "failed": failed}, indent=2))
     else:
         print(_table(rows, topk))
     if failed:

@@ -19,10 +19,10 @@ model repository layout (--model-repo DIR):
   file as model m.int8.
 
 exported files (vggnet export):
-  served as they are, INT8 ones included: the preprocessing, and an INT8 file's calibration, are inside the
-  file, so --runtime must stay eager (the default) and no --calib-data is needed. ONNX runs in ONNX Runtime
-  and runs no code from the file; .pt2 (a compiled shared library) and TorchScript (a program) do, and load
-  only with --trust-model-code.
+  served as they are, on the CPU, INT8 ones included: the preprocessing, and an INT8 file's calibration, are
+  inside the file, so --runtime must stay eager (the default), --device cpu and --precision fp32 (the defaults),
+  and no --calib-data is needed. ONNX runs in ONNX Runtime and runs no code from the file; .pt2 (a compiled
+  shared library) and TorchScript (a program) do, and load only with --trust-model-code.
 
 routes:
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME[/versions/V][/ready|/config], /metrics
@@ -37,10 +37,12 @@ examples:
   vggnet serve --ckpt runs/cifar10 --runtime auto --calib-data data/cifar10/train --calib-n 128
   vggnet export --ckpt runs/cifar10 --format onnx-int8 --out models/cifar10/2/model.int8.onnx
   vggnet serve --ckpt models/cifar10/2/model.int8.onnx
+  vggnet serve --ckpt runs/cifar10 --device cuda --precision bf16      # checkpoints, eager runtime only
 """
 
 
 _CALIBRATED = ("int8", "onnx-int8", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # vggnet.hardware.PRECISIONS, without importing torch for --help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference runtime: eager (default), channels_last, bf16, compile, int8, int8-dynamic, onnx, "
                         "onnx-int8 or auto (see vggnet predict --help); a model's config.yaml may set its own. "
                         "Checkpoints only: exported files run as exported")
+    p.add_argument("--device", metavar="D",
+                   help="cpu (default), cuda or cuda:N: where checkpoints run (eager runtime only; a CUDA device "
+                   "that is not there is an error before the server starts)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast for checkpoints on --device: fp32 (default), bf16, fp16 (CUDA only) or auto")
     p.add_argument("--calib-data", metavar="PATH",
                    help="calibration images (folder, glob or file) for int8, onnx-int8 and auto: training images "
                    "(not needed for exported INT8 files, calibrated at export)")
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from vggnet.infer.predictor import check_cpu_only, placement
     from vggnet.serve.app import ServeSettings, check_exported, ensure_runtime, run_server, with_overrides
     from vggnet.serve.repository import ModelRepository
 
@@ -130,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log,
         max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout, decode_threads=args.decode_threads,
-        calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code)
+        calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code,
+        device=args.device, precision=args.precision)
     if args.api_key_file:
         from vggnet.serve.auth import PUBLIC_GROUPS, read_api_keys
 
@@ -143,11 +152,16 @@ def run(args: argparse.Namespace) -> int:
         settings = with_overrides(settings, max_queue=settings.max_batch_size)
     repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
             else ModelRepository.from_checkpoints(args.ckpt, args.name))
+    if settings.device is not None or settings.precision is not None:  # a missing GPU fails now, not at load
+        placement(settings.device, settings.precision)
     for model in repo.models.values():  # usage errors now, not a model that never gets ready
         runtime = model.runtime or settings.runtime
         ensure_runtime(runtime)
-        # exported files are served as they are: a runtime or calibration images would not apply to them
-        kinds = [check_exported(file, runtime, settings.trust_model_code) for file in model.versions.values()]
+        if runtime != "eager":
+            check_cpu_only(f"runtime {runtime} (model {model.name})", settings.device, settings.precision)
+        # exported files are served as they are: a runtime, a device or calibration images would not apply to them
+        kinds = [check_exported(file, runtime, settings.trust_model_code, settings.device, settings.precision)
+                 for file in model.versions.values()]
         if None in kinds and runtime in _CALIBRATED and not (model.calib_data or settings.calib_data):
             raise ValueError(f"runtime {runtime} (model {model.name}) needs calibration images: pass --calib-data "
                              "PATH (a folder of training images) or set calib_data in its config.yaml")

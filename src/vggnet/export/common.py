@@ -5,8 +5,9 @@ The metadata is one JSON document (``{"format": "vggnet-export", "version": 1, "
 "model": {...}, "source": ..., "torch": ...}``) stored under the key ``vggnet``: an ONNX ``metadata_props``
 entry, an AOTInductor package's metadata (``aot_inductor.metadata``), a TorchScript ``_extra_files`` entry
 ``vggnet.json``. ``preprocessing`` is :meth:`vggnet.infer.Preprocessing.to_dict` (mean, std, image_size,
-in_channels, num_classes, classes), so whoever serves the file resizes, crops and normalises exactly as the
-checkpoint did.
+test_scale, in_channels, num_classes, classes), so whoever serves the file resizes (shorter side to
+``test_scale``), crops (``image_size``) and normalises exactly as the checkpoint was validated; files written
+before ``test_scale`` was recorded read back with the crop as their test scale.
 
 An INT8 export (``onnx-int8``, ``pt2-int8``) also records ``quantization`` in that document: the scheme
 (weights int8 per output channel, activations uint8 per tensor, static), the tool, and where its calibration

@@ -3,7 +3,8 @@
 
 The graph's input is ``input`` (``batch``×C×S×S, float32, normalised) and its output ``logits``
 (``batch``×classes). Besides the ``vggnet`` JSON entry (see :mod:`vggnet.export.common`), ``mean``, ``std``,
-``image_size``, ``in_channels`` and ``classes`` are stored as separate JSON-valued ``metadata_props`` so a
+``image_size``, ``test_scale`` (resize the shorter side to it, then centre-crop ``image_size``), ``in_channels``
+and ``classes`` are stored as separate JSON-valued ``metadata_props`` so a
 consumer in another language can read them without parsing the whole document. An INT8 file
 (:func:`export_onnx_int8`) adds ``quantization`` (JSON: scheme, tool, calibration) to both.
 """
@@ -36,7 +37,8 @@ def _metadata_props(model: VGG, prep: Preprocessing, source: str | os.PathLike |
                     quantization: dict[str, Any] | None = None) -> dict[str, str]:
     flat = prep.to_dict()
     props = {METADATA_KEY: export_metadata(model, prep, source, quantization)}
-    props.update({k: json.dumps(flat[k]) for k in ("mean", "std", "image_size", "in_channels", "classes")})
+    props.update({k: json.dumps(flat[k]) for k in ("mean", "std", "image_size", "test_scale", "in_channels",
+                                                      "classes")})
     if quantization is not None:
         props["quantization"] = json.dumps(quantization, sort_keys=True)
     return props

@@ -1,14 +1,17 @@
 """A checkpoint turned into something that answers "what is in these images?".
 
 :class:`Predictor` owns the three things every deployment path shares — the checkpoint's preprocessing
-(shorter side to the training crop, centre crop, mean/std), a :class:`Runtime` that maps a normalised
-float32 NCHW batch to logits, and the class names — so ``vggnet predict``, the exporters and the HTTP
-service give the same answer for the same image. Runtimes are interchangeable callables; the eager one
-is here, faster ones register themselves in :data:`RUNTIMES`.
+(shorter side to the checkpoint's test scale, centre crop of the training crop, mean/std), a :class:`Runtime`
+that maps a normalised float32 NCHW batch to logits, and the class names — so ``vggnet predict``, the
+exporters and the HTTP service give the same answer for the same image. Runtimes are interchangeable
+callables; the eager one is here (on the CPU, or on a CUDA device with bf16 / fp16 autocast), faster CPU
+ones register themselves in :data:`RUNTIMES`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,16 +22,23 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from vggnet.hardware import inference_dtype, resolve_device
 from vggnet.models import VGG, checkpoint_file, checkpoint_meta, load_checkpoint
 
-__all__ = ["RUNTIMES", "Preprocessing", "Predictor", "Runtime", "make_runtime", "preprocess", "register_runtime"]
+__all__ = ["RUNTIMES", "Preprocessing", "Predictor", "Runtime", "check_cpu_only", "make_runtime", "placement",
+           "preprocess", "register_runtime"]
 
 PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What travels with every exported model: how to turn an image into the network's input."""
+    """What travels with every exported model: how to turn an image into the network's input.
+
+    ``test_scale`` is the shorter side (px) an image is resized to before the centre ``image_size`` crop: the
+    view the checkpoint was validated at (the middle of a scale-jitter range, torchvision's 256 for 224 crops).
+    ``None`` (checkpoints and exports from before it was recorded) means ``image_size``.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -36,13 +46,21 @@ class Preprocessing:
     in_channels: int
     num_classes: int
     classes: tuple[str, ...] | None = None
+    test_scale: int | None = None
+
+    def __post_init__(self) -> None:
+        scale = self.image_size if self.test_scale is None else int(self.test_scale)
+        if scale < self.image_size:
+            raise ValueError(f"test_scale {scale} px is smaller than the {self.image_size}-px crop")
+        object.__setattr__(self, "test_scale", scale)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Preprocessing:
-        classes = meta.get("classes")
+        classes, scale = meta.get("classes"), meta.get("test_scale")
         return cls(mean=tuple(meta["mean"]), std=tuple(meta["std"]), image_size=int(meta["image_size"]),
                    in_channels=int(meta["in_channels"]), num_classes=int(meta["num_classes"]),
-                   classes=None if classes is None else tuple(classes))
+                   classes=None if classes is None else tuple(classes),
+                   test_scale=None if scale is None else int(scale))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,12 +85,13 @@ def _as_uint8_chw(image: Image.Image | torch.Tensor, channels: int) -> torch.Ten
 
 
 def preprocess(images: Sequence[Image.Image | torch.Tensor], prep: Preprocessing) -> torch.Tensor:
-    """The paper's single-scale test view (Q = training crop): shorter side to ``image_size``, centre
-    crop, [0, 1], minus mean over std. uint8 tensors and PIL images give identical inputs."""
+    """The paper's single-scale test view: shorter side to Q = ``test_scale`` (the training crop for checkpoints
+    that do not record one), centre crop of ``image_size``, [0, 1], minus mean over std; ``vggnet eval``'s
+    ``single@Q`` protocol. uint8 tensors and PIL images give identical inputs."""
     out = []
     for image in images:
         x = _as_uint8_chw(image, prep.in_channels)
-        x = TF.resize(x, prep.image_size, antialias=True)
+        x = TF.resize(x, prep.test_scale, antialias=True)
         x = TF.center_crop(x, [prep.image_size, prep.image_size])
         x = TF.to_dtype(x, torch.float32, scale=True)
         out.append(TF.normalize(x, list(prep.mean), list(prep.std)))
@@ -89,22 +108,56 @@ class Runtime(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+def placement(device: str | torch.device | None = None,
+              precision: str | None = None) -> tuple[torch.device, torch.dtype | None]:
+    """Where and in what the eager runtime runs: (device, autocast dtype or None for fp32), checked up front by
+    :mod:`vggnet.hardware`, the rule ``vggnet eval`` and training use. ``device=None`` is the CPU here (the
+    inference default, unlike ``eval``'s "CUDA when available"); ``precision=None`` is fp32."""
+    dev = resolve_device(device or "cpu")
+    return dev, inference_dtype(precision, dev)
+
+
+def check_cpu_only(what: str, device: str | torch.device | None, precision: str | None) -> None:
+    """Refuse a device or precision for something that runs on the CPU in its own precision (a CPU runtime such
+    as int8 or onnx, an exported file): a flag that would be silently ignored is an error instead."""
+    dev = torch.device(device or "cpu")
+    if dev.type != "cpu":
+        raise ValueError(f"{what} runs on the CPU only, so --device {device} cannot apply; use the eager runtime "
+                         "of a checkpoint (.safetensors or run folder) to run on a GPU")
+    if precision not in (None, "fp32"):
+        raise ValueError(f"{what} runs in its own precision, so --precision {precision} cannot apply; on the CPU "
+                         "use --runtime bf16 (a checkpoint), or the eager runtime with --precision")
+
+
 class EagerRuntime:
-    """The reference: the model as trained, fp32, NCHW, no graph capture."""
+    """The reference: the model as trained, NCHW, no graph capture; fp32 on the CPU by default, or on ``device``
+    (a CUDA GPU) under ``autocast`` (bf16 / fp16). Takes and returns CPU tensors, as every runtime does. Off the
+    CPU it runs a copy, so the caller's model stays where it was (Grad-CAM and the like keep working on it)."""
 
     name = "eager"
 
-    def __init__(self, model: VGG) -> None:
-        self.model = model.eval()
+    def __init__(self, model: VGG, device: str | torch.device = "cpu", autocast: torch.dtype | None = None) -> None:
+        self.device, self.autocast = torch.device(device), autocast
+        on_device = all(p.device == self.device for p in model.parameters())
+        self.model = (model if on_device else copy.deepcopy(model).to(self.device)).eval()
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float()
+        x = x.to(self.device, non_blocking=True)
+        amp = contextlib.nullcontext() if self.autocast is None else torch.autocast(self.device.type, self.autocast)
+        with amp:
+            out = self.model(x)
+        return out.float().cpu()
+
+
+def _eager(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *,
+           device: str | torch.device | None = None, precision: str | None = None, **_: Any) -> Runtime:
+    return EagerRuntime(model, *placement(device, precision))
 
 
 # name -> factory(model, prep, calibration batch or None, **options) -> Runtime
 RuntimeFactory = Callable[..., Runtime]
-RUNTIMES: dict[str, RuntimeFactory] = {"eager": lambda model, prep, calib=None, **_: EagerRuntime(model)}
+RUNTIMES: dict[str, RuntimeFactory] = {"eager": _eager}
 
 
 def register_runtime(name: str, factory: RuntimeFactory) -> None:
@@ -113,8 +166,12 @@ def register_runtime(name: str, factory: RuntimeFactory) -> None:
 
 def make_runtime(name: str, model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None,
                  **options: Any) -> Runtime:
+    """The runtime ``name`` for ``model``. ``device`` / ``precision`` options (see :func:`placement`) are for the
+    eager runtime; the others run on the CPU and refuse them."""
     if name not in RUNTIMES:
         raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(sorted(RUNTIMES))}")
+    if name != "eager":
+        check_cpu_only(f"runtime {name}", options.pop("device", None), options.pop("precision", None))
     return RUNTIMES[name](model, prep, calib, **options)
 
 

@@ -4,7 +4,7 @@ A vggnet checkpoint carries its config and preprocessing. A torchvision or timm 
 not, but its tensors do: the sequence of conv shapes names the configuration (A, B, C, D or E) and
 the width, BN running statistics say ``_bn``, and the first head layer gives the head kind and the
 FC width. Those files were trained on ImageNet at 224 px with ImageNet's mean and std, which is
-what a fine-tune should feed them.
+what a fine-tune should feed them, and validated at torchvision's view (shorter side 256, centre 224).
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from .vgg import VGG, VGGConfig, scaled
 from .weights import FORMAT, StateDict, WeightsError, detect_format, load_weights, read_weights
 
 # torchvision's and timm's VGG weights were trained on ImageNet crops of 224 px, normalised thus (the
-# same figures as vggnet.data.IMAGENET_MEAN/STD, repeated because the model zoo imports nothing of data)
-IMAGENET_PREPROCESSING = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 224}
+# same figures as vggnet.data.IMAGENET_MEAN/STD, repeated because the model zoo imports nothing of data), and
+# evaluated at Resize(256) -> CenterCrop(224): test_scale 256 (torchvision's IMAGENET1K_V1 transforms, timm's
+# crop_pct 0.875 = 224 / 256)
+IMAGENET_PREPROCESSING = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 224,
+                          "test_scale": 256}
 _LETTER_TO_NAME = {letter: name for name, letter in reversed(NAME_TO_CONFIG.items())}  # A -> vgg11, not vgg11_lrn
 
 
@@ -36,6 +39,8 @@ class WeightsInfo:
     ``num_classes``; a vggnet checkpoint gives all of them). ``classes`` is None when the file does not
     name its classes (torchvision, timm). ``mean``, ``std`` and ``image_size`` are None for a vggnet
     checkpoint saved without them: guessing ImageNet's would silently feed the net the wrong inputs.
+    ``test_scale`` is the shorter side (px) of the view the weights were validated at (256 for torchvision /
+    timm, the checkpoint's record for vggnet; None when a checkpoint does not record it: then the crop).
     A-LRN and A have the same tensors: a foreign file is read as A.
     """
 
@@ -45,6 +50,7 @@ class WeightsInfo:
     std: list[float] | None
     image_size: int | None
     classes: list[str] | None = None
+    test_scale: int | None = None
 
     def preprocessing(self, where: str) -> dict[str, Any]:
         """``mean``, ``std`` and ``image_size``; an error naming ``where`` when the file lacks them."""
@@ -72,13 +78,15 @@ def inspect_weights(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> t
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
             raise WeightsError(f"{source}: corrupt vggnet metadata ({exc})") from exc
         classes = extra.get("classes")
-        mean, std, size = extra.get("mean"), extra.get("std"), extra.get("image_size")
+        mean, std, size, scale = extra.get("mean"), extra.get("std"), extra.get("image_size"), extra.get("test_scale")
         return state, WeightsInfo(fmt, config, None if mean is None else [float(v) for v in mean],
                                   None if std is None else [float(v) for v in std], None if size is None else int(size),
-                                  None if classes is None else [str(c) for c in classes])
+                                  None if classes is None else [str(c) for c in classes],
+                                  None if scale is None else int(scale))
     config = _infer_config(state, fmt)
     pre = IMAGENET_PREPROCESSING
-    return state, WeightsInfo(fmt, config, list(pre["mean"]), list(pre["std"]), int(pre["image_size"]))
+    return state, WeightsInfo(fmt, config, list(pre["mean"]), list(pre["std"]), int(pre["image_size"]),
+                              test_scale=int(pre["test_scale"]))
 
 
 def _conv_weights(state: StateDict, fmt: str) -> list[torch.Tensor]:

@@ -231,7 +231,9 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 
 def checkpoint_meta(file: str | os.PathLike, model: VGG, extra: Mapping[str, Any]) -> dict[str, Any]:
     """The preprocessing a checkpoint needs at test time, checked: ``classes`` (None if not recorded),
-    ``mean``, ``std``, ``image_size`` (the training crop), ``num_classes`` and ``in_channels``.
+    ``mean``, ``std``, ``image_size`` (the training crop), ``test_scale`` (the shorter side in px an image is
+    resized to before the centre crop: the view it was validated at; ``image_size`` for checkpoints that do not
+    record it), ``num_classes`` and ``in_channels``.
 
     A checkpoint without mean/std/crop cannot be used on raw images, so that is an error, not a guess.
     """
@@ -243,7 +245,12 @@ def checkpoint_meta(file: str | os.PathLike, model: VGG, extra: Mapping[str, Any
     classes = extra.get("classes")
     if classes is not None and len(classes) != model.config.num_classes:
         raise ValueError(f"{file}: {len(classes)} class names for a {model.config.num_classes}-class model")
+    size = int(extra["image_size"])
+    scale = extra.get("test_scale")
+    scale = size if scale is None else int(scale)
+    if scale < size:
+        raise ValueError(f"{file}: test_scale {scale} px is smaller than the {size}-px crop (image_size)")
     return {"classes": None if classes is None else [str(c) for c in classes],
             "mean": [float(v) for v in extra["mean"]], "std": [float(v) for v in extra["std"]],
-            "image_size": int(extra["image_size"]), "num_classes": model.config.num_classes,
+            "image_size": size, "test_scale": scale, "num_classes": model.config.num_classes,
             "in_channels": model.config.in_channels}
