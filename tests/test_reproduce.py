@@ -1,4 +1,4 @@
-"""The reproduce harness: the study plan, a tiny end-to-end run that resumes, and the verdict rules."""
+"""The reproduce harness: the study plan and a tiny end-to-end run that resumes (verdicts: test_reproduce_verdicts)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from vggnet.cli import main
 from vggnet.reproduce import conclusions, load_study, markdown_report, plot_errors, run_study
+from vggnet.reproduce.paired import unpack_bits
 
 
 def test_study_covers_the_six_configurations_and_the_papers_scales():
@@ -50,6 +51,17 @@ def test_tiny_study_trains_evaluates_and_writes_everything(tiny_study):
     assert set(ev["D+E"]) == {"dense", "multicrop", "both"}
     assert len(list((out / "eval").rglob("*.npy"))) == 3 * 3 + 2 * 2  # centre/table3/table4 + dense/multicrop
     assert json.loads((out / "results.json").read_text())["evaluations"] == json.loads(json.dumps(ev))
+    for rows in ev.values():  # every row keeps which images it got right, for the paired verdicts
+        for row in rows.values():
+            correct = unpack_bits(row["top1_correct"], row["n"])
+            assert 100 * (1 - correct.mean()) == pytest.approx(row["top1_err"])
+    verdicts = {c["conclusion"].split(" (")[0]: c for c in conclusions(results)}
+    for claim in ("Depth helps from A", "Multi-scale testing helps", "An ensemble"):  # A, D, E: paired tests
+        assert verdicts[claim]["verdict"] in ("holds", "inconclusive", "contradicted"), verdicts[claim]
+        assert "b/c" in verdicts[claim]["test"]
+    assert verdicts["Dense and multi-crop evaluation are complementary"]["verdict"].split(" (")[0] in (
+        "holds", "inconclusive", "contradicted")
+    assert verdicts["LRN does not help"]["verdict"] == "not measured"
     report = markdown_report(study, results)
     assert "| D | dense+multicrop@1.143,1.714,2.286 |" in report
     assert "24.4 / 7.2" in report and "23.7 / 6.8" in report  # the paper's Table 5 and 6 figures beside ours
@@ -65,27 +77,6 @@ def test_tiny_study_resumes_without_redoing_work(tiny_study):
     assert all("done already" in line for line in logs if line.startswith("[train"))
     assert not [line for line in logs if line.startswith("[eval")]
     assert again["evaluations"] == results["evaluations"]
-
-
-def _results(errors: dict[str, dict[str, float]], n: int = 5000) -> dict:
-    ev = {run: {key: {"protocol": key, "n": n, "top1_err": v, "top5_err": 1.0, "top5_k": 5}
-                for key, v in rows.items()} for run, rows in errors.items()}
-    return {"evaluations": ev, "runs": {r: {} for r in errors if r != "D+E"}}
-
-
-def test_verdicts_follow_the_numbers_and_the_noise_margin():
-    holds = _results({"A": {"table3": 30, "table4": 29}, "A-LRN": {"table3": 30.2, "table4": 29},
-                      "B": {"table3": 28, "table4": 27}, "C": {"table3": 27, "table4": 26},
-                      "D": {"table3": 25, "table4": 23, "dense": 23, "multicrop": 23.5, "both": 20},
-                      "E": {"table3": 25, "table4": 23, "dense": 23, "multicrop": 23.5, "both": 20},
-                      "D-fixed": {"table3": 28, "table4": 27}, "D+E": {"both": 17}})
-    verdicts = {c["conclusion"].split(" (")[0]: c["verdict"] for c in conclusions(holds)}
-    assert set(verdicts.values()) == {"holds"}, verdicts
-    noisy = _results({"A": {"table3": 25.5}, "D": {"table3": 25.0}, "A-LRN": {"table3": 22.0}})
-    verdicts = {c["conclusion"]: c["verdict"] for c in conclusions(noisy)}
-    assert verdicts["Depth helps from A (11 layers) to D (16)"] == "holds, within noise"  # 0.5 < 2 SE (1.7)
-    assert verdicts["LRN does not help (A-LRN is no better than A)"] == "does not hold"  # 3.5 points better
-    assert verdicts["An ensemble (D+E) beats one net (dense + multi-crop)"] == "not measured"
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):

@@ -15,8 +15,9 @@ what it does:
      fixed scale as the control for "scale jitter helps") with recipes/reproduce.yaml, into OUT/runs/NAME
   2. evaluates each with the paper's protocols: dense at one test scale (Table 3), dense at three
      (Table 4), and for D and E multi-crop and dense+multi-crop (Table 5), plus the D+E ensemble (Table 6)
-  3. writes OUT/results.md (our tables beside the paper's, a verdict per conclusion), OUT/results.json and
-     OUT/error_per_config.png
+  3. writes OUT/results.md (our tables beside the paper's; per conclusion a verdict, holds, inconclusive or
+     contradicted, from McNemar's paired test on the same images), OUT/results.json (errors, and which
+     images each row got right) and OUT/error_per_config.png
 
   Run it again with the same --out to continue: finished nets and saved evaluations are skipped, an
   interrupted training resumes from its last checkpoint. Scales are the paper's relative to its 224 crop

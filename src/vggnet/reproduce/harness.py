@@ -5,6 +5,11 @@ run continues where it stopped: training resumes from the run's newest checkpoin
 resume), and each evaluation's class probabilities are saved as ``eval/<run>/<protocol>.npy`` the moment
 they are computed. Combinations (dense+multi-crop, ensembles) are averages of saved probabilities,
 exactly what :func:`vggnet.evaluate.predict_proba` computes, so they cost nothing extra.
+
+Every evaluation row of ``results.json`` also keeps which images it got right (``top1_correct``, one bit
+per image, packed and base64-encoded; see :mod:`vggnet.reproduce.paired`), so that the report compares
+two nets image by image. It is rebuilt from the saved probabilities, so rerunning an older study folder
+adds it without retraining or re-evaluating.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from vggnet.engine.recipe import Recipe, apply_override, load_recipe
 from vggnet.engine.trainer import train
 from vggnet.evaluate import eval_images, load_models, parse_protocol, predict_proba, summarize
 from vggnet.models import NAME_TO_CONFIG
+
+from .paired import pack_bits
 
 __all__ = ["Study", "load_study", "model_name", "run_study"]
 
@@ -204,6 +211,10 @@ def _evaluate_all(study: Study, out: Path, data: str | None, limit: int | None, 
 
 
 def _row(protocol: str, p: np.ndarray, labels: list[int], classes: list[str]) -> dict[str, Any]:
-    s = summarize(torch.from_numpy(p), labels, classes)
+    """One table cell's numbers, plus which images it got right (top-1) for the paired verdicts."""
+    probs = torch.from_numpy(p).to(torch.float64)
+    s = summarize(probs, labels, classes)
+    valid = torch.isfinite(probs).all(dim=1)  # as summarize: unreadable images (NaN rows) are left out
+    correct = probs[valid].topk(1, dim=1).indices[:, 0] == torch.as_tensor(labels, dtype=torch.long)[valid]
     return {"protocol": protocol, "n": s["n"], "top1_err": s["top1_err"], "top5_err": s["top5_err"],
-            "top5_k": s["top5_k"]}
+            "top5_k": s["top5_k"], "top1_correct": pack_bits(correct.numpy())}

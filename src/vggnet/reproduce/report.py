@@ -1,8 +1,10 @@
 """Our tables beside the paper's, a verdict on each of its conclusions, and a plot of error per configuration.
 
-A verdict compares two top-1 errors measured on the same validation images. The difference is called
-out as noise when it is within two standard errors of a difference of two error rates,
-sqrt((p1(1-p1) + p2(1-p2)) / n): with 5,000 images and errors near 20 % that is about 1.6 points.
+A verdict compares two nets image by image on the same validation images (:mod:`vggnet.reproduce.paired`:
+McNemar's exact mid-p test on the images exactly one of them gets right) and is one of **holds**,
+**inconclusive** or **contradicted**; the table shows the difference, the discordant counts b/c and the
+p-value. Results files written before per-image results were kept give "inconclusive (no per-image
+results)"; a missing row gives "not measured".
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from vggnet.evaluate.paper import paper_results
 from vggnet.plots import save_figure
 
 from .harness import Study
+from .paired import ALPHA, CONTRADICTED, HOLDS, INCONCLUSIVE, MARGIN, Paired, compare, verdict
 
 __all__ = ["conclusions", "markdown_report", "plot_errors"]
 
@@ -62,82 +65,109 @@ def _test_scale_text(study: Study, run: str, which: str, crop: int) -> str:
     return f"{{{paper}}} → {{{_px(scales, crop)}}} px"
 
 
-def _se_diff(a: float, b: float, n: int) -> float:
-    p, q = a / 100, b / 100
-    return 100 * math.sqrt(max(p * (1 - p) + q * (1 - q), 1e-12) / max(n, 1))
-
-
-def _verdict(worse: float | None, better: float | None, n: int, expect_no_gain: bool = False) -> str:
-    """``worse`` should exceed ``better`` if the conclusion holds (for ``expect_no_gain``: not fall below it)."""
-    if worse is None or better is None:
-        return "not measured"
-    diff, se = worse - better, _se_diff(worse, better, n)
-    if expect_no_gain:
-        return "holds" if diff >= -2 * se else "does not hold"
-    if diff > 2 * se:
-        return "holds"
-    return "holds, within noise" if diff > 0 else "does not hold"
+def _row(ev: dict[str, Any], run: str, key: str) -> dict[str, Any] | None:
+    return (ev.get(run) or {}).get(key)
 
 
 def _top1(ev: dict[str, Any], run: str, key: str) -> float | None:
-    return (ev.get(run) or {}).get(key, {}).get("top1_err")
+    return (_row(ev, run, key) or {}).get("top1_err")
+
+
+def _test(worse: dict[str, Any] | None, better: dict[str, Any] | None,
+          expect_no_gain: bool = False) -> tuple[str, str, Paired | None]:
+    """(verdict, the paired evidence as text, the comparison) for "``worse`` has the higher error"."""
+    pair = compare(worse, better)
+    if isinstance(pair, str):
+        return verdict(pair, expect_no_gain), "–", None
+    return verdict(pair, expect_no_gain), pair.text(expect_no_gain), pair
+
+
+def _outcome(v: str) -> str:
+    return v.split(" (")[0]
+
+
+def _combine(named: list[tuple[str, str]]) -> str:
+    """One verdict from per-net verdicts: agreeing ones stand; one side significant and the other not: that
+    side, with the per-net outcomes; significant both ways: inconclusive."""
+    if not named:
+        return "not measured"
+    if len({v for _, v in named}) == 1:
+        return named[0][1]
+    outcomes = {_outcome(v) for _, v in named}
+    detail = ", ".join(f"{run} {v}" for run, v in named)
+    if HOLDS in outcomes and CONTRADICTED in outcomes:
+        return f"{INCONCLUSIVE} ({detail})"
+    for outcome in (CONTRADICTED, HOLDS):
+        if outcome in outcomes:
+            return f"{outcome} ({detail})"
+    return f"{INCONCLUSIVE} ({detail})"
 
 
 def conclusions(results: dict[str, Any]) -> list[dict[str, str]]:
-    """The paper's seven conclusions, each with our evidence (top-1 error, %) and a verdict."""
+    """The paper's seven conclusions, each with our evidence (top-1 error, %), the paired test, a verdict."""
     ev = results["evaluations"]
-    n = min((row["n"] for rows in ev.values() for row in rows.values()), default=0)
     out = []
 
-    def add(claim: str, evidence: str, verdict: str) -> None:
-        out.append({"conclusion": claim, "evidence": evidence, "verdict": verdict})
+    def add(claim: str, evidence: str, test: tuple[str, str, Any]) -> None:
+        out.append({"conclusion": claim, "evidence": evidence, "test": test[1], "verdict": test[0]})
 
     def f(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f}"
 
     a, b, d = _top1(ev, "A", "table3"), _top1(ev, "B", "table3"), _top1(ev, "D", "table3")
     mono = "" if None in (a, b, d) else (" (A > B > D: monotone)" if a > b > d else " (not monotone in A, B, D)")
-    add("Depth helps from A (11 layers) to D (16)", f"A {f(a)}, B {f(b)}, D {f(d)}{mono}", _verdict(a, d, n))
+    add("Depth helps from A (11 layers) to D (16)", f"A {f(a)}, B {f(b)}, D {f(d)}{mono}",
+        _test(_row(ev, "A", "table3"), _row(ev, "D", "table3")))
     lrn = _top1(ev, "A-LRN", "table3")
     add("LRN does not help (A-LRN is no better than A)", f"A {f(a)}, A-LRN {f(lrn)}",
-        _verdict(lrn, a, n, expect_no_gain=True))
+        _test(_row(ev, "A-LRN", "table3"), _row(ev, "A", "table3"), expect_no_gain=True))
     c = _top1(ev, "C", "table3")
-    add("C (with 1×1 convs) is worse than D (all 3×3)", f"C {f(c)}, D {f(d)}", _verdict(c, d, n))
+    add("C (with 1×1 convs) is worse than D (all 3×3)", f"C {f(c)}, D {f(d)}",
+        _test(_row(ev, "C", "table3"), _row(ev, "D", "table3")))
     fixed = _top1(ev, "D-fixed", "table3")
     add("Scale jitter at training helps (D, S ∈ [256;512] vs S = 256)", f"fixed {f(fixed)}, jittered {f(d)}",
-        _verdict(fixed, d, n))
-    gains = [(run, _top1(ev, run, "table3"), _top1(ev, run, "table4")) for run in results["runs"]]
-    gains = [(r, s, m) for r, s, m in gains if s is not None and m is not None]
-    better = sum(1 for _, s, m in gains if m < s)
+        _test(_row(ev, "D-fixed", "table3"), _row(ev, "D", "table3")))
+    gains = [(_row(ev, run, "table3"), _row(ev, run, "table4")) for run in results["runs"]]
+    gains = [(s, m) for s, m in gains if s and m and s.get("top1_err") is not None and m.get("top1_err") is not None]
+    better = sum(1 for s, m in gains if m["top1_err"] < s["top1_err"])
+    significant = sum(1 for s, m in gains if _outcome(_test(s, m)[0]) == HOLDS)
+    paired = all(_test(s, m)[2] is not None for s, m in gains)
     d_multi = _top1(ev, "D", "table4")
     add("Multi-scale testing helps (D; dense at 3 scales vs 1)",
-        f"D {f(d)} → {f(d_multi)}; better at multi-scale for {better} of {len(gains)} nets", _verdict(d, d_multi, n))
-    parts = []
-    verdicts = []
+        f"D {f(d)} → {f(d_multi)}; better at multi-scale for {better} of {len(gains)} nets"
+        + (f" (significantly for {significant})" if gains and paired else ""),
+        _test(_row(ev, "D", "table3"), _row(ev, "D", "table4")))
+    parts, tests, named = [], [], []
     for run in ("D", "E"):
-        dense, crops, both = (_top1(ev, run, k) for k in ("dense", "multicrop", "both"))
-        if None in (dense, crops, both):
+        dense, crops, both = (_row(ev, run, k) or {} for k in ("dense", "multicrop", "both"))
+        if any(r.get("top1_err") is None for r in (dense, crops, both)):
             continue
-        parts.append(f"{run}: dense {f(dense)}, multi-crop {f(crops)}, both {f(both)}")
-        verdicts.append(_verdict(min(dense, crops), both, n))  # type: ignore[type-var]
+        parts.append(f"{run}: dense {f(dense['top1_err'])}, multi-crop {f(crops['top1_err'])}, "
+                     f"both {f(both['top1_err'])}")
+        v, text, _ = _test(min(dense, crops, key=lambda r: r["top1_err"]), both)
+        named.append((run, v))
+        tests.append(f"{run}: {text}")
     add("Dense and multi-crop evaluation are complementary (both < either)", "; ".join(parts) or "–",
-        _combine(verdicts))
-    ens = _top1(ev, "D+E", "both")
-    singles = [v for v in (_top1(ev, "D", "both"), _top1(ev, "E", "both")) if v is not None]
+        (_combine(named), "; ".join(tests) or "–", None))
+    ens = _row(ev, "D+E", "both")
+    singles = [r for r in (_row(ev, "D", "both"), _row(ev, "E", "both")) if r and r.get("top1_err") is not None]
+    best_single = min(singles, key=lambda r: r["top1_err"]) if singles else None
     add("An ensemble (D+E) beats one net (dense + multi-crop)",
-        f"D+E {f(ens)}, best single {f(min(singles) if singles else None)}",
-        _verdict(min(singles) if singles else None, ens, n))
+        f"D+E {f(_top1(ev, 'D+E', 'both'))}, best single {f(best_single['top1_err'] if best_single else None)}",
+        _test(best_single, ens))
     return out
 
 
-def _combine(verdicts: list[str]) -> str:
-    if not verdicts:
-        return "not measured"
-    if all(v == "holds" for v in verdicts):
-        return "holds"
-    if all(v != "does not hold" for v in verdicts):
-        return "holds, within noise"
-    return "does not hold" if all(v == "does not hold" for v in verdicts) else "mixed: " + ", ".join(verdicts)
+VERDICT_RULE = (
+    "Verdicts come from a paired test on the same validation images, McNemar's exact test (two-sided mid-p): "
+    "b counts the images only the net the paper expects to be better gets right, c those only the other net "
+    "gets right, and Δ = (b − c) / n is the other net's top-1 error minus the expected-better one's, in points "
+    "(> 0: the paper's way). **holds**: Δ > 0 with p < {alpha:g}; **contradicted**: Δ < 0 with p < {alpha:g}; "
+    "**inconclusive**: p ≥ {alpha:g}. \"No gain\" (LRN): contradicted when A-LRN is significantly better, "
+    "holds when the 95 % lower bound of Δ (Agresti–Min) is above −{margin:g} point, else inconclusive. "
+    "Complementary evaluation is tested for D and for E (both against the better of dense and multi-crop); "
+    "one net significant and the other not gives that net's outcome, significant both ways inconclusive. "
+    "Multi-crop rows, D+E included, are on {n} images.")
 
 
 def markdown_report(study: Study, results: dict[str, Any], command: str | None = None,
@@ -186,11 +216,11 @@ def markdown_report(study: Study, results: dict[str, Any], command: str | None =
             row = ev.get(run, {}).get(key)
             label = row["protocol"] if row else protocol
             lines.append(f"| {run} | {label} | {_err(row)} | {_paper(paper, standin)} |")
-    lines += ["", "## The paper's conclusions, here", "", "| conclusion | ours (top-1 err %) | verdict |",
-              "|---|---|---|"]
-    lines += [f"| {c['conclusion']} | {c['evidence']} | {c['verdict']} |" for c in conclusions(results)]
-    lines += ["", f"\"within noise\": the difference is under two standard errors of a difference of two error "
-              f"rates on {n} images.", "", "![top-1 error per configuration](error_per_config.png)", ""]
+    lines += ["", "## The paper's conclusions, here", "",
+              "| conclusion | ours (top-1 err %) | paired test (Δ points, b/c, p) | verdict |", "|---|---|---|---|"]
+    lines += [f"| {c['conclusion']} | {c['evidence']} | {c['test']} | {c['verdict']} |" for c in conclusions(results)]
+    lines += ["", VERDICT_RULE.format(alpha=ALPHA, margin=MARGIN, n=n), "",
+              "![top-1 error per configuration](error_per_config.png)", ""]
     return "\n".join(lines)
 
 
