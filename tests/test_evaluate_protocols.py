@@ -297,9 +297,22 @@ def test_bf16_autocast_stays_close_to_fp32():
     model = tiny(num_classes=3, head="gap", name="vgg11_bn", sharpen=1.0)
     imgs = images((40, 56))
     kw = {"crop": 32, "mean": MEAN, "std": STD}
-    fp32 = predict_proba([model], imgs, "single", amp_bf16=False, **kw)
-    bf16 = predict_proba([model], imgs, "single", amp_bf16=True, **kw)
-    assert (fp32 - bf16).abs().max() < 0.05
+    convs: list[torch.dtype] = []  # what each conv of the evaluated copy wrote, via a global forward hook
+
+    def record(module, _inputs, out):
+        if isinstance(module, nn.Conv2d):
+            convs.append(out.dtype)
+
+    hook = nn.modules.module.register_module_forward_hook(record)
+    try:
+        fp32 = predict_proba([model], imgs, "single", amp_bf16=False, **kw)
+        assert convs and set(convs) == {torch.float32}
+        convs.clear()
+        bf16 = predict_proba([model], imgs, "single", amp_bf16=True, **kw)
+        assert convs and set(convs) == {torch.bfloat16}  # the bf16 path really ran in bf16
+    finally:
+        hook.remove()
+    assert bf16.dtype == torch.float32 and (fp32 - bf16).abs().max() < 0.05
 
 
 # ------------------------------------------------------------------ parsing

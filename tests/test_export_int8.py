@@ -7,6 +7,8 @@ import io
 import json
 import shutil
 import sys
+import zipfile
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -136,7 +138,22 @@ def test_int8_metadata_round_trips(onnx_int8, run_dir, tmp_path):
     assert quantization["weights"].startswith("int8") and quantization["activations"].startswith("uint8")
     assert loaded.meta["source"] == str(run_dir / "best.safetensors") and loaded.meta["model"]["name"] == "vgg11_bn"
     proto = onnx.load(onnx_int8["path"])
-    assert any(node.op_type == "QuantizeLinear" for node in proto.graph.node)
+    # INT8 in fact: Q/DQ pairs feed the activation and int8 weight of all 8 convs and the 1 linear layer (gap head),
+    # and ONNX Runtime's optimised graph (what a session runs) has fused them all into integer kernels
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    layers = [node for node in proto.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len(layers) == 9 and all(producer[i].op_type == "DequantizeLinear" for n in layers for i in n.input[:2])
+    int8_weights = {init.name for init in proto.graph.initializer if init.data_type == onnx.TensorProto.INT8}
+    assert all(producer[n.input[1]].input[0] in int8_weights for n in layers)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as vggnet's OnnxRuntime does
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(onnx_int8["path"], options, providers=["CPUExecutionProvider"])
+    ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["QLinearConv"] == 8 and ops["QGemm"] == 1 and ops["Conv"] == ops["Gemm"] == 0, ops
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["quantization"]) == quantization  # readable without parsing "vggnet"
     assert json.loads(props["classes"]) == CLASSES and json.loads(props["mean"]) == META["mean"]
@@ -250,6 +267,10 @@ def test_pt2_int8_package_loads_without_calibration_data(run_dir, model, tmp_pat
     assert loaded.format == "pt2-int8" and loaded.prep == PREP
     assert loaded.meta["quantization"]["calibration"]["images"] == 256
     assert "X86InductorQuantizer" in loaded.meta["quantization"]["tool"]
+    with zipfile.ZipFile(report.path) as package:  # the compiled model calls oneDNN's int8 kernels, no fp32 conv
+        wrapper = "".join(package.read(n).decode() for n in package.namelist() if n.endswith(".wrapper.cpp"))
+    assert wrapper.count("aoti_torch_cpu__qconv_pointwise_tensor(") == 8
+    assert wrapper.count("aoti_torch_cpu__qlinear_pointwise_tensor(") == 1 and "convolution_pointwise" not in wrapper
     x = preprocess(list(digits("val")[0][1::2]), PREP)
     with torch.inference_mode():
         want = model(x)

@@ -1,13 +1,17 @@
 """Runtimes against eager on a tiny VGG-11-BN (32×32), image loading errors, checkpoint errors, ``auto``."""
 
 import json
+import re
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch._inductor.utils import run_and_get_code
 
 import vggnet
 from vggnet.infer import (
@@ -108,10 +112,72 @@ def test_fp32_runtimes_match_eager_at_any_batch_size(name, model, inputs):
 REDUCED = {"bf16": 0.03, "compile-bf16": 0.03, "int8": 0.1, "int8-dynamic": 0.05, "onnx-int8": 0.1}
 
 
+# What runs reduced, read from what actually runs (an fp32 path meets the tolerances above, so these are what
+# fail if a path silently falls back to fp32): the tiny VGG-11 has 8 convs and 3 linear layers.
+KERNEL_CALL = re.compile(r"\b(onednn\.qconv_pointwise|onednn\.qlinear_pointwise|mkldnn\._convolution_pointwise|"
+                         r"mkldnn\._linear_pointwise|extern_kernels\._int_mm|extern_kernels\.mm|extern_kernels\.addmm)"
+                         r"(?:\.\w+)?\(")
+INDUCTOR_KERNELS = {  # the kernel calls in Inductor's generated code
+    "int8": {"onednn.qconv_pointwise": 8, "onednn.qlinear_pointwise": 3},  # oneDNN int8 conv / linear
+    "int8-dynamic": {"mkldnn._convolution_pointwise": 8, "extern_kernels._int_mm": 3},  # fp32 convs by design
+    "compile-bf16": {"mkldnn._convolution_pointwise": 8, "mkldnn._linear_pointwise": 3},  # on bf16 weights:
+}
+FROZEN_PARAM = re.compile(r"^_frozen_param\d+ = None  # device\(type='cpu'\) torch\.(\w+) ", re.M)
+
+
+def run_and_check_reduced(name: str, runtime, x: torch.Tensor, tmp_path, onnx_files: list[bytes]) -> torch.Tensor:
+    """``runtime(x)`` (its first call, which compiles), checking that the reduced arithmetic is really used."""
+    if name == "bf16":  # eager: every conv and linear layer reads and writes bf16
+        seen = []
+        hooks = [m.register_forward_hook(lambda _m, i, o: seen.append((i[0].dtype, o.dtype)))
+                 for m in runtime.module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        try:
+            got = runtime(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert len(seen) == 11 and set(seen) == {(torch.bfloat16, torch.bfloat16)}, seen
+        return got
+    if name == "onnx-int8":  # Q/DQ around every conv and linear layer, fused by ORT into integer kernels
+        import onnx
+        import onnxruntime as ort
+
+        got = runtime(x)
+        (model_bytes,) = onnx_files
+        graph = onnx.load_from_string(model_bytes).graph
+        producer = {out: node.op_type for node in graph.node for out in node.output}
+        layers = [node for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+        assert len(layers) == 11 and all(producer.get(i) == "DequantizeLinear" for n in layers for i in n.input[:2])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as OnnxRuntime builds it
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+        assert ops["QLinearConv"] == 8 and ops["QGemm"] == 3 and ops["Conv"] == ops["Gemm"] == 0, ops
+        return got
+    got, codes = run_and_get_code(runtime, x)  # Inductor: the code it generated (also on a cache hit)
+    code = "\n".join(codes)
+    assert Counter(KERNEL_CALL.findall(code)) == INDUCTOR_KERNELS[name], Counter(KERNEL_CALL.findall(code))
+    if name == "compile-bf16":
+        assert set(FROZEN_PARAM.findall(code)) == {"bfloat16"}, set(FROZEN_PARAM.findall(code))
+    return got
+
+
 @pytest.mark.parametrize("name", list(REDUCED))
-def test_reduced_precision_runtimes_agree_with_eager(name, model, calib, inputs):
+def test_reduced_precision_runtimes_agree_with_eager(name, model, calib, inputs, tmp_path, monkeypatch):
+    import vggnet.export.onnx
+
+    onnx_files: list[bytes] = []
+
+    class RecordingOnnxRuntime(vggnet.export.onnx.OnnxRuntime):  # keeps the model file the session was built from
+        def __init__(self, path, *args, **kwargs):
+            super().__init__(path, *args, **kwargs)
+            onnx_files.append(Path(path).read_bytes())
+
+    monkeypatch.setattr(vggnet.export.onnx, "OnnxRuntime", RecordingOnnxRuntime)
     runtime = make_runtime(name, model, PREP, calib)
-    got, want = runtime(inputs), eager(model, inputs)
+    got, want = run_and_check_reduced(name, runtime, inputs, tmp_path, onnx_files), eager(model, inputs)
     assert got.dtype == torch.float32 and got.shape == want.shape
     tol = REDUCED[name]
     assert rel_error(got, want) <= tol, name

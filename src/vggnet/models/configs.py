@@ -31,8 +31,9 @@ NAME_TO_CONFIG: dict[str, str] = {
     "vgg19": "E",
 }
 
-# Parameter counts with 1000 classes, as printed in the paper's Table 2 (in millions there;
-# exact figures here). The test suite checks the builder against them.
+# Exact parameter counts with 1000 classes of the paper's configurations as built here (the same as
+# torchvision's for A, B, D, E). The paper does not print exact counts: its Table 2 gives millions,
+# PAPER_TABLE2_MILLIONS below, and the exact counts round to those. The test suite checks both.
 PAPER_PARAMS: dict[str, int] = {
     "A": 132_863_336,
     "A-LRN": 132_863_336,
@@ -41,6 +42,9 @@ PAPER_PARAMS: dict[str, int] = {
     "D": 138_357_544,
     "E": 143_667_240,
 }
+
+# "Number of parameters (in millions)" as printed in the paper's Table 2.
+PAPER_TABLE2_MILLIONS: dict[str, int] = {"A": 133, "A-LRN": 133, "B": 133, "C": 134, "D": 138, "E": 144}
 
 # Krizhevsky et al.'s LRN: b = a / (k + alpha * sum(a^2)) ** beta over n = 5 channels, alpha = 1e-4.
 # PyTorch divides alpha by n, so the module gets alpha * n to compute the paper's formula.
