@@ -9,7 +9,9 @@ requests finish — uvicorn waits for them — then drains each model's queue be
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready``, ``.../config``, ``POST .../infer``, ``POST /v2/repository/index``, ``POST /predict``
-(an image upload → top-k labels) and ``GET /metrics``.
+(an image upload → top-k labels), ``POST /explain`` (an image upload → its Grad-CAM overlay or map, run on the
+version's worker like a prediction: see :mod:`vggnet.serve.cam`), ``GET /metrics``, and ``GET /`` (a web page
+for people: upload, top-5, Grad-CAM; see :mod:`vggnet.serve.web`).
 
 A version is a checkpoint (run with a runtime of :mod:`vggnet.infer`, calibrated if it needs it) or a file
 written by ``vggnet export`` (``.onnx``, ``.int8.onnx``, ``.pt2``, ``.int8.pt2``, TorchScript), which runs as
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -50,9 +53,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import vggnet
 from vggnet.infer import Predictor, Preprocessing, preprocess
+from vggnet.infer.predictor import check_cpu_only
 from vggnet.models import checkpoint_meta, load_checkpoint
 
-from . import v2
+from . import cam, v2, web
 from .auth import AuthMiddleware
 from .batcher import Batcher, BatcherClosed, BatchInfo, QueueFull
 from .errors import ServeError, bad_request, not_found, unavailable
@@ -89,6 +93,9 @@ class ServeSettings:
     #: pixels of one uploaded image, checked from its header before decoding (6000 × 6000)
     max_image_pixels: int = 36_000_000
     topk: int = 5
+    #: Grad-CAM requests (POST /explain) queued or running per model version; each runs alone on the version's
+    #: worker, between batches, so predictions wait behind at most this many; beyond it 503
+    max_explain_jobs: int = 2
     #: forward passes allowed at the same time across all models (1: the cores are never split)
     parallel_forwards: int = 1
     #: seconds a request may wait for its result before a 503
@@ -113,14 +120,19 @@ class ServeSettings:
     #: load exported files that run code from the file (``.pt2``: a shared library; TorchScript): off, so
     #: that serving a repository runs no code from it unless its owner says the files are trusted
     trust_model_code: bool = False
+    #: where checkpoints run with the eager runtime ("cpu", "cuda", "cuda:N"; None: the CPU) and in what autocast
+    #: (fp32, bf16, fp16, auto; None: fp32); exported files and the other runtimes run on the CPU and refuse both
+    device: str | None = None
+    precision: str | None = None
 
 
-def check_exported(file: str | os.PathLike, runtime: str, trust_model_code: bool) -> str | None:
+def check_exported(file: str | os.PathLike, runtime: str, trust_model_code: bool, device: str | None = None,
+                   precision: str | None = None) -> str | None:
     """The exported kind of ``file`` (None for a checkpoint), or a ValueError when it cannot be served so:
     with a runtime other than eager (the file is already compiled / quantized; a runtime would be silently
-    ignored), without ONNX Runtime for an ONNX file, or running code from the file without
-    ``trust_model_code``. Checked by the CLI before the server starts and again when a version loads, for
-    servers built with :func:`create_app` directly."""
+    ignored), on a device other than the CPU or in another precision, without ONNX Runtime for an ONNX file,
+    or running code from the file without ``trust_model_code``. Checked by the CLI before the server starts
+    and again when a version loads, for servers built with :func:`create_app` directly."""
     kind = exported_kind(file)
     if kind is None:
         return None
@@ -129,6 +141,7 @@ def check_exported(file: str | os.PathLike, runtime: str, trust_model_code: bool
         raise ValueError(f"{name}: an exported file runs in its own runtime ({kind}, with its own quantization "
                          f"if INT8); drop --runtime {runtime} (or runtime: in the model's config.yaml), or serve "
                          "the checkpoint it was exported from to use a runtime")
+    check_cpu_only(f"{name}: an exported file ({kind})", device, precision)
     if kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:  # a message, not a load-time traceback
         raise ValueError(f"{name}: serving an ONNX file needs onnxruntime, which is not installed: "
                          "pip install 'vggnet[serve,export]'")
@@ -148,6 +161,7 @@ class ModelVersion:
         self.calib_data = config.calib_data or settings.calib_data
         self.calib_n = settings.calib_n
         self.trust_model_code = settings.trust_model_code
+        self.device, self.precision = settings.device, settings.precision
         #: the export format of an exported file ("onnx", then "onnx-int8" once loaded if it is one); None for a
         #: checkpoint
         self.format: str | None = exported_kind(self.file)
@@ -155,6 +169,7 @@ class ModelVersion:
         self.max_delay_ms = config.max_delay_ms if config.max_delay_ms is not None else settings.max_delay_ms
         self.batching = config.batching if config.batching is not None else settings.batching
         self.max_queue = max(config.max_queue or settings.max_queue, self.max_batch_size)
+        self.max_explain_jobs = max(1, settings.max_explain_jobs)
         self.state, self.reason = "LOADING", ""
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
@@ -169,6 +184,11 @@ class ModelVersion:
             raise unavailable(f"model {self.name!r} version {self.version} is {self.state}"
                               + (f": {self.reason}" if self.reason else ""))
         return self.predictor.prep
+
+    @property
+    def explain_model(self) -> torch.nn.Module | None:
+        """The model Grad-CAM runs on (a checkpoint's, as loaded); None for an exported file or while loading."""
+        return getattr(self.predictor, "model", None)
 
     @property
     def runtime_label(self) -> str:
@@ -192,10 +212,12 @@ class ModelVersion:
                 c, s = predictor.prep.in_channels, predictor.prep.image_size
                 for n in sorted({1, self.max_batch_size}):
                     predictor.logits(torch.zeros(n, c, s, s))
+            if predictor.model is not None:
+                cam.preload()  # Grad-CAM's imports now, in the loader, not in the first /explain
             self.predictor = predictor
             self.batcher = Batcher(predictor.logits, max_batch_size=self.max_batch_size,
                                    max_delay_ms=self.max_delay_ms, batching=self.batching, max_queue=self.max_queue,
-                                   compute_lock=compute_lock, metrics=metrics,
+                                   max_jobs=self.max_explain_jobs, compute_lock=compute_lock, metrics=metrics,
                                    labels=(self.name, self.version)).start()
         except Exception as exc:
             log.error("model %s version %s failed to load: %s: %s", self.name, self.version, type(exc).__name__, exc)
@@ -215,7 +237,8 @@ class ModelVersion:
         model, extra = load_checkpoint(self.file)
         prep = Preprocessing.from_meta(checkpoint_meta(self.file, model, extra))
         calib = calibration_batch(self.calib_data, self.calib_n, prep) if self.calib_data else None
-        predictor = Predictor(model, prep, self.runtime_name, calib=calib, max_batch=self.max_batch_size)
+        predictor = Predictor(model, prep, self.runtime_name, calib=calib, max_batch=self.max_batch_size,
+                              device=self.device, precision=self.precision)
         predictor.source = self.file
         return predictor
 
@@ -224,7 +247,7 @@ class ModelVersion:
         from the file's metadata); calibration images are not needed: an INT8 file carries its scales."""
         from vggnet.export import load_exported  # only when a version is exported: ONNX Runtime is optional
 
-        check_exported(self.file, self.runtime_name, self.trust_model_code)
+        check_exported(self.file, self.runtime_name, self.trust_model_code, self.device, self.precision)
         if self.calib_data:
             log.info("model %s version %s: an exported file needs no calibration images; calib_data is not used",
                      self.name, self.version)
@@ -401,7 +424,20 @@ class ModelServer:
         except BatcherClosed as exc:
             raise unavailable(str(exc)) from None
 
-    async def result(self, mv: ModelVersion, future: concurrent.futures.Future) -> tuple[torch.Tensor, BatchInfo]:
+    def check_accepting(self, mv: ModelVersion) -> None:
+        """503 at once when ``mv`` cannot take requests (loading, failed, draining), before a body is read."""
+        self._batcher(mv)
+
+    def submit_job(self, mv: ModelVersion, job: Callable[[], Any]) -> concurrent.futures.Future:
+        """Queue ``job`` on ``mv``'s worker (see ``Batcher.submit_job``); 503 when its share is taken."""
+        try:
+            return self._batcher(mv).submit_job(job)
+        except QueueFull as exc:
+            raise unavailable(f"model {mv.name!r} version {mv.version} is busy: {exc}", retry_after_s=2) from None
+        except BatcherClosed as exc:
+            raise unavailable(str(exc)) from None
+
+    async def result(self, mv: ModelVersion, future: concurrent.futures.Future) -> tuple[Any, BatchInfo]:
         """Await a submitted request: 503 after ``request_timeout_s`` (the request is cancelled if still
         queued), 500 if the model itself failed on validated input."""
         try:
@@ -507,6 +543,16 @@ def _note(request: Request, **fields: Any) -> None:
     info = request.scope.get("vggnet.log")
     if info is not None:
         info.update(fields)
+
+
+def _image_media(request: Request) -> str:
+    """The media type of an image upload (/predict, /explain): multipart or an image type, else 415."""
+    media = media_type(request)
+    if media != "multipart/form-data" and media not in IMAGE_MEDIA_TYPES:
+        raise ServeError(415, f"content type {media or 'missing'!r} not accepted; send multipart/form-data "
+                              "with one image file, or the image itself as image/jpeg, image/png, image/webp, "
+                              "image/bmp, image/gif or application/octet-stream")
+    return media
 
 
 def _topk(request: Request, default: int, classes: int) -> int:
@@ -724,11 +770,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         """An image (multipart upload or the raw body) → top-k labels; ?model=&version=&topk=."""
-        media = media_type(request)
-        if media != "multipart/form-data" and media not in IMAGE_MEDIA_TYPES:
-            raise ServeError(415, f"content type {media or 'missing'!r} not accepted; send multipart/form-data "
-                                  "with one image file, or the image itself as image/jpeg, image/png, image/webp, "
-                                  "image/bmp, image/gif or application/octet-stream")
+        media = _image_media(request)
         mv = server.version(server.default_model(request.query_params.get("model")),
                             request.query_params.get("version"))
         _note(request, model=mv.name, version=mv.version)
@@ -750,6 +792,46 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
                        for v, i in zip(values, indices, strict=True)]
         return JSONResponse({"model_name": mv.name, "model_version": mv.version, "predictions": predictions},
                             headers={"x-model-version": mv.version})
+
+    @app.post("/explain")
+    async def explain(request: Request) -> Response:
+        """An image (as for /predict) → Grad-CAM of one class at one layer over the crop the network saw:
+        a PNG overlay, or JSON with the map (``format=json`` or ``Accept: application/json``);
+        ?model=&version=&class=&layer=&format=. Runs on the version's worker, between batches (a bounded
+        number at a time: ``max_explain_jobs``); an exported file cannot be explained (501)."""
+        media = _image_media(request)
+        mv = server.version(server.default_model(request.query_params.get("model")),
+                            request.query_params.get("version"))
+        _note(request, model=mv.name, version=mv.version)
+        prep = mv.prep
+        model = mv.explain_model
+        # 501 for an exported file, 400 for a bad class / layer / format: all before a byte of the body is read
+        spec = cam.parse_spec(model, prep, request.query_params, request.headers.get("accept"),
+                              f"model {mv.name!r} version {mv.version} ({mv.runtime_label})")
+        server.check_accepting(mv)
+        with server.admitted():
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+            data = await _upload_bytes(request, body) if media == "multipart/form-data" else body
+            if not data:
+                raise bad_request("empty body; send an image")
+            x = await server.offload(_image_batch, data, prep, settings.max_image_pixels)
+            future = server.submit_job(mv, functools.partial(cam.run_cam, model, x, spec))
+        out, info = await server.result(mv, future)
+        metrics.explain_latency.labels(mv.name, mv.version).observe(info.compute_s)
+        _note(request, rows=1, batch=1, queue_ms=round(info.queue_s * 1000, 2),
+              compute_ms=round(info.compute_s * 1000, 2), explained=out.target, layer=out.layer)
+        payload, media_out, headers = await server.offload(cam.render, out, x, prep, spec, mv.name, mv.version)
+        return Response(payload, media_type=media_out, headers=headers)
+
+    # --- the web page (public: static files only; see vggnet.serve.web) ----------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return web.page_response("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def page_file(name: str) -> Response:
+        return web.page_response(name)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -4,8 +4,11 @@ Keys come from a file (one per line), so they never appear on a command line or 
 is a constant-time comparison against each key; a missing or wrong token is 401 with
 ``WWW-Authenticate: Bearer``, answered before routing, so an unauthenticated upload costs the server
 nothing but its headers. Health probes and Prometheus scrapes usually come from inside the cluster
-without credentials, so they stay public unless ``public`` says otherwise. A token travels in clear
-text: put TLS in front (an ingress or a proxy) whenever the network is not trusted.
+without credentials, so they stay public unless ``public`` says otherwise. The web page's files (``GET /``,
+``/static/...``: the same bytes for every server, no model, configuration or data in them) are always public,
+since a browser cannot attach a bearer token to a page load; every API call the page makes carries the key
+its visitor enters (:mod:`vggnet.serve.web`). A token travels in clear text: put TLS in front (an ingress or
+a proxy) whenever the network is not trusted.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
 
 def _is_public(path: str, public: tuple[str, ...]) -> bool:
     metadata = path == "/v2" or (path.startswith("/v2/models/") and not path.endswith("/infer"))
+    if path == "/" or path.startswith("/static/"):  # the web page: static files, public (see the docstring)
+        return True
     return (("health" in public and path.startswith("/v2/health/")) or ("metrics" in public and path == "/metrics")
             or ("metadata" in public and metadata))
 

@@ -12,6 +12,12 @@ costs no latency at concurrency 1. One worker per model (and a ``compute_lock`` 
 means the cores run one forward pass at a time, instead of a thread-per-request handler
 oversubscribing them with parallel passes that each get slower.
 
+Other work on the model (a Grad-CAM explanation: a forward and a partial backward pass) goes through
+the same queue with :meth:`Batcher.submit_job`: it runs on the same worker, alone, in arrival order, so it
+never runs beside a forward pass (the cores stay unsplit, and the model is touched by one thread only), and
+at most ``max_jobs`` of them may be queued or running at once, so a burst of explanations delays a
+prediction by at most that many explanations and is otherwise refused (:class:`QueueFull`, a 503).
+
 Requests are validated *before* :meth:`Batcher.submit` (shape, dtype, finiteness), so a bad one never
 enters a batch. Should a batch still fail, each request is retried alone and only the failing one gets
 the error. Futures are :class:`concurrent.futures.Future` — thread-safe, and a request whose client
@@ -59,13 +65,15 @@ class BatchInfo:
 
 @dataclass
 class _Item:
-    x: torch.Tensor
+    x: torch.Tensor | None
     future: concurrent.futures.Future
     enqueued: float
+    #: a job (see Batcher.submit_job): run alone instead of batched; takes one row of the queue
+    job: Callable[[], object] | None = None
 
     @property
     def rows(self) -> int:
-        return int(self.x.shape[0])
+        return 1 if self.x is None else int(self.x.shape[0])
 
 
 class Batcher:
@@ -78,12 +86,14 @@ class Batcher:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int = 16,
                  max_delay_ms: float = 5.0, batching: bool = True, max_queue: int = 256, adaptive: bool = True,
-                 compute_lock: threading.Semaphore | threading.Lock | None = None,
+                 max_jobs: int = 2, compute_lock: threading.Semaphore | threading.Lock | None = None,
                  metrics: ServeMetrics | None = None, labels: tuple[str, str] = ("model", "1")) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_delay_ms < 0:
             raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if max_jobs < 1:
+            raise ValueError(f"max_jobs must be at least 1, got {max_jobs}")
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be at least max_batch_size ({max_batch_size})")
         self.fn = fn
@@ -92,6 +102,8 @@ class Batcher:
         self.batching = batching
         self.adaptive = adaptive
         self.max_queue = max_queue
+        self.max_jobs = max_jobs
+        self._jobs = 0  # jobs queued or running
         self.metrics = metrics
         self.labels = labels
         self._compute_lock = compute_lock if compute_lock is not None else contextlib.nullcontext()
@@ -149,6 +161,26 @@ class Batcher:
             self._cond.notify()
         return future
 
+    def submit_job(self, job: Callable[[], object]) -> concurrent.futures.Future:
+        """Queue ``job()`` (e.g. a Grad-CAM pass on the model) to run on the worker, alone and in arrival order,
+        under the compute lock; the future resolves to ``(job's result, BatchInfo)``. Raises :class:`QueueFull`
+        when ``max_jobs`` jobs are queued or running (or the queue is full), :class:`BatcherClosed` when
+        closing. A job counts as one row of ``max_queue``."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closing or self._thread is None:
+                raise BatcherClosed("the model is not accepting requests (not started or shutting down)")
+            if self._jobs >= self.max_jobs:
+                raise QueueFull(f"{self._jobs} explanations already queued or running (limit {self.max_jobs})")
+            if self._queued_rows + 1 > self.max_queue:
+                raise QueueFull(f"queue full ({self._queued_rows} rows waiting, limit {self.max_queue})")
+            self._queue.append(_Item(None, future, time.perf_counter(), job))
+            self._queued_rows += 1
+            self._jobs += 1
+            self._set_depth()
+            self._cond.notify()
+        return future
+
     async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchInfo]:
         """``submit`` awaited from asyncio; cancelling the await cancels the queued request."""
         return await asyncio.wrap_future(self.submit(x))
@@ -185,10 +217,10 @@ class Batcher:
             batch = [self._pop()]
             rows = batch[0].rows
             deadline = batch[0].enqueued + self.max_delay_s  # the oldest request's wait bounds the batch's
-            while self.batching and rows < self.max_batch_size:
+            while self.batching and rows < self.max_batch_size and batch[0].job is None:  # a job runs alone
                 if self._queue:
-                    if rows + self._queue[0].rows > self.max_batch_size:
-                        break  # never split a request; it leads the next batch
+                    if self._queue[0].job is not None or rows + self._queue[0].rows > self.max_batch_size:
+                        break  # never split a request; it (or a job) leads the next batch
                     item = self._pop()
                     batch.append(item)
                     rows += item.rows
@@ -207,7 +239,9 @@ class Batcher:
                 return
             # a request whose client gave up (cancelled future) is dropped here, not computed
             live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if live:
+            if batch[0].job is not None:
+                self._run_job(batch[0], started=bool(live))
+            elif live:
                 try:
                     self._compute(live)
                 except BaseException as exc:  # the worker must outlive anything a batch does
@@ -215,6 +249,26 @@ class Batcher:
                     for item in live:
                         if not item.future.done():
                             item.future.set_exception(exc)
+
+    def _run_job(self, item: _Item, started: bool) -> None:
+        started_at = time.perf_counter()
+        try:
+            if not started:  # cancelled while queued: its client went away
+                return
+            with self._compute_lock:
+                begin = time.perf_counter()
+                result = item.job()  # type: ignore[misc]
+                compute_s = time.perf_counter() - begin
+        except BaseException as exc:  # the job's failure is its request's, never the worker's
+            item.future.set_exception(exc)
+        else:
+            queue_s = started_at - item.enqueued
+            if self.metrics is not None:
+                self.metrics.queue_latency.labels(*self.labels).observe(queue_s)
+            item.future.set_result((result, BatchInfo(1, 1, queue_s, compute_s)))
+        finally:
+            with self._cond:
+                self._jobs -= 1
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         with self._compute_lock:

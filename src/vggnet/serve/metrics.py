@@ -43,6 +43,9 @@ class ServeMetrics:
                                        ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.compute_latency = Histogram("vggnet_compute_duration_seconds", "Time of one batched forward pass",
                                          ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.explain_latency = Histogram("vggnet_explain_duration_seconds",
+                                         "Time of one Grad-CAM pass (forward, and backward from the layer)",
+                                         ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("vggnet_batch_size", "Rows (images) per forward pass",
                                     ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("vggnet_batch_requests", "Requests grouped into one forward pass",
