@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the tested versions (pyproject.toml only declares ranges); a change to either reinstalls.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[dev,export,quant,serve]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev,export,quant,serve,tracking]'
 	touch $@
 
 demo: setup
