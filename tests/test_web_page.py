@@ -4,7 +4,8 @@ Playwright's Python package) against a real server (uvicorn on 127.0.0.1, a free
 Upload / drop / paste an image, see five bars and the Grad-CAM overlay, click another class and see the overlay
 change, pick a version, and see the server's errors (not an image, too large, busy) and a timeout in words with no
 spinner left turning; on a phone-sized window nothing overflows. One browser per module. Skipped, with the
-reason, where playwright or the browser is missing; CI installs both (.ci/run, the dev extra).
+reason, where playwright or the browser is missing; CI installs both (.ci/run, the dev extra) and sets
+VGGNET_REQUIRE_BROWSER=1, which turns that skip into a failure.
 
     .venv/bin/pytest tests/test_web_page.py        # about 15 s
 """
@@ -27,14 +28,22 @@ from vggnet.serve import ModelRepository, ServeSettings, create_app
 from vggnet.serve import cam as serve_cam
 
 CHROMIUM = os.environ.get("VGGNET_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+# .ci/run installs the browser and sets this, so in CI a missing browser fails instead of skipping silently.
+REQUIRED = os.environ.get("VGGNET_REQUIRE_BROWSER") == "1"
+
+
+def _missing(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"VGGNET_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:  # pragma: no cover - depends on the machine
-    pytest.skip("playwright is not installed (pip install playwright; it is in the dev extra)",
-                allow_module_level=True)
+    _missing("playwright is not installed (pip install playwright; it is in the dev extra)")
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set VGGNET_CHROMIUM)",
-                allow_module_level=True)
+    _missing(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set VGGNET_CHROMIUM)")
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MAX_BODY = 200 * 1024
