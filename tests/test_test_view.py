@@ -174,3 +174,12 @@ def test_predict_agrees_with_eval_single_at_the_checkpoint_scale(jitter_run, tmp
     again = json.loads(capsys.readouterr().out)
     assert again["test_scale"] == Q
     assert [row["top"][0]["index"] for row in again["predictions"]] == predicted
+
+
+def test_eval_defaults_to_the_checkpoint_scale(jitter_run, capsys):
+    assert main(["eval", "--json", "--ckpt", str(jitter_run), "--device", "cpu", "--no-bf16"]) == 0
+    default = json.loads(capsys.readouterr().out)["results"][0]
+    assert default["protocol"].startswith("single@") and default["scales_px"] == [Q]
+    assert main(["eval", "--json", "--ckpt", str(jitter_run), "--protocol", "single", "--device", "cpu",
+                 "--no-bf16"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["scales_px"] == [32]  # an explicit `single` is the crop

@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="ImageFolder tree (default: the run's recipe data, e.g. the embedded digits)")
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split (default: val)")
     p.add_argument("--protocol", action="append", metavar="P",
-                   help="protocol, e.g. single, dense@1.0,1.5, multicrop@256,384,512 (repeatable; default: single)")
+                   help="protocol, e.g. single, dense@1.0,1.5, multicrop@256,384,512 (repeatable; default: single "
+                        "at the checkpoint's own test scale, the view it was validated at in training)")
     p.add_argument("--batch-size", type=int, default=64, help="network inputs per forward pass (default: 64)")
     p.add_argument("--limit", type=int, help="evaluate only N images, evenly spread over the split")
     p.add_argument("--out", help="folder for eval.json, eval.md and confusion.png")
@@ -92,9 +93,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    protocols = [parse_protocol(text) for text in args.protocol or ["single"]]  # fail before any loading
+    protocols = [parse_protocol(text) for text in args.protocol or []]  # fail before any loading
     device = str(resolve_device(args.device))  # likewise a CUDA device that is not there
     models, meta = load_models(args.ckpt)
+    if not protocols:  # the view predict, serve and export use: a jittered run is validated above the crop
+        scale = meta.get("test_scale") or meta["image_size"]
+        protocols = [parse_protocol("single" if scale == meta["image_size"] else f"single@{scale}")]
     images, labels, classes = eval_images(args.ckpt[0], args.data, args.split, classes=meta["classes"],
                                           limit=args.limit)
     crop = meta["image_size"]

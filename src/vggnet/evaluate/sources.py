@@ -38,7 +38,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def load_models(paths: PathLike | Sequence[PathLike]) -> tuple[list[VGG], dict[str, Any]]:
     """Models (eval mode) and their shared metadata: ``classes`` (None if not recorded), ``mean``, ``std``,
-    ``image_size`` (the training crop), plus ``checkpoints`` (files) and ``models`` (architecture names).
+    ``image_size`` (the training crop), ``test_scale`` (the first member's validation view, the default test
+    scale), plus ``checkpoints`` (files) and ``models`` (architecture names).
 
     Several paths make an ensemble; members must agree on classes, normalisation and crop size.
     """
@@ -58,7 +59,7 @@ def load_models(paths: PathLike | Sequence[PathLike]) -> tuple[list[VGG], dict[s
             if not _same(first[key], meta[key]):
                 raise ValueError(f"cannot ensemble {files[0]} and {file}: their {key} differ "
                                  f"({_short(first[key])} vs {_short(meta[key])})")
-    info = {key: first[key] for key in ("classes", "mean", "std", "image_size", "num_classes")}
+    info = {key: first[key] for key in ("classes", "mean", "std", "image_size", "num_classes", "test_scale")}
     return models, {**info, "checkpoints": [str(f) for f in files], "models": [m.config.name for m in models]}
 
 
