@@ -33,6 +33,19 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert r["model"]["name"] == "vgg16" and r["schedule"]["epochs"] == 3 and r["optim"]["lr"] == 0.01
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; a recipe means a number, in a file or an override."""
+    file = tmp_path / "r.yaml"
+    file.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-4\ndescription: 1e3 images\n")
+    recipe = load_recipe(file, ["optim.momentum=9e-1"])
+    assert recipe["optim"]["lr"] == 0.001 and recipe["optim"]["weight_decay"] == 0.0005
+    assert recipe["optim"]["momentum"] == 0.9
+    assert recipe["description"] == "1e3 images"  # not a number: left alone
+    import yaml
+
+    assert yaml.safe_load("x: 1e-3") == {"x": "1e-3"}  # PyYAML's own loader is not changed
+
+
 @pytest.mark.parametrize("bad", ["optim.lr_rate=1", "nosection.x=1", "optim=3", "lr"])
 def test_typos_are_errors(bad):
     with pytest.raises(ValueError):

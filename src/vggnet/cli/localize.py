@@ -92,13 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace) -> Any:
     import importlib.resources
 
-    import yaml
-
+    from vggnet.engine.recipe import parse_yaml  # 1e-3 is a number, as in training recipes
     from vggnet.localize.train import LocalizeSettings
 
     text = Path(args.recipe).read_text() if args.recipe else \
         (importlib.resources.files("vggnet.localize") / "localize.yaml").read_text()
-    data = yaml.safe_load(text) or {}
+    data = parse_yaml(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{args.recipe or 'localize.yaml'}: expected a mapping of settings")
     overrides = {"weights": args.weights, "model": args.model, "width": args.width, "per_class": args.per_class,

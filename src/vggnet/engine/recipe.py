@@ -8,6 +8,7 @@ recipe is saved in the run folder, which makes every run reproducible from its f
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,21 @@ from typing import Any
 import yaml
 
 Recipe = dict[str, Any]
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string; in a recipe or an override
+    (``optim.lr=1e-3``) it is meant as a number, and a string learning rate fails deep inside the optimizer."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 DEFAULTS: Recipe = {
     "description": "",
@@ -122,7 +138,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
         if not ref.is_file():
             raise ValueError(f"unknown recipe {name_or_path!r}; built-in: {', '.join(builtin_recipes())}")
         text = ref.read_text()
-    data = yaml.safe_load(text) or {}
+    data = parse_yaml(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"recipe {name_or_path} must be a YAML mapping")
     recipe = _merge(DEFAULTS, data)
@@ -141,7 +157,7 @@ def apply_override(recipe: Recipe, item: str) -> Recipe:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = parse_yaml(raw)
     return _merge(recipe, update)
 
 
