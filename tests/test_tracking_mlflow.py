@@ -114,3 +114,22 @@ def test_param_values_are_cut_to_mlflow_limit():
     assert param_value("x" * 7000) == "x" * 5997 + "..."
     assert param_value([0.5, 0.5]) == "[0.5, 0.5]" and param_value(True) == "true" and param_value("sgd") == "sgd"
     assert flatten({"a": {"b": 1, "c": {}}, "d": None}) == {"a.b": 1, "a.c": {}, "d": None}
+
+
+def test_a_run_that_raises_is_marked_failed(runs):
+    out = runs / "diverged"
+    with pytest.raises(FloatingPointError):  # lr 1e30: the loss is no longer finite after the first step
+        train(recipe("schedule.epochs=2", "optim.lr=1e30", "schedule.name=constant"), out)
+    run_id = json.loads((out / RUN_FILE).read_text())["run_id"]
+    assert client_for(runs).get_run(run_id).info.status == "FAILED"
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://alice:s3cret@mlflow.example.com:5000/", "https://alice:***@mlflow.example.com:5000/"),
+    ("http://mlflow.example.com", "http://mlflow.example.com"),
+    ("sqlite:////tmp/mlruns/mlflow.db", "sqlite:////tmp/mlruns/mlflow.db"),
+])
+def test_tracking_uri_passwords_are_redacted(uri, shown):
+    from vggnet.engine.tracking import redact_uri
+
+    assert redact_uri(uri) == shown

@@ -64,6 +64,9 @@ class Tracker:
     def finish(self, out: Path) -> None:
         pass
 
+    def fail(self, status: str) -> None:
+        """Training raised: mark the run ``FAILED`` (``KILLED`` for Ctrl-C); never raises itself."""
+
 
 def flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``; an empty mapping stays one value."""
@@ -80,6 +83,21 @@ def param_value(value: Any, limit: int = 6000) -> str:
     """A recipe value as a parameter: strings as they are, others as YAML / JSON spell them (null, true, [1, 2])."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def redact_uri(uri: str) -> str:
+    """``https://user:secret@host/`` -> ``https://user:***@host/``: a tracking URI may carry a password, which
+    must not end up in the run's parameters or its log."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+    except ValueError:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _given_uri(recipe: dict[str, Any]) -> str | None:
@@ -143,7 +161,7 @@ class MlflowTracker(Tracker):
             action = "continued"
         self.run_id = run.info.run_id
         self._log_params(recipe, run.data.params)
-        print(f"mlflow: {action} run {self.run_id} in {self.uri}", flush=True)
+        print(f"mlflow: {action} run {self.run_id} in {redact_uri(self.uri)}", flush=True)
 
     def _experiment(self, name: str, artifacts: Path | None) -> str:
         """The experiment's id, created when missing; in the default store its artifacts go beside the database
@@ -170,11 +188,13 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         limit, per_batch, _ = self._limits
-        params = [Param(key, param_value(value, limit)) for key, value in flatten(recipe).items()
-                  if key not in existing]
+        flat = flatten(recipe)
+        if isinstance(flat.get("train.tracking_uri"), str):
+            flat["train.tracking_uri"] = redact_uri(flat["train.tracking_uri"])
+        params = [Param(key, param_value(value, limit)) for key, value in flat.items() if key not in existing]
         for i in range(0, len(params), per_batch):
             self.client.log_batch(self.run_id, params=params[i:i + per_batch])
-        changed = [key for key, value in flatten(recipe).items()
+        changed = [key for key, value in flat.items()
                    if key in existing and existing[key] != param_value(value, limit)]
         if changed:
             print(f"mlflow: parameters keep the values the run started with: {', '.join(changed)} "
@@ -197,6 +217,12 @@ class MlflowTracker(Tracker):
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, status: str) -> None:
+        try:  # the training error is the one to report, not a store that is gone too
+            self.client.set_terminated(self.run_id, status)
+        except Exception as exc:  # noqa: BLE001
+            print(f"mlflow: could not mark run {self.run_id} {status}: {exc}", flush=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -288,101 +288,107 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
     stop = min(epochs, tcfg["stop_after_epoch"] or epochs)
     if start_epoch > stop and env.main:
         print(f"{out}: already trained to epoch {start_epoch - 1} of {epochs}; nothing to do", flush=True)
-    for epoch in range(start_epoch, stop + 1):
-        inputs.train.set_epoch(epoch)
-        if tcfg["record_shards"] and epoch == start_epoch:
-            _record_shards(out, env, inputs)
-        net.train()
-        for bn in frozen_bn_modules:
-            bn.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, top1, count
-        t0, wait = time.perf_counter(), 0.0
-        bar = tqdm(total=len(inputs.train), desc=f"epoch {epoch}/{epochs}", disable=not (progress and env.main),
-                   leave=False, dynamic_ncols=True)
-        batches = iter(inputs.train)
-        while True:
-            tw = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            images, targets = batch if batch is not None else (None, None)
-            wait += time.perf_counter() - tw
-            if images is None:  # every file of the batch was unreadable (skipped and counted by the dataset)
+    try:
+        for epoch in range(start_epoch, stop + 1):
+            inputs.train.set_epoch(epoch)
+            if tcfg["record_shards"] and epoch == start_epoch:
+                _record_shards(out, env, inputs)
+            net.train()
+            for bn in frozen_bn_modules:
+                bn.eval()
+            sums = torch.zeros(3, dtype=torch.float64)  # loss, top1, count
+            t0, wait = time.perf_counter(), 0.0
+            bar = tqdm(total=len(inputs.train), desc=f"epoch {epoch}/{epochs}", disable=not (progress and env.main),
+                       leave=False, dynamic_ncols=True)
+            batches = iter(inputs.train)
+            while True:
+                tw = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                images, targets = batch if batch is not None else (None, None)
+                wait += time.perf_counter() - tw
+                if images is None:  # every file of the batch was unreadable (skipped and counted by the dataset)
+                    bar.update()
+                    continue
+                images, targets = _to_device(images, targets, env.device, channels_last)
+                lr = schedule.lr_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale lack it
+                with torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = net(images)
+                    if loss_fn is None:
+                        loss = F.cross_entropy(logits.float(), targets, label_smoothing=ocfg["label_smoothing"])
+                    else:
+                        loss = loss_fn(logits.float(), targets, images)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower optim.lr")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if ocfg["grad_clip"]:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), ocfg["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update_parameters(model)
+                step += 1
+                if lookahead is not None:
+                    lookahead.after_step(step)
+                n = targets.numel()
+                sums += torch.tensor([loss.item() * n, topk_correct(logits.detach().float(), targets, (1,))[1], n],
+                                     dtype=torch.float64)
+                bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.3f}", lr=f"{lr:.2g}", refresh=False)
                 bar.update()
-                continue
-            images, targets = _to_device(images, targets, env.device, channels_last)
-            lr = schedule.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale lack it
-            with torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = net(images)
-                if loss_fn is None:
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=ocfg["label_smoothing"])
-                else:
-                    loss = loss_fn(logits.float(), targets, images)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower optim.lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if ocfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), ocfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update_parameters(model)
-            step += 1
-            if lookahead is not None:
-                lookahead.after_step(step)
-            n = targets.numel()
-            sums += torch.tensor([loss.item() * n, topk_correct(logits.detach().float(), targets, (1,))[1], n],
-                                 dtype=torch.float64)
-            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.3f}", lr=f"{lr:.2g}", refresh=False)
-            bar.update()
-        bar.close()
-        sums = distributed.all_sum(sums, env)
-        distributed.average_buffers(model, env)
-        elapsed = time.perf_counter() - t0
-        if lookahead is not None and epoch == epochs:
-            lookahead.finish()
-        record: dict[str, Any] = {
-            "epoch": epoch, "epochs": epochs, "train_loss": sums[0].item() / sums[2].item(),
-            "train_top1": 100 * sums[1].item() / sums[2].item(), "lr": lr,
-            "img_per_s": sums[2].item() / elapsed, "data_wait_frac": wait / elapsed, "epoch_time": elapsed,
-        }
-        eval_model = ema.module if ema is not None else model
-        is_last = epoch == epochs
-        confusion = None
-        if inputs.val is not None and (epoch % tcfg["eval_every"] == 0 or is_last):
-            metrics = evaluate(eval_model, inputs.val, len(inputs.classes), env, amp, channels_last,
-                               flip=tcfg["eval_flip"])
-            confusion = metrics.pop("confusion")
-            record.update(metrics)
-        # best = highest validation top-1 (training top-1 only for runs without validation data); epochs
-        # skipped by eval_every cannot be best, or a training accuracy would beat every validation one
-        score = record.get("val_top1", record["train_top1"] if inputs.val is None else -math.inf)
-        if schedule.epoch_end(record.get("val_top1")):
-            record["lr_drop"] = schedule.drops
-        is_best = score > best
-        best = max(best, score)
-        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
-                 "lookahead": lookahead.state_dict() if lookahead is not None else None,
-                 "loader": inputs.train.state_dict(), "rng": _gather_rng(env)}
+            bar.close()
+            sums = distributed.all_sum(sums, env)
+            distributed.average_buffers(model, env)
+            elapsed = time.perf_counter() - t0
+            if lookahead is not None and epoch == epochs:
+                lookahead.finish()
+            record: dict[str, Any] = {
+                "epoch": epoch, "epochs": epochs, "train_loss": sums[0].item() / sums[2].item(),
+                "train_top1": 100 * sums[1].item() / sums[2].item(), "lr": lr,
+                "img_per_s": sums[2].item() / elapsed, "data_wait_frac": wait / elapsed, "epoch_time": elapsed,
+            }
+            eval_model = ema.module if ema is not None else model
+            is_last = epoch == epochs
+            confusion = None
+            if inputs.val is not None and (epoch % tcfg["eval_every"] == 0 or is_last):
+                metrics = evaluate(eval_model, inputs.val, len(inputs.classes), env, amp, channels_last,
+                                   flip=tcfg["eval_flip"])
+                confusion = metrics.pop("confusion")
+                record.update(metrics)
+            # best = highest validation top-1 (training top-1 only for runs without validation data); epochs
+            # skipped by eval_every cannot be best, or a training accuracy would beat every validation one
+            score = record.get("val_top1", record["train_top1"] if inputs.val is None else -math.inf)
+            if schedule.epoch_end(record.get("val_top1")):
+                record["lr_drop"] = schedule.drops
+            is_best = score > best
+            best = max(best, score)
+            state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                     "epoch": epoch, "best": best,
+                     "lookahead": lookahead.state_dict() if lookahead is not None else None,
+                     "loader": inputs.train.state_dict(), "rng": _gather_rng(env)}
+            if env.main:
+                record["time"] = time.time()
+                logger.log(record)  # type: ignore[union-attr]
+                tracker.log_epoch(record)
+                save_training_checkpoint(out, epoch, model, ema.module if ema is not None else None, state,
+                                         {**meta, "metrics": {k: v for k, v in record.items() if k != "time"}},
+                                         is_best, tcfg["keep"])
+                plot_curves(logger.records, out / "curves.png", title=f"{model.config.name} — {out.name}")  # type: ignore
+                if confusion is not None and is_best:
+                    plot_confusion(confusion, inputs.classes, out / "confusion.png", title=f"epoch {epoch}")
+                print(format_epoch_line(record), flush=True)
+            distributed.barrier(env)
+            last = record
+    except BaseException as exc:  # the MLflow run says it failed instead of staying RUNNING forever
         if env.main:
-            record["time"] = time.time()
-            logger.log(record)  # type: ignore[union-attr]
-            tracker.log_epoch(record)
-            save_training_checkpoint(out, epoch, model, ema.module if ema is not None else None, state,
-                                     {**meta, "metrics": {k: v for k, v in record.items() if k != "time"}},
-                                     is_best, tcfg["keep"])
-            plot_curves(logger.records, out / "curves.png", title=f"{model.config.name} — {out.name}")  # type: ignore
-            if confusion is not None and is_best:
-                plot_confusion(confusion, inputs.classes, out / "confusion.png", title=f"epoch {epoch}")
-            print(format_epoch_line(record), flush=True)
-        distributed.barrier(env)
-        last = record
+            tracker.fail("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     best_top1 = best if math.isfinite(best) else None  # None: stopped before any evaluated epoch
     if env.main and last:
         (out / "final.json").write_text(json.dumps({**last, "best_top1": best_top1}, indent=2))
