@@ -301,3 +301,15 @@ def test_a_broken_version_is_reported_and_isolated(tmp_path):
         assert r.status_code == 503 and "UNAVAILABLE" in r.json()["error"]
         assert c.post("/v2/models/good/infer", json=v2_request(torch.zeros(1, 3, 32, 32))).status_code == 200
         assert c.post("/predict", content=jpeg_bytes(), headers={"Content-Type": "image/jpeg"}).status_code == 400
+
+
+def test_cli_max_explain_jobs_reaches_the_settings(repo_dir, monkeypatch, capsys):
+    from vggnet.cli import main
+    from vggnet.serve import app as serve_app
+
+    seen = {}
+    monkeypatch.setattr(serve_app, "run_server", lambda repo, settings, **kw: seen.update(settings=settings))
+    assert main(["serve", "--ckpt", str(repo_dir / "cls" / "1"), "--max-explain-jobs", "5"]) == 0
+    assert seen["settings"].max_explain_jobs == 5
+    assert main(["serve", "--ckpt", str(repo_dir / "cls" / "1"), "--max-explain-jobs", "0"]) == 2
+    assert "--max-explain-jobs must be positive" in capsys.readouterr().err

@@ -94,6 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: 30)")
     p.add_argument("--decode-threads", type=int, help="threads that parse and decode request bodies, at a lower "
                    "OS priority than the event loop so health probes stay fast (0: one per core; default: 0)")
+    p.add_argument("--max-explain-jobs", type=int, help="Grad-CAM requests (POST /explain, the web page's overlay) "
+                   "queued or running at once per model version; beyond it 503 (each costs a backward pass; "
+                   "default: 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, = the cores)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="skip the warm-up forward passes at load time")
@@ -125,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
                         ("--max-queue", args.max_queue), ("--threads", args.threads),
                         ("--max-image-pixels", args.max_image_pixels), ("--calib-n", args.calib_n),
-                        ("--max-concurrency", args.max_concurrency), ("--decode-threads", args.decode_threads)):
+                        ("--max-concurrency", args.max_concurrency), ("--decode-threads", args.decode_threads),
+                        ("--max-explain-jobs", args.max_explain_jobs)):
         zero_ok = flag in ("--port", "--max-concurrency", "--decode-threads")
         if value is not None and value < (0 if zero_ok else 1):
             raise ValueError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}, got {value}")
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log,
         max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout, decode_threads=args.decode_threads,
         calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code,
-        device=args.device, precision=args.precision)
+        device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs)
     if args.api_key_file:
         from vggnet.serve.auth import PUBLIC_GROUPS, read_api_keys
 
