@@ -24,8 +24,8 @@ layer names: vggnet's (block5_conv3, block5_relu3, block4_pool), style-transfer 
   pool4), torchvision's index (features.29). Layers after the fc/gap heads' flatten have no positions and are
   refused; the conv head's fc6..fc8 are grids (fc8 is the class-score map).
 
-exit status: 0 when every image was explained or some were skipped; 1 when images were given and none could
-  be read (each skip is reported on stderr); 2 for a bad option, layer, class or checkpoint.
+exit status: 0 when every image was explained; 1 when any could not be read (each skip is reported on stderr,
+  the others are still written), as `vggnet predict`; 2 for a bad option, layer, class or checkpoint.
 
 examples:
   vggnet explain --ckpt runs/cifar10 cat.png dog.jpg
@@ -179,4 +179,4 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"{path} -> {', '.join(map(str, written))}  [{summary}]", file=sys.stdout)
     if skipped:
         print(f"vggnet explain: {skipped} of {len(paths)} images could not be read", file=sys.stderr)
-    return 1 if paths and not explained else 0
+    return 1 if skipped else 0  # as predict: a partial result is written, and the status says it is partial
