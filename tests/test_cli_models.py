@@ -22,6 +22,11 @@ def test_models_json(capsys):
     assert main(["models", "--json", "--num-classes", "10"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in rows} == set(vggnet.list_models())
+    assert all(r["paper_params_millions"] is None for r in rows)  # 10 classes: not the paper's nets
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["vgg16"]["paper_params_millions"] == 138 and round(rows["vgg16"]["params"] / 1e6) == 138
+    assert rows["vgg16_bn"]["paper_params_millions"] is None
 
 
 def test_info_layer_table(capsys):

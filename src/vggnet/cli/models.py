@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from vggnet.models import PAPER_PARAMS, VGGConfig, count_macs, count_params, list_models
+from vggnet.models import VGGConfig, count_macs, count_params, list_models
 from vggnet.models.complexity import _meta_model
+from vggnet.models.configs import PAPER_TABLE2_MILLIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,12 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows = []
+    # the paper's Table 2 counts (in millions) hold for its own nets only: 1000 classes, full width, fc head, no BN
+    as_paper = args.num_classes == 1000 and args.width == 1.0 and args.head == "fc"
     for name in list_models():
         config = VGGConfig(name=name, num_classes=args.num_classes, width=args.width, head=args.head)
         params = count_params(_meta_model(config))
         rows.append({
             "name": name, "config": config.config, "bn": config.batch_norm, "params": params,
-            "paper_params": PAPER_PARAMS[config.config] if not config.batch_norm else None,
+            "paper_params_millions": PAPER_TABLE2_MILLIONS[config.config] if as_paper and not config.batch_norm
+            else None,
             "gmacs": round(count_macs(config, args.input_size) / 1e9, 2),
         })
     if args.json:
