@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -40,7 +41,7 @@ from machine import write_results  # benchmarks/machine.py, beside this script
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPE = str(HERE / "recipes" / "compression_base.yaml")  # VGG-16-BN w0.5, batch 256, one-cycle: trains VGG-16
-STAGES = ("base", "anchor", "prune", "student", "distill", "qat", "measure")
+STAGES = ("base", "anchor", "prune", "student", "distill", "qat", "measure", "paired")
 
 
 def log(text: str) -> None:
@@ -50,6 +51,16 @@ def log(text: str) -> None:
 def finished(run: Path, epochs: int) -> bool:
     final = run / "final.json"
     return final.is_file() and json.loads(final.read_text()).get("epoch") == epochs
+
+
+def variant_tag(args: argparse.Namespace) -> str:
+    """Pruning runs other than the committed table's (L1, per layer) get their own folders: -bn, -global."""
+    criterion = "" if args.criterion == "l1" else f"-{args.criterion}"
+    return criterion + ("" if args.scope == "layer" else f"-{args.scope}")
+
+
+def seed_tag(seed: int) -> str:
+    return "" if seed == 0 else f"-s{seed}"
 
 
 def train_stages(args: argparse.Namespace) -> dict[str, float]:
@@ -79,24 +90,27 @@ def train_stages(args: argparse.Namespace) -> dict[str, float]:
         walls["anchor"] = time.perf_counter() - t0
     if "prune" in args.stages:
         for reduction in args.macs_reductions:
-            run = work / f"pruned-{round(100 * reduction)}{tag}"
+            run = work / f"pruned-{round(100 * reduction)}{variant_tag(args)}{tag}"
             if finished(run, args.finetune_epochs):
                 continue
             t0 = time.perf_counter()
-            prune_run(PruneSettings(source=str(base), macs_reduction=reduction, criterion=args.criterion), run,
+            prune_run(PruneSettings(source=str(base), macs_reduction=reduction, criterion=args.criterion,
+                                    scope=args.scope), run,
                       epochs=args.finetune_epochs, progress=False, log=log)
             walls[run.name] = time.perf_counter() - t0
-    student = [*common, f"model.name={args.student}", f"model.width={args.student_width}",
-               f"schedule.epochs={args.student_epochs}"]
-    if "student" in args.stages and not finished(work / "student", args.student_epochs):
-        t0 = time.perf_counter()
-        train(load_recipe(RECIPE, student), work / "student", progress=False)
-        walls["student"] = time.perf_counter() - t0
-    if "distill" in args.stages and not finished(work / "student-kd", args.student_epochs):
-        t0 = time.perf_counter()
-        distill(load_recipe(RECIPE, student), DistillSettings(str(base), args.temperature, args.alpha),
-                work / "student-kd", progress=False)
-        walls["student-kd"] = time.perf_counter() - t0
+    for seed in range(args.seeds):  # seed 0 is the committed table's pair; others only feed `paired`
+        student = [*common, f"model.name={args.student}", f"model.width={args.student_width}",
+                   f"schedule.epochs={args.student_epochs}", f"train.seed={seed}"]
+        alone, kd = work / f"student{seed_tag(seed)}", work / f"student-kd{seed_tag(seed)}"
+        if "student" in args.stages and not finished(alone, args.student_epochs):
+            t0 = time.perf_counter()
+            train(load_recipe(RECIPE, student), alone, progress=False)
+            walls[alone.name] = time.perf_counter() - t0
+        if "distill" in args.stages and not finished(kd, args.student_epochs):
+            t0 = time.perf_counter()
+            distill(load_recipe(RECIPE, student), DistillSettings(str(base), args.temperature, args.alpha),
+                    kd, progress=False)
+            walls[kd.name] = time.perf_counter() - t0
     if "qat" in args.stages and not (work / "qat" / "metrics.json").is_file():
         from vggnet.compress.qat import qat_finetune
 
@@ -205,6 +219,74 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"validation_images": len(y), "calibration_images": len(calib), "anchor": anchor_name, "arms": arms}
 
 
+def paired(args: argparse.Namespace) -> dict[str, Any]:
+    """Top-1 of each finished run on the same validation images, and paired comparisons (McNemar, mid-p).
+
+    The targets compare two nets on the same 5,000 images, so the test is paired: only the images exactly one
+    of them gets right count (``b``: only the first, ``c``: only the second). Accuracy only, no timing.
+    """
+    from vggnet.evaluate import eval_images
+    from vggnet.infer import Predictor, Preprocessing, preprocess
+    from vggnet.models import checkpoint_file, checkpoint_meta, load_checkpoint
+    from vggnet.reproduce.paired import mcnemar_midp
+
+    work = Path(args.work)
+    base_file = checkpoint_file(work / "base")
+    base_model, extra = load_checkpoint(base_file)
+    prep = Preprocessing.from_meta(checkpoint_meta(base_file, base_model, extra))
+    images, labels, _ = eval_images(work / "base", None, "val", classes=prep.classes)
+    kept = [(im, y) for im, y in zip(images, labels, strict=True) if im is not None]
+    x, y = preprocess([im for im, _ in kept], prep), torch.tensor([lab for _, lab in kept])
+    correct: dict[str, torch.Tensor] = {}
+    runs: dict[str, Any] = {}
+    for run in sorted(p for p in work.iterdir() if (p / "final.json").is_file()):
+        model, _ = load_checkpoint(checkpoint_file(run))
+        logits = Predictor(model, prep, "eager", max_batch=256).logits(x)
+        correct[run.name] = logits.argmax(1) == y
+        runs[run.name] = {"top1": 100 * float(correct[run.name].float().mean()),
+                          "epochs": json.loads((run / "final.json").read_text()).get("epoch")}
+        log(f"  {run.name}: top-1 {runs[run.name]['top1']:.2f} %")
+
+    def compare(first: str, second: str) -> dict[str, Any] | None:
+        if first not in correct or second not in correct:
+            return None
+        a, b_ = correct[first], correct[second]
+        b, c = int((a & ~b_).sum()), int((~a & b_).sum())
+        return {"first": first, "second": second, "diff_points": 100 * (b - c) / len(y), "b": b, "c": c,
+                "p_mid": mcnemar_midp(b, c)}
+
+    pairs = []
+    for name in sorted(n for n in correct if n.startswith("pruned-")):  # each against the anchor of its budget
+        budget = re.search(r"-e\d+$", name)
+        pairs.append(compare(name, "base-finetuned" + (budget.group(0) if budget else "")))
+    kd_gains = []
+    for name in sorted(n for n in correct if n.startswith("student-kd")):  # every seed trained, whatever --seeds
+        pair = compare(name, name.replace("student-kd", "student"))
+        pairs.append(pair)
+        if pair:
+            kd_gains.append(pair["diff_points"])
+    kd: dict[str, Any] = {"gains_points": kd_gains}
+    if len(kd_gains) > 1:
+        from scipy import stats
+
+        kd_pairs = [p for p in pairs if p and p["first"].startswith("student-kd")]
+        mean, sd = statistics.mean(kd_gains), statistics.stdev(kd_gains)
+        se = sd / len(kd_gains) ** 0.5
+        half = float(stats.t.ppf(0.975, len(kd_gains) - 1)) * se
+        b, c = sum(p["b"] for p in kd_pairs), sum(p["c"] for p in kd_pairs)
+        # seeds as the unit (a t interval over the per-seed gains), and images x seeds pooled (McNemar on the
+        # summed discordant counts: each seed pair is its own stratum of the same 5,000 images)
+        kd.update(mean=mean, sd=sd, se=se, ci95=[mean - half, mean + half],
+                  p_seeds=float(2 * stats.t.sf(abs(mean) / se, len(kd_gains) - 1)) if se else 0.0,
+                  pooled_b=b, pooled_c=c, pooled_p_mid=mcnemar_midp(b, c))
+        log(f"  KD over {len(kd_gains)} seeds: {mean:+.2f} points (SD {sd:.2f}, 95 % CI {mean - half:+.2f} to "
+            f"{mean + half:+.2f}); pooled b {b}, c {c}, mid-p {kd['pooled_p_mid']:.3g}")
+    for pair in filter(None, pairs):
+        log(f"  {pair['first']} vs {pair['second']}: {pair['diff_points']:+.2f} points (b {pair['b']}, "
+            f"c {pair['c']}, mid-p {pair['p_mid']:.3g})")
+    return {"validation_images": len(y), "runs": runs, "pairs": [p for p in pairs if p], "kd_over_seeds": kd}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -252,11 +334,16 @@ def main() -> int:
     ap.add_argument("--finetune-epochs", type=int, default=6)
     ap.add_argument("--macs-reductions", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--criterion", default="l1", choices=("l1", "bn"))
+    ap.add_argument("--scope", default="layer", choices=("layer", "global"),
+                    help="rank filters per layer (the committed table) or across layers (folder suffix -global)")
     ap.add_argument("--student", default="vgg11_bn")
     ap.add_argument("--student-width", type=float, default=0.25)
     ap.add_argument("--student-epochs", type=int, default=12)
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train the student alone and distilled with seeds 0..N-1 (folders student-sK, "
+                         "student-kd-sK); the `paired` stage compares each pair")
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--calib-n", type=int, default=512)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -284,6 +371,10 @@ def main() -> int:
     if args.replot:  # the figure again from the results file, nothing re-measured
         plot(json.loads(out.read_text()), Path(args.plot))
         return 0
+    if "paired" in args.stages:
+        pairs_out = out.with_name(out.stem + "_paired.json")
+        result = paired(args)
+        write_results(pairs_out, "compression, paired accuracy", args, **result)
     if "measure" not in args.stages:
         return 0
     result = measure(args)
