@@ -129,19 +129,31 @@ def timed_rate(fn: Any, x: torch.Tensor, target_s: float) -> float:
     return n * len(x) / (time.perf_counter() - t0)
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Accuracy, size, parameters, MACs and latency of every arm on the same validation images."""
+def validation_set(work: Path) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The base run's preprocessing and its held-out images as one tensor, with their labels: every arm is
+    scored on exactly these."""
     from vggnet.evaluate import eval_images
-    from vggnet.infer import Predictor, Preprocessing, preprocess
-    from vggnet.models import checkpoint_file, checkpoint_meta, count_macs, count_params, load_checkpoint
+    from vggnet.infer import Preprocessing, preprocess
+    from vggnet.models import checkpoint_file, checkpoint_meta, load_checkpoint
 
-    work = Path(args.work)
     base_file = checkpoint_file(work / "base")
     base_model, extra = load_checkpoint(base_file)
     prep = Preprocessing.from_meta(checkpoint_meta(base_file, base_model, extra))
     images, labels, _ = eval_images(work / "base", None, "val", classes=prep.classes)
     kept = [(im, y) for im, y in zip(images, labels, strict=True) if im is not None]
-    x, y = preprocess([im for im, _ in kept], prep), torch.tensor([lab for _, lab in kept])
+    return prep, preprocess([im for im, _ in kept], prep), torch.tensor([lab for _, lab in kept])
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy, size, parameters, MACs and latency of every arm on the same validation images."""
+    from vggnet.evaluate import eval_images
+    from vggnet.infer import Predictor, preprocess
+    from vggnet.models import checkpoint_file, count_macs, count_params, load_checkpoint
+
+    work = Path(args.work)
+    prep, x, y = validation_set(work)
+    base_file = checkpoint_file(work / "base")
+    base_model, _ = load_checkpoint(base_file)
     train_images, train_labels, _ = eval_images(work / "base", None, "train", classes=prep.classes,
                                                 limit=args.calib_n)
     calib = preprocess([im for im in train_images if im is not None], prep)
@@ -225,18 +237,12 @@ def paired(args: argparse.Namespace) -> dict[str, Any]:
     The targets compare two nets on the same 5,000 images, so the test is paired: only the images exactly one
     of them gets right count (``b``: only the first, ``c``: only the second). Accuracy only, no timing.
     """
-    from vggnet.evaluate import eval_images
-    from vggnet.infer import Predictor, Preprocessing, preprocess
-    from vggnet.models import checkpoint_file, checkpoint_meta, load_checkpoint
+    from vggnet.infer import Predictor
+    from vggnet.models import checkpoint_file, load_checkpoint
     from vggnet.reproduce.paired import mcnemar_midp
 
     work = Path(args.work)
-    base_file = checkpoint_file(work / "base")
-    base_model, extra = load_checkpoint(base_file)
-    prep = Preprocessing.from_meta(checkpoint_meta(base_file, base_model, extra))
-    images, labels, _ = eval_images(work / "base", None, "val", classes=prep.classes)
-    kept = [(im, y) for im, y in zip(images, labels, strict=True) if im is not None]
-    x, y = preprocess([im for im, _ in kept], prep), torch.tensor([lab for _, lab in kept])
+    prep, x, y = validation_set(work)
     correct: dict[str, torch.Tensor] = {}
     runs: dict[str, Any] = {}
     for run in sorted(p for p in work.iterdir() if (p / "final.json").is_file()):
