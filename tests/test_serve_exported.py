@@ -210,7 +210,7 @@ def test_cli_serves_exported_files_without_calibration_data(exports, monkeypatch
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "exported files (vggnet export): served as they are, INT8 ones included" in help_text
+    assert "exported files (vggnet export): served as they are, on the CPU, INT8 ones included" in help_text
     assert "--trust-model-code" in help_text
 
 
