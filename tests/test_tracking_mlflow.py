@@ -124,8 +124,23 @@ def test_a_run_that_raises_is_marked_failed(runs):
     assert client_for(runs).get_run(run_id).info.status == "FAILED"
 
 
+def test_ctrl_c_marks_the_run_killed(runs, monkeypatch):
+    from vggnet.engine import trainer
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "format_epoch_line", interrupt)  # as if Ctrl-C came during the first epoch's log
+    out = runs / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe("schedule.epochs=2"), out)
+    run_id = json.loads((out / RUN_FILE).read_text())["run_id"]
+    assert client_for(runs).get_run(run_id).info.status == "KILLED"
+
+
 @pytest.mark.parametrize(("uri", "shown"), [
     ("https://alice:s3cret@mlflow.example.com:5000/", "https://alice:***@mlflow.example.com:5000/"),
+    ("https://mlflow.example.com/?access_token=abc&x=1", "https://mlflow.example.com/?access_token=***&x=1"),
     ("http://mlflow.example.com", "http://mlflow.example.com"),
     ("sqlite:////tmp/mlruns/mlflow.db", "sqlite:////tmp/mlruns/mlflow.db"),
 ])
@@ -133,3 +148,35 @@ def test_tracking_uri_passwords_are_redacted(uri, shown):
     from vggnet.engine.tracking import redact_uri
 
     assert redact_uri(uri) == shown
+
+
+def test_no_password_reaches_the_params_or_the_recipe_artifact(tmp_path):
+    """The tracker's own calls, recorded by a stand-in client: a password in train.tracking_uri is neither a
+    parameter value nor in the recipe.yaml it uploads (the run folder's own copy is the user's file)."""
+    from vggnet.engine.recipe import save_recipe
+    from vggnet.engine.tracking import MlflowTracker
+
+    uri = "https://alice:s3cret@mlflow.example.com/?token=t0k3n"
+    resolved = recipe(f"train.tracking_uri={uri}")
+    save_recipe(resolved, tmp_path / "recipe.yaml")
+
+    class Client:
+        def __init__(self):
+            self.params, self.uploaded = [], []
+
+        def log_batch(self, run_id, params=(), metrics=()):
+            self.params += [p.value for p in params]
+
+        def log_artifact(self, run_id, path):
+            self.uploaded.append(Path(path).read_text())
+
+        def set_terminated(self, run_id, status):
+            pass
+
+    tracker = MlflowTracker.__new__(MlflowTracker)  # no store: only what it would send
+    tracker.uri, tracker.run_id, tracker.client, tracker._limits = uri, "r", Client(), (6000, 100, 1000)
+    tracker._log_params(resolved, {})
+    tracker.finish(tmp_path)
+    sent = " ".join(tracker.client.params + tracker.client.uploaded)
+    assert tracker.client.uploaded and "mlflow.example.com" in sent
+    assert "s3cret" not in sent and "t0k3n" not in sent

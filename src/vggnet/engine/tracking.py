@@ -85,19 +85,28 @@ def param_value(value: Any, limit: int = 6000) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "signature", "credential")
+
+
 def redact_uri(uri: str) -> str:
-    """``https://user:secret@host/`` -> ``https://user:***@host/``: a tracking URI may carry a password, which
-    must not end up in the run's parameters or its log."""
-    from urllib.parse import urlsplit, urlunsplit
+    """``https://user:secret@host/?token=abc`` -> ``https://user:***@host/?token=***``: a tracking URI may carry
+    a password or a token, which must not end up in the run's parameters, artifacts or log."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     try:
         parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
+        password = parts.password
     except ValueError:
         return uri
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret_keys = [k for k, _ in pairs if any(w in k.lower() for w in _SECRET_WORDS)]
+    if password is None and not secret_keys:
+        return uri  # untouched (urlunsplit would rewrite sqlite:////abs/path as sqlite://abs/path)
+    if password is not None:
+        parts = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
+    if secret_keys:
+        parts = parts._replace(query=urlencode([(k, "***" if k in secret_keys else v) for k, v in pairs], safe="*"))
+    return urlunsplit(parts)
 
 
 def _given_uri(recipe: dict[str, Any]) -> str | None:
@@ -140,7 +149,7 @@ class MlflowTracker(Tracker):
         self.client = client_cls(self.uri)
         run = None
         saved = _read_json(out / RUN_FILE)
-        if resuming and saved.get("tracking_uri") == self.uri and saved.get("run_id"):
+        if resuming and saved.get("tracking_uri") == redact_uri(self.uri) and saved.get("run_id"):
             try:
                 run = self.client.get_run(saved["run_id"])
             except MlflowException:  # deleted from the store: start afresh
@@ -153,7 +162,7 @@ class MlflowTracker(Tracker):
                                           store / "artifacts" if local else None)
             run = self.client.create_run(experiment, run_name=out.name,
                                          tags={"vggnet.run_folder": str(out)})
-            (out / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run.info.run_id,
+            (out / RUN_FILE).write_text(json.dumps({"tracking_uri": redact_uri(self.uri), "run_id": run.info.run_id,
                                                     "experiment_id": experiment}, indent=2) + "\n")
             action = "started"
         else:
@@ -212,10 +221,23 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + per_batch])
 
     def finish(self, out: Path) -> None:
+        import tempfile
+
         for name in ARTIFACTS:
             path = Path(out) / name
-            if path.is_file():
-                self.client.log_artifact(self.run_id, str(path))
+            if not path.is_file():
+                continue
+            if name == "recipe.yaml" and redact_uri(self.uri) != self.uri:  # the store gets no password
+                from .recipe import parse_yaml, save_recipe
+
+                recipe = parse_yaml(path.read_text())
+                if isinstance(recipe.get("train"), dict) and isinstance(recipe["train"].get("tracking_uri"), str):
+                    recipe["train"]["tracking_uri"] = redact_uri(recipe["train"]["tracking_uri"])
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_recipe(recipe, Path(tmp) / name)
+                    self.client.log_artifact(self.run_id, str(Path(tmp) / name))
+                continue
+            self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, status: str) -> None:

@@ -385,16 +385,16 @@ def _train(recipe: Recipe, out: Path, resume: bool, progress: bool | None, env: 
                 print(format_epoch_line(record), flush=True)
             distributed.barrier(env)
             last = record
+        best_top1 = best if math.isfinite(best) else None  # None: stopped before any evaluated epoch
+        if env.main and last:
+            (out / "final.json").write_text(json.dumps({**last, "best_top1": best_top1}, indent=2))
+            logger.close()  # type: ignore[union-attr]
+        if env.main:
+            tracker.finish(out)  # artifacts (curves, confusion, best checkpoint) once they are final
     except BaseException as exc:  # the MLflow run says it failed instead of staying RUNNING forever
         if env.main:
             tracker.fail("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    best_top1 = best if math.isfinite(best) else None  # None: stopped before any evaluated epoch
-    if env.main and last:
-        (out / "final.json").write_text(json.dumps({**last, "best_top1": best_top1}, indent=2))
-        logger.close()  # type: ignore[union-attr]
-    if env.main:
-        tracker.finish(out)  # artifacts (curves, confusion, best checkpoint) once they are final
     if tcfg["record_shards"]:
         _record_final(out, env, model)
     return {**last, "best_top1": best_top1}
