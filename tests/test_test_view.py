@@ -183,3 +183,14 @@ def test_eval_defaults_to_the_checkpoint_scale(jitter_run, capsys):
     assert main(["eval", "--json", "--ckpt", str(jitter_run), "--protocol", "single", "--device", "cpu",
                  "--no-bf16"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["scales_px"] == [32]  # an explicit `single` is the crop
+
+
+def test_eval_refuses_to_guess_a_view_for_members_validated_at_different_scales(jitter_run, tmp_path, capsys):
+    flat = tmp_path / "flat"  # validated at the crop (32 px), the jittered run at Q = 55 px
+    train(load_recipe("demo", [*FAST, "train.stop_after_epoch=1", "schedule.epochs=2"]), flat)
+    capsys.readouterr()
+    argv = ["eval", "--json", "--ckpt", str(jitter_run), "--ckpt", str(flat / "last.safetensors"), "--device", "cpu",
+            "--no-bf16"]
+    assert main(argv) == 2
+    assert "different test scales ([32, 55] px)" in capsys.readouterr().err
+    assert main([*argv, "--protocol", f"single@{Q}"]) == 0  # named explicitly: fine

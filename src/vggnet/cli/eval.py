@@ -89,6 +89,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from vggnet.evaluate import eval_images, load_models, parse_protocol, predict_proba, summarize
+    from vggnet.evaluate.protocols import Protocol
     from vggnet.hardware import resolve_device
 
     if args.batch_size < 1:
@@ -97,8 +98,12 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))  # likewise a CUDA device that is not there
     models, meta = load_models(args.ckpt)
     if not protocols:  # the view predict, serve and export use: a jittered run is validated above the crop
-        scale = meta.get("test_scale") or meta["image_size"]
-        protocols = [parse_protocol("single" if scale == meta["image_size"] else f"single@{scale}")]
+        scales = sorted({q or meta["image_size"] for q in meta["test_scales"]})
+        if len(scales) > 1:
+            raise ValueError(f"the ensemble's members were validated at different test scales ({scales} px): "
+                             "choose one with --protocol, e.g. --protocol single@" + str(scales[0]))
+        scale = scales[0]
+        protocols = [Protocol("single", (1.0,) if scale == meta["image_size"] else (int(scale),))]
     images, labels, classes = eval_images(args.ckpt[0], args.data, args.split, classes=meta["classes"],
                                           limit=args.limit)
     crop = meta["image_size"]

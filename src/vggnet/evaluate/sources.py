@@ -38,8 +38,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def load_models(paths: PathLike | Sequence[PathLike]) -> tuple[list[VGG], dict[str, Any]]:
     """Models (eval mode) and their shared metadata: ``classes`` (None if not recorded), ``mean``, ``std``,
-    ``image_size`` (the training crop), ``test_scale`` (the first member's validation view, the default test
-    scale), plus ``checkpoints`` (files) and ``models`` (architecture names).
+    ``image_size`` (the training crop), ``test_scale`` (the first member's validation view) and ``test_scales``
+    (every member's), plus ``checkpoints`` (files) and ``models`` (architecture names).
 
     Several paths make an ensemble; members must agree on classes, normalisation and crop size.
     """
@@ -60,6 +60,7 @@ def load_models(paths: PathLike | Sequence[PathLike]) -> tuple[list[VGG], dict[s
                 raise ValueError(f"cannot ensemble {files[0]} and {file}: their {key} differ "
                                  f"({_short(first[key])} vs {_short(meta[key])})")
     info = {key: first[key] for key in ("classes", "mean", "std", "image_size", "num_classes", "test_scale")}
+    info["test_scales"] = [meta["test_scale"] for meta in metas]  # members may have been validated at other views
     return models, {**info, "checkpoints": [str(f) for f in files], "models": [m.config.name for m in models]}
 
 
