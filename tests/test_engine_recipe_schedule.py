@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vggnet.engine.recipe import DEFAULTS, apply_override, builtin_recipes, load_recipe
+from vggnet.engine.recipe import DEFAULTS, apply_override, builtin_recipes, load_recipe, save_recipe
 from vggnet.engine.schedule import LRSchedule
 
 
@@ -44,6 +44,11 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     import yaml
 
     assert yaml.safe_load("x: 1e-3") == {"x": "1e-3"}  # PyYAML's own loader is not changed
+    recipe["description"] = "1e3"  # a string that looks like a number survives save and load as a string
+    save_recipe(recipe, tmp_path / "saved.yaml")
+    again = load_recipe(tmp_path / "saved.yaml")
+    assert again["description"] == "1e3" and again["optim"]["lr"] == 0.001
+    assert yaml.safe_dump({"x": "1e3"}) == "x: 1e3\n"  # nor is its dumper
 
 
 @pytest.mark.parametrize("bad", ["optim.lr_rate=1", "nosection.x=1", "optim=3", "lr"])

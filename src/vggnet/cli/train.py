@@ -67,9 +67,11 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from vggnet.engine.recipe import RecipeDumper
+
     recipe = recipe_from_args(args)
-    if args.print_recipe:
-        print(yaml.safe_dump(recipe, sort_keys=False))
+    if args.print_recipe:  # printed as saved, so it can be fed back as a recipe file
+        print(yaml.dump(recipe, Dumper=RecipeDumper, sort_keys=False))
         return 0
     from vggnet.engine.trainer import train
 

@@ -23,10 +23,14 @@ class RecipeLoader(yaml.SafeLoader):
     (``optim.lr=1e-3``) it is meant as a number, and a string learning rate fails deep inside the optimizer."""
 
 
-RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what RecipeLoader reads back unchanged: a string that looks like ``1e3`` is quoted."""
+
+
+_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (RecipeLoader, RecipeDumper):
+    _cls.yaml_implicit_resolvers = {k: list(v) for k, v in _cls.yaml_implicit_resolvers.items()}  # own copy
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, list("-+0123456789"))
 
 
 def parse_yaml(text: str) -> Any:
@@ -162,4 +166,4 @@ def apply_override(recipe: Recipe, item: str) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    path.write_text(yaml.dump(recipe, Dumper=RecipeDumper, sort_keys=False))
