@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows = []
-    # the paper's Table 2 counts (in millions) hold for its own nets only: 1000 classes, full width, fc head, no BN
-    as_paper = args.num_classes == 1000 and args.width == 1.0 and args.head == "fc"
+    # the paper's Table 2 counts (in millions) hold for its own nets only: 1000 classes, full width, no BN, the fc
+    # head or its fully-convolutional form (the same weights, reshaped)
+    as_paper = args.num_classes == 1000 and args.width == 1.0 and args.head in ("fc", "conv")
     for name in list_models():
         config = VGGConfig(name=name, num_classes=args.num_classes, width=args.width, head=args.head)
         params = count_params(_meta_model(config))
