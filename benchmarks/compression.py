@@ -231,40 +231,75 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"validation_images": len(y), "calibration_images": len(calib), "anchor": anchor_name, "arms": arms}
 
 
+def run_facts(run: Path) -> dict[str, Any]:
+    """What a run folder says about itself: epochs, summed epoch times, seed, and for a pruned run its cut."""
+    from vggnet.engine.recipe import load_recipe
+
+    facts: dict[str, Any] = {"epochs": json.loads((run / "final.json").read_text()).get("epoch")}
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        facts["train_seconds"] = round(sum(r.get("epoch_time", 0.0) for r in records), 1)
+    if (run / "recipe.yaml").is_file():
+        facts["seed"] = load_recipe(run / "recipe.yaml")["train"]["seed"]
+    cut = run / "prune.json"
+    if cut.is_file():
+        record = json.loads(cut.read_text())
+        facts["cut"] = {**{k: record["settings"][k] for k in ("criterion", "scope", "macs_reduction")},
+                        "ratio": record["ratio"], "macs_kept": record["macs_kept"]}
+    return facts
+
+
 def paired(args: argparse.Namespace) -> dict[str, Any]:
     """Top-1 of each finished run on the same validation images, and paired comparisons (McNemar, mid-p).
 
     The targets compare two nets on the same 5,000 images, so the test is paired: only the images exactly one
-    of them gets right count (``b``: only the first, ``c``: only the second). Accuracy only, no timing.
+    of them gets right count (``b``: only the first, ``c``: only the second). Accuracy only, no timing. The
+    run folders are found, not named by this invocation's arguments: each run's own facts (epochs, seed, cut)
+    are recorded beside its accuracy. Each run is scored with its best checkpoint, chosen on these same images
+    during training, as in the main table (a slight optimism shared by every arm).
     """
     from vggnet.infer import Predictor
     from vggnet.models import checkpoint_file, load_checkpoint
-    from vggnet.reproduce.paired import mcnemar_midp
+    from vggnet.reproduce.paired import mcnemar_midp, no_gain_bound
 
     work = Path(args.work)
     prep, x, y = validation_set(work)
+    n = len(y)
     correct: dict[str, torch.Tensor] = {}
     runs: dict[str, Any] = {}
+
+    def top1(file: Path) -> torch.Tensor:
+        model, _ = load_checkpoint(file)
+        return Predictor(model, prep, "eager", max_batch=256).logits(x).argmax(1) == y
+
     for run in sorted(p for p in work.iterdir() if (p / "final.json").is_file()):
-        model, _ = load_checkpoint(checkpoint_file(run))
-        logits = Predictor(model, prep, "eager", max_batch=256).logits(x)
-        correct[run.name] = logits.argmax(1) == y
-        runs[run.name] = {"top1": 100 * float(correct[run.name].float().mean()),
-                          "epochs": json.loads((run / "final.json").read_text()).get("epoch")}
+        correct[run.name] = top1(checkpoint_file(run))
+        runs[run.name] = {"top1": 100 * float(correct[run.name].float().mean()), **run_facts(run)}
+        if (run / "pruned.safetensors").is_file():  # right after the cut, before any fine-tuning
+            runs[run.name]["top1_at_cut"] = 100 * float(top1(run / "pruned.safetensors").float().mean())
         log(f"  {run.name}: top-1 {runs[run.name]['top1']:.2f} %")
 
-    def compare(first: str, second: str) -> dict[str, Any] | None:
+    def compare(first: str, second: str, margin: float | None = None) -> dict[str, Any] | None:
+        """``first`` - ``second`` in top-1 points with its two-sided 95 % interval (Agresti-Min); with a
+        ``margin``, whether a loss of at most ``margin`` points is shown (one-sided 95 % lower bound above
+        ``-margin``), ruled out (upper bound below it) or neither."""
         if first not in correct or second not in correct:
             return None
         a, b_ = correct[first], correct[second]
         b, c = int((a & ~b_).sum()), int((~a & b_).sum())
-        return {"first": first, "second": second, "diff_points": 100 * (b - c) / len(y), "b": b, "c": c,
-                "p_mid": mcnemar_midp(b, c)}
+        pair = {"first": first, "second": second, "diff_points": 100 * (b - c) / n, "b": b, "c": c,
+                "p_mid": mcnemar_midp(b, c), "ci95": [no_gain_bound(b, c, n, 0.975), -no_gain_bound(c, b, n, 0.975)]}
+        if margin is not None:
+            low, high = no_gain_bound(b, c, n, 0.95), -no_gain_bound(c, b, n, 0.95)
+            pair["target"] = {"max_loss_points": margin, "one_sided_95": [low, high],
+                              "verdict": "met" if low >= -margin else "not met" if high < -margin else "not shown"}
+        return pair
 
     pairs = []
     for name in sorted(n for n in correct if n.startswith("pruned-")):  # each against the anchor of its budget
         budget = re.search(r"-e\d+$", name)
-        pairs.append(compare(name, "base-finetuned" + (budget.group(0) if budget else "")))
+        pairs.append(compare(name, "base-finetuned" + (budget.group(0) if budget else ""), margin=0.5))
     kd_gains = []
     for name in sorted(n for n in correct if n.startswith("student-kd")):  # every seed trained, whatever --seeds
         pair = compare(name, name.replace("student-kd", "student"))
@@ -275,22 +310,20 @@ def paired(args: argparse.Namespace) -> dict[str, Any]:
     if len(kd_gains) > 1:
         from scipy import stats
 
-        kd_pairs = [p for p in pairs if p and p["first"].startswith("student-kd")]
         mean, sd = statistics.mean(kd_gains), statistics.stdev(kd_gains)
         se = sd / len(kd_gains) ** 0.5
         half = float(stats.t.ppf(0.975, len(kd_gains) - 1)) * se
-        b, c = sum(p["b"] for p in kd_pairs), sum(p["c"] for p in kd_pairs)
-        # seeds as the unit (a t interval over the per-seed gains), and images x seeds pooled (McNemar on the
-        # summed discordant counts: each seed pair is its own stratum of the same 5,000 images)
-        kd.update(mean=mean, sd=sd, se=se, ci95=[mean - half, mean + half],
-                  p_seeds=float(2 * stats.t.sf(abs(mean) / se, len(kd_gains) - 1)) if se else 0.0,
-                  pooled_b=b, pooled_c=c, pooled_p_mid=mcnemar_midp(b, c))
-        log(f"  KD over {len(kd_gains)} seeds: {mean:+.2f} points (SD {sd:.2f}, 95 % CI {mean - half:+.2f} to "
-            f"{mean + half:+.2f}); pooled b {b}, c {c}, mid-p {kd['pooled_p_mid']:.3g}")
+        # training seeds as the unit, on these fixed 5,000 images: the interval covers seed-to-seed variation
+        # only, not the sampling of the images (each seed's own paired interval shows that part)
+        p_seeds = float(2 * stats.t.sf(abs(mean) / se, len(kd_gains) - 1)) if se else (1.0 if mean == 0 else 0.0)
+        kd.update(mean=mean, sd=sd, se=se, seed_ci95=[mean - half, mean + half], p_seeds=p_seeds)
+        log(f"  KD over {len(kd_gains)} seeds: {mean:+.2f} points (SD {sd:.2f}, seed-to-seed 95 % interval "
+            f"{mean - half:+.2f} to {mean + half:+.2f})")
     for pair in filter(None, pairs):
-        log(f"  {pair['first']} vs {pair['second']}: {pair['diff_points']:+.2f} points (b {pair['b']}, "
-            f"c {pair['c']}, mid-p {pair['p_mid']:.3g})")
-    return {"validation_images": len(y), "runs": runs, "pairs": [p for p in pairs if p], "kd_over_seeds": kd}
+        target = f", target: {pair['target']['verdict']}" if "target" in pair else ""
+        log(f"  {pair['first']} vs {pair['second']}: {pair['diff_points']:+.2f} points (95 % {pair['ci95'][0]:+.2f} "
+            f"to {pair['ci95'][1]:+.2f}; b {pair['b']}, c {pair['c']}, mid-p {pair['p_mid']:.3g}){target}")
+    return {"validation_images": n, "runs": runs, "pairs": [p for p in pairs if p], "kd_over_seeds": kd}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
