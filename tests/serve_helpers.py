@@ -76,3 +76,20 @@ def live_server(app):
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+def hold_explanations(monkeypatch, wait_s: float) -> tuple[threading.Event, threading.Event]:
+    """Grad-CAM jobs block on the worker until ``release`` is set (or ``wait_s`` passes); ``entered`` is set when
+    one has started: a busy explain slot on demand."""
+    from vggnet.serve import cam as serve_cam
+
+    entered, release = threading.Event(), threading.Event()
+    real = serve_cam.run_cam
+
+    def held(*args):
+        entered.set()
+        release.wait(wait_s)
+        return real(*args)
+
+    monkeypatch.setattr(serve_cam, "run_cam", held)
+    return entered, release

@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_helpers import jpeg_bytes, metric_samples, tiny_checkpoint
+from serve_helpers import hold_explanations, jpeg_bytes, metric_samples, tiny_checkpoint
 from vggnet.serve import Batcher, ModelRepository, QueueFull, ServeSettings, create_app
 from vggnet.serve import cam as serve_cam
 from vggnet.serve.web import PAGE_FILES
@@ -178,15 +178,7 @@ def test_explain_is_refused_in_words_for_an_exported_model(tmp_path):
 def test_explain_jobs_beyond_their_share_are_503_busy(ckpt, monkeypatch):
     """One explanation held on the worker takes the version's one slot (max_explain_jobs=1): the next is 503 at
     once, in words, and predictions still go through once it is done."""
-    entered, release = threading.Event(), threading.Event()
-    real = serve_cam.run_cam
-
-    def held(*args):
-        entered.set()
-        release.wait(10)
-        return real(*args)
-
-    monkeypatch.setattr(serve_cam, "run_cam", held)
+    entered, release = hold_explanations(monkeypatch, 10)
     app = create_app(ModelRepository.from_checkpoints([ckpt], ["m"]),
                      ServeSettings(load_in_background=False, access_log=False, max_explain_jobs=1))
     with TestClient(app) as c:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -23,9 +22,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import vggnet
-from serve_helpers import live_server
+from serve_helpers import hold_explanations, live_server
 from vggnet.serve import ModelRepository, ServeSettings, create_app
-from vggnet.serve import cam as serve_cam
 
 CHROMIUM = os.environ.get("VGGNET_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # .ci/run installs the browser and sets this, so in CI a missing browser fails instead of skipping silently.
@@ -229,15 +227,7 @@ def test_busy_and_timeout_end_in_words_without_a_spinner(browser, site, monkeypa
     """An explanation held on the server: the page gives up after its timeout (1.5 s here) and says so; the
     next one finds the version's one explain slot taken (503) and says the server is busy."""
     url, files = site
-    entered, release = threading.Event(), threading.Event()
-    real = serve_cam.run_cam
-
-    def held(*args):
-        entered.set()
-        release.wait(20)
-        return real(*args)
-
-    monkeypatch.setattr(serve_cam, "run_cam", held)
+    entered, release = hold_explanations(monkeypatch, 20)
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.set_default_timeout(15_000)
     page.add_init_script("window.vggnetTimeoutMs = 1500;")
