@@ -65,13 +65,11 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from vggnet.engine.recipe import RecipeDumper
+    from vggnet.engine.recipe import dump_recipe
 
     recipe = recipe_from_args(args)
     if args.print_recipe:  # printed as saved, so it can be fed back as a recipe file
-        print(yaml.dump(recipe, Dumper=RecipeDumper, sort_keys=False))
+        print(dump_recipe(recipe))
         return 0
     from vggnet.engine.trainer import train
 

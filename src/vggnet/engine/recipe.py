@@ -36,6 +36,12 @@ for _cls in (RecipeLoader, RecipeDumper):
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML that :func:`load_recipe` reads back unchanged (keys in the defaults' order)."""
+    return yaml.dump(recipe, Dumper=RecipeDumper, sort_keys=False)
+
+
 DEFAULTS: Recipe = {
     "description": "",
     "model": {
@@ -166,4 +172,4 @@ def apply_override(recipe: Recipe, item: str) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.dump(recipe, Dumper=RecipeDumper, sort_keys=False))
+    path.write_text(dump_recipe(recipe))
