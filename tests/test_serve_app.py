@@ -139,7 +139,7 @@ def test_predict_equals_vggnet_predict_cli_with_exif_orientation(client, repo_di
 
 
 def test_runtime_from_config_and_calibration_images(tmp_path):
-    from vggnet.serve.app import calibration_batch
+    from vggnet.serve.versions import calibration_batch
 
     tiny_checkpoint(tmp_path / "repo" / "fast" / "1" / "best.safetensors", seed=4)
     (tmp_path / "repo" / "fast" / "config.yaml").write_text("runtime: channels_last\n")

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from typing import TYPE_CHECKING
+
+from vggnet.errors import UsageError
+
+if TYPE_CHECKING:  # the serve extra (FastAPI...) is imported only when the command runs, not for --help
+    from vggnet.serve.repository import ModelRepository
+    from vggnet.serve.settings import ServeSettings
 
 EPILOG = """\
 model repository layout (--model-repo DIR):
@@ -115,16 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import logging
-    import sys
-
-    import torch
-
-    from vggnet.infer.predictor import check_cpu_only, placement
-    from vggnet.serve.app import ServeSettings, check_exported, ensure_runtime, run_server, with_overrides
-    from vggnet.serve.repository import ModelRepository
-
+def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
                         ("--max-queue", args.max_queue), ("--threads", args.threads),
                         ("--max-image-pixels", args.max_image_pixels), ("--calib-n", args.calib_n),
@@ -132,9 +130,14 @@ def run(args: argparse.Namespace) -> int:
                         ("--max-explain-jobs", args.max_explain_jobs)):
         zero_ok = flag in ("--port", "--max-concurrency", "--decode-threads")
         if value is not None and value < (0 if zero_ok else 1):
-            raise ValueError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}, got {value}")
+            raise UsageError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}, got {value}")
     if args.name and not args.ckpt:
-        raise ValueError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
+        raise UsageError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
+
+
+def _settings(args: argparse.Namespace) -> ServeSettings:
+    from vggnet.serve.settings import ServeSettings, with_overrides
+
     settings = with_overrides(
         ServeSettings(), runtime=args.runtime, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
         batching=args.batching, max_queue=args.max_queue,
@@ -150,27 +153,38 @@ def run(args: argparse.Namespace) -> int:
         public = tuple(g.strip() for g in args.public_endpoints.split(",") if g.strip() and g.strip() != "none")
         unknown = sorted(set(public) - set(PUBLIC_GROUPS))
         if unknown:
-            raise ValueError(f"--public-endpoints: unknown group(s) {unknown}; choose from {', '.join(PUBLIC_GROUPS)}")
+            raise UsageError(f"--public-endpoints: unknown group(s) {unknown}; choose from {', '.join(PUBLIC_GROUPS)}")
         settings = with_overrides(settings, api_keys=read_api_keys(args.api_key_file), public_endpoints=public)
     if settings.max_queue < settings.max_batch_size:
         settings = with_overrides(settings, max_queue=settings.max_batch_size)
-    repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
-            else ModelRepository.from_checkpoints(args.ckpt, args.name))
-    if settings.device is not None or settings.precision is not None:  # a missing GPU fails now, not at load
+    return settings
+
+
+def _check_repo(repo: ModelRepository, settings: ServeSettings) -> None:
+    """Usage errors now, not a model that never gets ready: a missing GPU, an unknown runtime, an exported file
+    given a runtime, a device or calibration images that would not apply to it, missing calibration images."""
+    from vggnet.infer.predictor import check_cpu_only, placement
+    from vggnet.serve.versions import check_exported, ensure_runtime
+
+    if settings.device is not None or settings.precision is not None:
         placement(settings.device, settings.precision)
-    for model in repo.models.values():  # usage errors now, not a model that never gets ready
+    for model in repo.models.values():
         runtime = model.runtime or settings.runtime
         ensure_runtime(runtime)
         if runtime != "eager":
             check_cpu_only(f"runtime {runtime} (model {model.name})", settings.device, settings.precision)
-        # exported files are served as they are: a runtime, a device or calibration images would not apply to them
         kinds = [check_exported(file, runtime, settings.trust_model_code, settings.device, settings.precision)
                  for file in model.versions.values()]
         if None in kinds and runtime in _CALIBRATED and not (model.calib_data or settings.calib_data):
-            raise ValueError(f"runtime {runtime} (model {model.name}) needs calibration images: pass --calib-data "
+            raise UsageError(f"runtime {runtime} (model {model.name}) needs calibration images: pass --calib-data "
                              "PATH (a folder of training images) or set calib_data in its config.yaml")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def _setup_logging(level: str) -> None:
+    """Access-log lines (JSON) to stdout, the service's events to stderr."""
+    import logging
+    import sys
+
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger("vggnet.serve.access")
@@ -181,8 +195,26 @@ def run(args: argparse.Namespace) -> int:
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     service = logging.getLogger("vggnet.serve")
     service.addHandler(events)
-    service.setLevel(args.log_level.upper())
+    service.setLevel(level.upper())
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from vggnet.serve import app  # run_server looked up at call time: tests replace it
+    from vggnet.serve.repository import ModelRepository
+
+    _check_flags(args)
+    settings = _settings(args)
+    repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
+            else ModelRepository.from_checkpoints(args.ckpt, args.name))
+    _check_repo(repo, settings)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _setup_logging(args.log_level)
     names = ", ".join(f"{m.name} ({', '.join(m.ordered_versions)})" for m in repo.models.values())
     print(f"vggnet serve: {names} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    run_server(repo, settings, host=args.host, port=args.port, log_level=args.log_level)
+    app.run_server(repo, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -2,11 +2,13 @@
 A/B routing between versions, Prometheus metrics and input limits. Needs the ``serve`` extra
 (FastAPI, uvicorn, prometheus-client, python-multipart); never imports the training engine."""
 
-from .app import ModelServer, ServeSettings, create_app, run_server
+from .app import create_app, run_server
 from .batcher import Batcher, BatcherClosed, BatchInfo, QueueFull
 from .errors import ServeError
+from .lifecycle import ModelServer
 from .metrics import ServeMetrics
 from .repository import ModelConfig, ModelRepository, VersionRouter
+from .settings import ServeSettings
 
 __all__ = [
     "BatchInfo", "Batcher", "BatcherClosed", "ModelConfig", "ModelRepository", "ModelServer", "QueueFull",

@@ -1,14 +1,12 @@
-"""Optional bearer-token authentication, checked before a request's body is read.
+"""Optional bearer-token authentication, checked before routing and before a request's body is read, so an
+unauthenticated upload costs the server nothing but its headers (and FastAPI's ``/docs``, which takes no
+dependencies, is covered too).
 
-Keys come from a file (one per line), so they never appear on a command line or in ``ps``. The check
-is a constant-time comparison against each key; a missing or wrong token is 401 with
-``WWW-Authenticate: Bearer``, answered before routing, so an unauthenticated upload costs the server
-nothing but its headers. Health probes and Prometheus scrapes usually come from inside the cluster
-without credentials, so they stay public unless ``public`` says otherwise. The web page's files (``GET /``,
-``/static/...``: the same bytes for every server, no model, configuration or data in them) are always public,
-since a browser cannot attach a bearer token to a page load; every API call the page makes carries the key
-its visitor enters (:mod:`vggnet.serve.web`). A token travels in clear text: put TLS in front (an ingress or
-a proxy) whenever the network is not trusted.
+Keys come from a file, so they never appear on a command line or in ``ps``; each is compared in constant time.
+Health probes and Prometheus scrapes usually come from inside the cluster without credentials, so they stay public
+unless ``public`` says otherwise. The web page's files (the same bytes for every server) are always public: a
+browser cannot attach a token to a page load, and every call the page makes carries the key its visitor enters.
+A token travels in clear text: put TLS in front whenever the network is not trusted.
 """
 
 from __future__ import annotations
@@ -20,10 +18,13 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from vggnet.errors import UsageError
+
 __all__ = ["PUBLIC_GROUPS", "AuthMiddleware", "read_api_keys"]
 
 #: endpoint groups that may be left public: health probes, Prometheus, model metadata (never inference)
 PUBLIC_GROUPS = ("health", "metrics", "metadata")
+
 
 def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
     """The keys in ``path``: one per line, blank lines and ``#`` comments ignored; at least one, each of
@@ -31,13 +32,16 @@ def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"API key file not found: {file}")
-    keys = tuple(line.strip() for line in file.read_text().splitlines()
-                 if line.strip() and not line.strip().startswith("#"))
+    try:
+        text = file.read_text()
+    except UnicodeDecodeError:
+        raise UsageError(f"{file} is not a text file of API keys (one per line)") from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
     if not keys:
-        raise ValueError(f"{file} holds no API key (one per line)")
+        raise UsageError(f"{file} holds no API key (one per line)")
     short = [i + 1 for i, key in enumerate(keys) if len(key) < 16]
     if short:
-        raise ValueError(f"{file}: key(s) {short} shorter than 16 characters; use e.g. `openssl rand -hex 32`")
+        raise UsageError(f"{file}: key(s) {short} shorter than 16 characters; use e.g. `openssl rand -hex 32`")
     return keys
 
 
@@ -48,13 +52,14 @@ def _is_public(path: str, public: tuple[str, ...]) -> bool:
     return (("health" in public and path.startswith("/v2/health/")) or ("metrics" in public and path == "/metrics")
             or ("metadata" in public and metadata))
 
+
 class AuthMiddleware:
     """Refuse (401) HTTP requests without ``Authorization: Bearer <one of keys>`` to non-public paths."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], public: tuple[str, ...] = ("health", "metrics")) -> None:
         unknown = sorted(set(public) - set(PUBLIC_GROUPS))
         if unknown:
-            raise ValueError(f"unknown public endpoint group(s) {unknown}; choose from {', '.join(PUBLIC_GROUPS)}")
+            raise UsageError(f"unknown public endpoint group(s) {unknown}; choose from {', '.join(PUBLIC_GROUPS)}")
         self.app, self.keys, self.public = app, tuple(k.encode() for k in keys), tuple(public)
 
     def _authorised(self, scope: Scope) -> bool:

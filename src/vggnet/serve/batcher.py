@@ -1,27 +1,18 @@
 """Dynamic batching: concurrent requests to one model version become one forward pass.
 
-A forward pass of a conv net on a CPU costs much less per image on a batch than on one image (per-layer
-dispatch, weight reads and thread start-up are paid once per call, and small GEMMs use the cores
-poorly), so under concurrency grouping requests raises throughput several-fold. Each model version
-gets one queue and **one worker thread**: the worker takes the oldest request, waits at most
-``max_delay_ms`` from that request's arrival for others to join (up to ``max_batch_size`` rows), runs
-``fn`` on the concatenation and hands each request its rows. It waits only while another request for
-this model is on its way in (announced with :meth:`Batcher.arriving` when its handler starts reading
-the body): a lone request at low load is not held back for company that is not coming, so batching
-costs no latency at concurrency 1. One worker per model (and a ``compute_lock`` shared across models)
-means the cores run one forward pass at a time, instead of a thread-per-request handler
-oversubscribing them with parallel passes that each get slower.
+A conv net's forward pass on a CPU costs much less per image on a batch (per-layer dispatch, weight reads and
+thread start-up are paid once per call), so grouping requests raises throughput several-fold. Each version gets
+one queue and **one worker thread**: it takes the oldest request and waits at most ``max_delay_ms`` for others to
+join (up to ``max_batch_size`` rows), but only while another request is on its way in (:meth:`Batcher.arriving`),
+so a lone request is not held back. One worker per model, and a ``compute_lock`` shared across models, keep the
+cores on one forward pass at a time instead of parallel passes that each get slower.
 
-Other work on the model (a Grad-CAM explanation: a forward and a partial backward pass) goes through
-the same queue with :meth:`Batcher.submit_job`: it runs on the same worker, alone, in arrival order, so it
-never runs beside a forward pass (the cores stay unsplit, and the model is touched by one thread only), and
-at most ``max_jobs`` of them may be queued or running at once, so a burst of explanations delays a
-prediction by at most that many explanations and is otherwise refused (:class:`QueueFull`, a 503).
+Other work on the model (Grad-CAM, :meth:`Batcher.submit_job`) runs on the same worker, alone, in arrival order,
+at most ``max_jobs`` at once: it never splits the cores with a batch, and delays a prediction by a bounded amount.
 
-Requests are validated *before* :meth:`Batcher.submit` (shape, dtype, finiteness), so a bad one never
-enters a batch. Should a batch still fail, each request is retried alone and only the failing one gets
-the error. Futures are :class:`concurrent.futures.Future` — thread-safe, and a request whose client
-went away is cancelled and skipped instead of computed.
+Requests are validated before :meth:`Batcher.submit`, so a bad one never enters a batch; should a batch still
+fail, each request is retried alone and only the failing one gets the error. A request whose client went away
+(a cancelled future) is skipped instead of computed.
 """
 
 from __future__ import annotations
@@ -42,7 +33,7 @@ from .metrics import ServeMetrics
 
 __all__ = ["BatchInfo", "Batcher", "BatcherClosed", "QueueFull"]
 
-log = logging.getLogger("vggnet.serve")
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):

@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from vggnet.errors import UsageError
 from vggnet.models import CHECKPOINT_NAMES, checkpoint_file
 
 __all__ = ["EXPORTED_SUFFIXES", "ModelConfig", "ModelRepository", "VersionRouter", "exported_kind", "model_name_for",
@@ -71,7 +72,7 @@ def sort_versions(versions: Iterable[str]) -> list[str]:
 
 def _check_name(kind: str, value: str, where: str) -> str:
     if not _NAME.match(value):
-        raise ValueError(f"{where}: {kind} {value!r} must be letters, digits and . _ - (not starting with . _ -)")
+        raise UsageError(f"{where}: {kind} {value!r} must be letters, digits and . _ - (not starting with . _ -)")
     return value
 
 
@@ -115,7 +116,7 @@ def _version_checkpoint(folder: Path) -> Path:
     if len(candidates) != 1:
         found = ", ".join(p.name for p in candidates) or "none"
         hint = "; keep one, e.g. move an exported file into a version folder of its own" if candidates else ""
-        raise ValueError(f"{folder}: a version folder needs {' or '.join(CHECKPOINT_NAMES)}, or exactly one "
+        raise UsageError(f"{folder}: a version folder needs {' or '.join(CHECKPOINT_NAMES)}, or exactly one "
                          f".safetensors file or exported model file ({', '.join(EXPORTED_SUFFIXES)}); "
                          f"found: {found}{hint}")
     return candidates[0]
@@ -135,7 +136,7 @@ def model_name_for(path: str | os.PathLike) -> str:
 class ModelConfig:
     """One served model: its versions (version → checkpoint or exported file), routing and batching overrides.
 
-    ``None`` in a batching field means "the server's default" (:class:`~vggnet.serve.app.ServeSettings`).
+    ``None`` in a batching field means "the server's default" (:class:`~vggnet.serve.settings.ServeSettings`).
     """
 
     name: str
@@ -152,26 +153,26 @@ class ModelConfig:
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
         if not self.versions:
-            raise ValueError(f"{where}: no versions")
+            raise UsageError(f"{where}: no versions")
         if self.default_version not in self.versions:
-            raise ValueError(f"{where}: default_version {self.default_version!r} is not one of "
+            raise UsageError(f"{where}: default_version {self.default_version!r} is not one of "
                              f"{', '.join(sort_versions(self.versions))}")
         for version, weight in self.ab.items():
             if version not in self.versions:
-                raise ValueError(f"{where}: ab names version {version!r}, which is not one of "
+                raise UsageError(f"{where}: ab names version {version!r}, which is not one of "
                                  f"{', '.join(sort_versions(self.versions))}")
             if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
-                raise ValueError(f"{where}: ab weight of version {version!r} must be a number >= 0, got {weight!r}")
+                raise UsageError(f"{where}: ab weight of version {version!r} must be a number >= 0, got {weight!r}")
         if self.ab and sum(self.ab.values()) <= 0:
-            raise ValueError(f"{where}: ab weights sum to 0")
+            raise UsageError(f"{where}: ab weights sum to 0")
         if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
-            raise ValueError(f"{where}: max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+            raise UsageError(f"{where}: max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         if self.max_delay_ms is not None and (not isinstance(self.max_delay_ms, int | float) or self.max_delay_ms < 0):
-            raise ValueError(f"{where}: max_delay_ms must be a number >= 0, got {self.max_delay_ms!r}")
+            raise UsageError(f"{where}: max_delay_ms must be a number >= 0, got {self.max_delay_ms!r}")
         if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 1):
-            raise ValueError(f"{where}: max_queue must be an integer >= 1, got {self.max_queue!r}")
+            raise UsageError(f"{where}: max_queue must be an integer >= 1, got {self.max_queue!r}")
         if self.batching is not None and not isinstance(self.batching, bool):
-            raise ValueError(f"{where}: batching must be true or false, got {self.batching!r}")
+            raise UsageError(f"{where}: batching must be true or false, got {self.batching!r}")
 
     @property
     def ordered_versions(self) -> list[str]:
@@ -184,12 +185,15 @@ class ModelConfig:
         config: dict[str, Any] = {}
         config_file = folder / "config.yaml"
         if config_file.is_file():
-            loaded = yaml.safe_load(config_file.read_text()) or {}
+            try:
+                loaded = yaml.safe_load(config_file.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise UsageError(f"{config_file}: not valid YAML: {exc}") from None
             if not isinstance(loaded, Mapping):
-                raise ValueError(f"{config_file}: expected a mapping of settings")
+                raise UsageError(f"{config_file}: expected a mapping of settings")
             unknown = sorted(set(loaded) - _CONFIG_KEYS)
             if unknown:
-                raise ValueError(f"{config_file}: unknown key(s) {', '.join(unknown)}; allowed: "
+                raise UsageError(f"{config_file}: unknown key(s) {', '.join(unknown)}; allowed: "
                                  f"{', '.join(sorted(_CONFIG_KEYS))}")
             config = dict(loaded)
         name = _check_name("model name", str(config.pop("name", folder.name)), str(folder))
@@ -198,8 +202,11 @@ class ModelConfig:
             for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith((".", "_"))
         }
         if not versions:
-            raise ValueError(f"{folder}: model folder without version folders (e.g. {folder}/1/best.safetensors)")
-        ab = {str(k): v for k, v in (config.pop("ab", None) or {}).items()}
+            raise UsageError(f"{folder}: model folder without version folders (e.g. {folder}/1/best.safetensors)")
+        ab = config.pop("ab", None) or {}
+        if not isinstance(ab, Mapping):
+            raise UsageError(f"{config_file}: ab must map versions to weights, e.g. {{\"1\": 0.9, \"2\": 0.1}}")
+        ab = {str(k): v for k, v in ab.items()}
         if config.get("calib_data") is not None:
             config["calib_data"] = folder / str(config["calib_data"])  # relative paths: to the model folder
         default = config.pop("default_version", None)
@@ -226,7 +233,7 @@ class ModelRepository:
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ValueError(f"{self.root or 'repository'}: no models")
+            raise UsageError(f"{self.root or 'repository'}: no models")
 
     @classmethod
     def from_dir(cls, root: str | os.PathLike) -> ModelRepository:
@@ -239,7 +246,7 @@ class ModelRepository:
                 continue
             config = ModelConfig.from_dir(folder)
             if config.name in models:
-                raise ValueError(f"{root}: two models named {config.name!r}")
+                raise UsageError(f"{root}: two models named {config.name!r}")
             models[config.name] = config
         return cls(models, root)
 
@@ -250,12 +257,12 @@ class ModelRepository:
         checkpoints = list(checkpoints)
         names = list(names or [])
         if len(names) > len(checkpoints):
-            raise ValueError(f"{len(names)} names for {len(checkpoints)} checkpoints")
+            raise UsageError(f"{len(names)} names for {len(checkpoints)} checkpoints")
         models: dict[str, ModelConfig] = {}
         for i, ckpt in enumerate(checkpoints):
             config = ModelConfig.single(ckpt, names[i] if i < len(names) else None, **overrides)
             if config.name in models:
-                raise ValueError(f"two checkpoints would both be served as {config.name!r}; name them with --name")
+                raise UsageError(f"two checkpoints would both be served as {config.name!r}; name them with --name")
             models[config.name] = config
         return cls(models)
 

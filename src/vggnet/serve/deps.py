@@ -1,0 +1,34 @@
+"""Dependencies through which routes reach the app's state, instead of closures over ``create_app``'s locals:
+a route module holds no server of its own, so one process can run several apps (tests, A/B servers side by side).
+
+``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .lifecycle import ModelServer
+from .metrics import ServeMetrics
+from .settings import ServeSettings
+
+__all__ = ["Metrics", "Server", "Settings", "get_metrics", "get_server", "get_settings"]
+
+
+async def get_server(request: Request) -> ModelServer:
+    return request.app.state.server
+
+
+async def get_settings(request: Request) -> ServeSettings:
+    return request.app.state.server.settings
+
+
+async def get_metrics(request: Request) -> ServeMetrics:
+    return request.app.state.metrics
+
+
+Server = Annotated[ModelServer, Depends(get_server)]
+Settings = Annotated[ServeSettings, Depends(get_settings)]
+Metrics = Annotated[ServeMetrics, Depends(get_metrics)]

@@ -1,0 +1,63 @@
+"""One settings object for a server process; a model's ``config.yaml`` overrides its batching and runtime fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = ["ServeSettings", "with_overrides"]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Server-wide defaults (frozen: routes and workers read it from several threads)."""
+
+    runtime: str = "eager"
+    #: calibration images (folder, glob or file) for the int8, onnx-int8 and auto runtimes, and how many
+    calib_data: str | None = None
+    calib_n: int = 64
+    max_batch_size: int = 16
+    max_delay_ms: float = 5.0
+    batching: bool = True
+    max_queue: int = 256
+    #: bytes of one request body, after decompression too (32 MiB ≈ 9 images of 224² as V2 JSON)
+    max_body_bytes: int = 32 * 1024 * 1024
+    #: pixels of one uploaded image, checked from its header before decoding (6000 × 6000)
+    max_image_pixels: int = 36_000_000
+    topk: int = 5
+    #: Grad-CAM requests (POST /explain) queued or running per model version; each runs alone on the version's
+    #: worker, between batches, so predictions wait behind at most this many; beyond it 503
+    max_explain_jobs: int = 2
+    #: forward passes allowed at the same time across all models (1: the cores are never split)
+    parallel_forwards: int = 1
+    #: seconds a request may wait for its result before a 503
+    request_timeout_s: float = 30.0
+    #: seconds the shutdown waits for queued requests
+    drain_timeout_s: float = 30.0
+    #: requests whose body is being received, decompressed, parsed or decoded at once (beyond: 503 before
+    #: reading); bounds the memory a storm of large uploads can take (0: no bound)
+    max_concurrency: int = 16
+    #: seconds a client may take to send a request body (a slow sender must not hold a slot): then 408
+    body_timeout_s: float = 30.0
+    #: threads that inflate, parse and decode request bodies (0: one per usable core); they run at a lower
+    #: OS priority than the event loop on Linux, so health probes are answered while a storm is decoded
+    decode_threads: int = 0
+    load_in_background: bool = True
+    warmup: bool = True
+    access_log: bool = True
+    #: bearer tokens a request must carry (empty: no authentication); see vggnet.serve.auth
+    api_keys: tuple[str, ...] = ()
+    #: endpoint groups reachable without a token when api_keys are set: health, metrics, metadata
+    public_endpoints: tuple[str, ...] = ("health", "metrics")
+    #: load exported files that run code from the file (``.pt2``: a shared library; TorchScript): off, so
+    #: that serving a repository runs no code from it unless its owner says the files are trusted
+    trust_model_code: bool = False
+    #: where checkpoints run with the eager runtime ("cpu", "cuda", "cuda:N"; None: the CPU) and in what autocast
+    #: (fp32, bf16, fp16, auto; None: fp32); exported files and the other runtimes run on the CPU and refuse both
+    device: str | None = None
+    precision: str | None = None
+
+
+def with_overrides(settings: ServeSettings, **changes: Any) -> ServeSettings:
+    """``dataclasses.replace`` that ignores ``None`` (an option not given on the command line)."""
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
