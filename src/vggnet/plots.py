@@ -8,29 +8,46 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, overload
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vggnet.atomic import atomic_path
+
 __all__ = ["plot_confusion", "save_figure"]
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG via a temporary file and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+@overload
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path: ...
+@overload
+def save_figure(fig: Figure, path: IO[bytes]) -> IO[bytes]: ...
+def save_figure(fig: Figure, path: str | os.PathLike | IO[bytes]) -> Path | IO[bytes]:
+    """Write ``fig`` as a PNG through :func:`vggnet.atomic.atomic_path`, so a viewer never sees half a file.
+
+    An open binary file (``io.BytesIO``) gets the bytes as they are: a caller writing several files renders
+    them all first, so a failed plot leaves none of them changed.
+    """
     FigureCanvasAgg(fig)  # attach Agg explicitly: independent of the pyplot backend in this process
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    if not isinstance(path, str | os.PathLike):
+        fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+        return path
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
-def plot_confusion(matrix: Any, classes: list[str], path: Path, normalize: bool = True,
-                   title: str | None = None) -> Path:
+@overload
+def plot_confusion(matrix: Any, classes: list[str], path: str | os.PathLike, normalize: bool = True,
+                   title: str | None = None) -> Path: ...
+@overload
+def plot_confusion(matrix: Any, classes: list[str], path: IO[bytes], normalize: bool = True,
+                   title: str | None = None) -> IO[bytes]: ...
+def plot_confusion(matrix: Any, classes: list[str], path: str | os.PathLike | IO[bytes], normalize: bool = True,
+                   title: str | None = None) -> Path | IO[bytes]:
     """Heat map with rows the true class; ``normalize`` makes rows sum to 1, so the diagonal is per-class recall
     and rare classes are as visible as common ones."""
     m = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.float64)

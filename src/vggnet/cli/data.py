@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from vggnet.data import decode_to_cache, load_image_folder, prepare_archive
+from vggnet.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +80,8 @@ def _voc_root(root: Path) -> Path | None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    if args.size is not None and args.size < 1:
+        raise UsageError(f"--size must be at least 1, got {args.size}")
     root = prepare_archive(args.archive, args.out)
     voc = _voc_root(root)
     if voc is not None:

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vggnet.atomic import write_json, write_text
+from vggnet.errors import UsageError
+
 PROTOCOL_HELP = """\
 protocols (one --protocol per table row; all rows use the same images):
   KIND[@SCALE,SCALE,...][:flip|:noflip]
@@ -93,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
     from vggnet.hardware import resolve_device
 
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     protocols = [parse_protocol(text) for text in args.protocol or []]  # fail before any loading
     device = str(resolve_device(args.device))  # likewise a CUDA device that is not there
     models, meta = load_models(args.ckpt)
     if not protocols:  # the view predict, serve and export use: a jittered run is validated above the crop
         scales = sorted({q or meta["image_size"] for q in meta["test_scales"]})
         if len(scales) > 1:
-            raise ValueError(f"the ensemble's members were validated at different test scales ({scales} px): "
+            raise UsageError(f"the ensemble's members were validated at different test scales ({scales} px): "
                              "choose one with --protocol, e.g. --protocol single@" + str(scales[0]))
         scale = scales[0]
         protocols = [Protocol("single", (1.0,) if scale == meta["image_size"] else (int(scale),))]
@@ -129,12 +132,11 @@ def run(args: argparse.Namespace) -> int:
         from vggnet.plots import plot_confusion
 
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out / "eval.json", report)
         ensemble = " + ".join(meta["checkpoints"])
         header = f"# vggnet eval\n\ncheckpoint(s): {ensemble}  \ndata: {report['data']} ({args.split}"
         header += f", {args.limit} images evenly spread)" if args.limit else ")"
-        (out / "eval.md").write_text(f"{header}\n\n{table}\n")
+        write_text(out / "eval.md", f"{header}\n\n{table}\n")
         first = results[0]
         plot_confusion(first["confusion"], classes, out / "confusion.png", title=f"{first['protocol']}: "
                        f"top-1 err {_fmt(first['top1_err'])}%")

@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from vggnet.errors import UsageError
+
 EPILOG = """\
 what is written (into --out, created if missing; files of the same name are replaced):
   <image stem>.gradcam.png         input crop | heat map over it, dashed box, top-k labels in the title
@@ -68,13 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check_options(args: argparse.Namespace) -> None:
     if args.topk < 1:
-        raise ValueError(f"--topk must be at least 1, got {args.topk}")
+        raise UsageError(f"--topk must be at least 1, got {args.topk}")
     if args.max_maps < 1:
-        raise ValueError(f"--max-maps must be at least 1, got {args.max_maps}")
+        raise UsageError(f"--max-maps must be at least 1, got {args.max_maps}")
     if not 0 <= args.box <= 1:
-        raise ValueError(f"--box must be in [0, 1] (0: no box), got {args.box}")
+        raise UsageError(f"--box must be in [0, 1] (0: no box), got {args.box}")
     if not args.images and not args.filters:
-        raise ValueError("nothing to do: give images to explain, or --filters")
+        raise UsageError("nothing to do: give images to explain, or --filters")
 
 
 def _load(ckpt: str) -> tuple[Any, Any]:
@@ -97,9 +99,9 @@ def parse_class(text: str | None, prep: Any) -> int | None:
         index = int(text)
     except ValueError:
         known = f"; class names: {', '.join(names)}" if names else ""
-        raise ValueError(f"--class {text!r} is neither a class index nor a class name{known}") from None
+        raise UsageError(f"--class {text!r} is neither a class index nor a class name{known}") from None
     if not 0 <= index < prep.num_classes:
-        raise ValueError(f"--class {index} is out of range: the model has {prep.num_classes} classes "
+        raise UsageError(f"--class {index} is out of range: the model has {prep.num_classes} classes "
                          f"(0..{prep.num_classes - 1})")
     return index
 
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     feature_layer = model.resolve_layer(args.feature_maps) if args.feature_maps else None
     for name, option in ((layer, "--layer"), (feature_layer, "--feature-maps")):
         if name is not None and name not in spatial_layers(model):
-            raise ValueError(f"{option} {name}: a vector per image, not a grid of positions; choose one of: "
+            raise UsageError(f"{option} {name}: a vector per image, not a grid of positions; choose one of: "
                              f"{', '.join(spatial_layers(model))}")
     target = parse_class(args.target, prep)
     model = model.to(torch.device(args.device or "cpu"))

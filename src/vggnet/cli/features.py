@@ -6,6 +6,8 @@ import argparse
 import textwrap
 import time
 
+from vggnet.errors import UsageError
+
 EPILOG = """\
 the descriptor (the paper's Appendix B):
   for each scale Q: shorter side -> Q, the whole image through the network made fully convolutional
@@ -74,7 +76,7 @@ def parse_scales(text: str) -> list[float | int]:
         try:
             values.append(int(item) if item.isdigit() else float(item))
         except ValueError:
-            raise ValueError(f"--scales: {item!r} is not a number (e.g. --scales 1.0,1.5 or 256,384,512)") from None
+            raise UsageError(f"--scales: {item!r} is not a number (e.g. --scales 1.0,1.5 or 256,384,512)") from None
     return values
 
 
@@ -87,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
     scales = parse_scales(args.scales)
     if not 0 <= args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, prep, source = load_source(args.ckpt, args.weights, args.model)
     default = "relu7" if "relu7" in model.layer_names() else "block5_pool"
     layer = model.resolve_layer(args.layer or default)  # bad names and scales fail before any image is read

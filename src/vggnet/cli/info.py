@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vggnet.errors import UsageError
 from vggnet.models import VGGConfig, count_macs, layer_table, list_models, read_checkpoint
 
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         config = VGGConfig(name=args.model, num_classes=args.num_classes, in_channels=args.in_channels,
                            width=args.width, head=args.head)
     if args.input_size < 32:
-        raise ValueError("input size must be at least 32 pixels (five 2×2 poolings)")
+        raise UsageError("input size must be at least 32 pixels (five 2×2 poolings)")
     rows = layer_table(config, args.input_size)
     print(f"{config.name} (config {config.config}, head {config.head}, width {config.width}) "
           f"at {config.in_channels}×{args.input_size}×{args.input_size}")

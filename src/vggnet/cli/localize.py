@@ -9,6 +9,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from vggnet.atomic import write_json
+from vggnet.errors import UsageError
+
 EPILOG = """\
 data:
   A folder in PASCAL VOC layout: annotations/*.xml (or Annotations/, or the XML files themselves) and the
@@ -99,7 +102,7 @@ def _settings(args: argparse.Namespace) -> Any:
         (importlib.resources.files("vggnet.localize") / "localize.yaml").read_text()
     data = parse_yaml(text) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{args.recipe or 'localize.yaml'}: expected a mapping of settings")
+        raise UsageError(f"{args.recipe or 'localize.yaml'}: expected a mapping of settings")
     overrides = {"weights": args.weights, "model": args.model, "width": args.width, "per_class": args.per_class,
                  "loss": args.loss, "finetune": args.finetune, "image_size": args.image_size, "epochs": args.epochs,
                  "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "val": args.val}
@@ -110,13 +113,14 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _load_data(folder: str) -> tuple[list, list[str]]:
+    from vggnet.data import DataError
     from vggnet.data.voc import class_names, load_voc_folder
 
     annotations, skipped = load_voc_folder(folder)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not annotations:
-        raise ValueError(f"{folder}: no usable annotated image")
+        raise DataError(f"{folder}: no usable annotated image")
     return annotations, class_names(annotations)
 
 
@@ -130,7 +134,7 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         if not args.force:
-            raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force")
+            raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force")
         shutil.rmtree(out)
     annotations, classes = _load_data(args.data)
     train, val = split_annotations(annotations, settings.val, settings.seed)
@@ -151,8 +155,7 @@ def run_eval(args: argparse.Namespace) -> int:
                           ["whole", "centre", "dense"] if args.protocol == "all" else [args.protocol],
                           scales=args.scales, split=args.split, progress=sys.stderr.isatty())
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from vggnet.models import VGGConfig, count_macs, count_params, list_models
-from vggnet.models.complexity import _meta_model
+from vggnet.errors import UsageError
+from vggnet.models import VGGConfig, count_macs, count_params, list_models, meta_model
 from vggnet.models.configs import PAPER_TABLE2_MILLIONS
 
 
@@ -26,13 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.input_size < 32:
+        raise UsageError("input size must be at least 32 pixels (five 2×2 poolings)")
     rows = []
     # the paper's Table 2 counts (in millions) hold for its own nets only: 1000 classes, full width, no BN, the fc
     # head or its fully-convolutional form (the same weights, reshaped)
     as_paper = args.num_classes == 1000 and args.width == 1.0 and args.head in ("fc", "conv")
     for name in list_models():
         config = VGGConfig(name=name, num_classes=args.num_classes, width=args.width, head=args.head)
-        params = count_params(_meta_model(config))
+        params = count_params(meta_model(config))
         rows.append({
             "name": name, "config": config.config, "bn": config.batch_norm, "params": params,
             "paper_params_millions": PAPER_TABLE2_MILLIONS[config.config] if as_paper and not config.batch_norm

@@ -9,6 +9,9 @@ import textwrap
 import time
 from pathlib import Path
 
+from vggnet.atomic import write_text
+from vggnet.errors import UsageError
+
 EPILOG = """\
 what it does:
   1. trains one net per study run (A, A-LRN, B, C, D, E with the jittered training scale, and D at a
@@ -61,15 +64,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vggnet.data import DataError
     from vggnet.reproduce import load_study, markdown_report, plot_errors, run_study
 
     start = time.perf_counter()
     for name in ("limit", "multicrop_limit", "epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.data is not None and not Path(args.data).is_dir():
-        raise FileNotFoundError(f"--data {args.data}: no such folder")
+        raise DataError(f"--data {args.data}: no such folder")
     study = load_study(args.study)
     if args.runs:
         study = study.only([r.strip() for r in args.runs.split(",") if r.strip()])
@@ -86,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
     command = "vggnet reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "reproduce"] else None
     report = markdown_report(study, results, command=command, wall_seconds=time.perf_counter() - start)
-    (out / "results.md").write_text(report)
+    write_text(out / "results.md", report)
     print(report)
     return 0

@@ -9,6 +9,7 @@ passes ``download=True`` to :func:`download_builtin`.
 from .digits import DigitsDataset, digits_tensors
 from .fast import TensorLoader
 from .folder import (
+    IMAGE_ERRORS,
     DataError,
     ImageFolderDataset,
     collate_skip_none,
@@ -32,7 +33,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DigitsDataset", "ImageFolderDataset", "PCALighting",
+    "IMAGE_ERRORS", "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DigitsDataset", "ImageFolderDataset", "PCALighting",
     "RandomIsotropicRescale", "TensorLoader", "build_dataloader", "collate_skip_none", "decode_subset",
     "decode_to_cache", "digits_tensors", "download_builtin", "eval_transform", "find_classes",
     "load_image_folder", "paper_train_transform", "prepare_archive", "read_image", "scan_image_folder",

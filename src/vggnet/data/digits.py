@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from vggnet.errors import UsageError
+
 from .split import stratified_split
 
 Split = Literal["train", "val", "all"]
@@ -28,7 +30,7 @@ def _upscaled(size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits  # imported late: sklearn costs ~1 s and only digits needs it
 
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise UsageError(f"channels must be 1 or 3, got {channels}")
     digits = load_digits()
     x = torch.from_numpy(digits.images).float().unsqueeze(1) * (255.0 / 16.0)  # 0..16 -> 0..255
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

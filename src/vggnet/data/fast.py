@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vggnet.errors import UsageError
+
 from .transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD, Scale, scale_pixels
 
 AUGMENTS = ("none", "flip_crop", "paper", "center")
@@ -51,14 +53,14 @@ class TensorLoader:
             raise ValueError(f"need uint8 images N x C x H x W and N labels, got {tuple(images.shape)} "
                              f"{images.dtype} and {len(labels)} labels")
         if augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+            raise UsageError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         if flip not in (True, False, "alternate"):
-            raise ValueError(f"flip must be true, false or 'alternate', got {flip!r}")
+            raise UsageError(f"flip must be true, false or 'alternate', got {flip!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         _, c, h, w = images.shape
         if augment == "flip_crop" and not 0 <= pad < min(h, w):
-            raise ValueError(f"pad must be in [0, {min(h, w)}) to reflect-pad {h}x{w} images, got {pad}")
+            raise UsageError(f"pad must be in [0, {min(h, w)}) to reflect-pad {h}x{w} images, got {pad}")
         self.device = torch.device(device)
         self.images = images.permute(0, 2, 3, 1).contiguous().to(self.device)  # NHWC: one gather per pixel
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
@@ -70,9 +72,9 @@ class TensorLoader:
         smin, smax = scale if isinstance(scale, tuple | list) else (scale or self.crop,) * 2
         self.smin, self.smax = scale_pixels(smin, self.crop), scale_pixels(smax, self.crop)
         if augment in ("paper", "center") and not self.crop <= self.smin <= self.smax:
-            raise ValueError(f"need crop <= Smin <= Smax, got crop {self.crop}, S in [{self.smin}, {self.smax}]")
+            raise UsageError(f"need crop <= Smin <= Smax, got crop {self.crop}, S in [{self.smin}, {self.smax}]")
         if lighting and c != 3:
-            raise ValueError("PCA lighting needs RGB images")
+            raise UsageError("PCA lighting needs RGB images")
         self.lighting = float(lighting)
         mean_t = torch.tensor(mean, dtype=torch.float32).expand(c)
         std_t = torch.tensor(std, dtype=torch.float32).expand(c)

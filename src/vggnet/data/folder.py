@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,13 +23,19 @@ from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from vggnet.errors import VggnetError
+
 from .split import stratified_split
 
 log = logging.getLogger(__name__)
 Sample = tuple[str, int]
+# What PIL raises for a file that is not a decodable image (truncated, bad header or chunk, decompression bomb);
+# anything else raised while reading one is a bug and keeps its traceback.
+IMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, EOFError, struct.error,
+                                             Image.DecompressionBombError)
 
 
-class DataError(ValueError):
+class DataError(VggnetError, ValueError):
     """A data path that cannot be used as given; the message names the path and what to do."""
 
 
@@ -91,7 +98,7 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         try:
             image = tv_tensors.Image(read_image(path))
-        except Exception as exc:  # any decoder error means the same thing here: unusable file
+        except IMAGE_ERRORS as exc:
             if path not in self.skipped_files:
                 self.skipped_files.add(path)
                 log.warning("skipping unreadable image %s (%s)", path, exc)

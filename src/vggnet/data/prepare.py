@@ -1,9 +1,9 @@
 """Turn a dataset archive into a training-ready folder, and tiny images into one decoded array.
 
 Extraction is the step most likely to be interrupted or re-run, so it is idempotent (a marker
-records which archive made the folder) and atomic (extract beside the target, then one rename),
-and it refuses archives that would write outside the target. Decoding 50,000 tiny JPEGs costs
-more than an epoch of training on them, so :func:`decode_to_cache` does it once into an ``.npz``.
+records which archive made the folder) and atomic (:func:`vggnet.atomic.atomic_dir`), and it refuses
+archives that would write outside the target. Decoding 50,000 tiny JPEGs costs more than an epoch of
+training on them, so :func:`decode_to_cache` does it once into an ``.npz``.
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ import json
 import logging
 import os
 import posixpath
-import shutil
 import sys
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from .folder import DataError, ImageFolderDataset, Sample, read_image, scan_image_folder
+from vggnet.atomic import atomic_dir, atomic_path
+
+from .folder import IMAGE_ERRORS, DataError, ImageFolderDataset, Sample, read_image, scan_image_folder
 
 log = logging.getLogger(__name__)
 MARKER = ".vggnet-prepared.json"
@@ -70,18 +71,17 @@ def prepare_archive(tar_path: str | Path, out_dir: str | Path) -> Path:
     stamp = {"archive": str(tar_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     marker = out_dir / MARKER
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        done = _read_marker(marker)
         same = done.get("size") == stamp["size"] and done.get("mtime_ns") == stamp["mtime_ns"]
         if same and (out_dir / done["root"]).is_dir():
             return out_dir / done["root"]
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"{out_dir}: exists and was not made by `vggnet data prepare`; "
                         "choose a new or empty --out folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Extract beside the target (same filesystem) so that publishing it is one atomic rename.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
-    try:
+    # Extracted beside the target and published whole (replacing an earlier extraction, of another archive or
+    # of the same one touched since): a reader never sees half an archive.
+    with atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
         try:
             with tarfile.open(tar_path) as tar:
                 for member in tar.getmembers():
@@ -90,17 +90,20 @@ def prepare_archive(tar_path: str | Path, out_dir: str | Path) -> Path:
                 tar.extractall(tmp, filter="data")  # second line of defence: no devices, no escaping links
         except tarfile.TarError as exc:
             raise DataError(f"{tar_path}: not a readable tar archive ({exc})") from exc
-        root = _find_root(tmp)
-        (tmp / MARKER).write_text(json.dumps({**stamp, "root": root.relative_to(tmp).as_posix()}, indent=1))
-        old = out_dir.with_name(f"{tmp.name}-old")
-        if out_dir.exists():
-            out_dir.rename(old)  # an earlier extraction (other archive, or the same one touched since)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir / root.relative_to(tmp)
+        root = _find_root(tmp).relative_to(tmp)
+        (tmp / MARKER).write_text(json.dumps({**stamp, "root": root.as_posix()}, indent=1))
+    return out_dir / root
+
+
+def _read_marker(marker: Path) -> dict[str, Any]:
+    """The stamp an earlier extraction left; a damaged one is the user's to remove, not a traceback."""
+    try:
+        done = json.loads(marker.read_text())
+        if isinstance(done, dict) and isinstance(done.get("root"), str):
+            return done
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{marker}: unreadable ({exc}); remove {marker.parent} and prepare again") from exc
+    raise DataError(f"{marker}: not a `vggnet data prepare` marker; remove {marker.parent} and prepare again")
 
 
 def _square(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -116,7 +119,7 @@ def _decode(samples: Sequence[Sample], size: int | None) -> tuple[np.ndarray, np
     for path, label in bar:
         try:
             image = read_image(path)
-        except Exception as exc:  # a corrupt file must not cost the other 49,999
+        except IMAGE_ERRORS as exc:  # a corrupt file must not cost the other 49,999
             bad += 1
             log.warning("skipping unreadable image %s (%s)", path, exc)
             continue
@@ -144,11 +147,8 @@ def _cached_decode(samples: Sequence[Sample], classes: Sequence[str], cache_file
             if str(cached["key"]) == key:
                 return cached["images"], cached["labels"]
     images, labels = _decode(samples, size)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append its own ".npz"
+    with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:  # a file object: numpy appends no ".npz"
         np.savez(f, images=images, labels=labels, classes=np.array(list(classes)), key=np.array(key))
-    os.replace(tmp, cache_file)  # readers never see a half-written cache
     return images, labels
 
 

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vggnet.errors import UsageError
+
 
 def stratified_split(targets: Sequence[int], val_fraction: float,
                      seed: int = 0) -> tuple[list[int], list[int]]:
     """Indices (train, val), each sorted; the same ``seed`` always gives the same split."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     train, val = [], []

@@ -9,13 +9,12 @@ input format.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+from vggnet.atomic import atomic_dir
 
 from .folder import DataError
 from .prepare import MARKER
@@ -43,10 +42,8 @@ def download_builtin(kind: str, root: str | Path, download: bool = False) -> Pat
     except RuntimeError as exc:
         raise DataError(f"{raw}: {kind} is not there ({exc}); pass download=True "
                         "(recipe: data.download=true) to fetch it, or use an ImageFolder tree") from exc
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out) as tmp:  # replaces at most an empty folder (checked above)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
         for split, dataset in splits.items():
             names = [c.replace("/", "-") for c in dataset.classes]  # Fashion-MNIST has "T-shirt/top"
             for name in names:
@@ -55,8 +52,4 @@ def download_builtin(kind: str, root: str | Path, download: bool = False) -> Pat
             for i, (image, label) in enumerate(bar):
                 image.save(tmp / split / names[label] / f"{i:05d}.png")
         (tmp / MARKER).write_text(json.dumps({"source": f"torchvision.datasets.{cls.__name__}", "root": "."}))
-        os.replace(tmp, out)  # replaces at most an empty folder (checked above)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

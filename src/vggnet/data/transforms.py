@@ -20,6 +20,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from vggnet.errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNIT_STD = (1.0, 1.0, 1.0)  # the paper only subtracts the mean RGB
@@ -36,7 +38,7 @@ class RandomIsotropicRescale(v2.Transform):
         super().__init__()
         smax = smin if smax is None else smax
         if not 0 < smin <= smax:
-            raise ValueError(f"need 0 < smin <= smax, got smin={smin}, smax={smax}")
+            raise UsageError(f"need 0 < smin <= smax, got smin={smin}, smax={smax}")
         self.smin, self.smax = int(smin), int(smax)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -86,11 +88,11 @@ def scale_pixels(value: int | float, crop: int) -> int:
     16 is a multiple of ``crop`` (no VGG input is under 32 px, so no real pixel count is lost), a value
     from 16 up is a whole number of pixels."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"scale {value!r} must be a positive finite number")
+        raise UsageError(f"scale {value!r} must be a positive finite number")
     if value < RELATIVE_BELOW:
         return max(1, round(value * crop))
     if value != int(value):
-        raise ValueError(f"scale {value!r}: values of {RELATIVE_BELOW} and more are pixels and must be whole; "
+        raise UsageError(f"scale {value!r}: values of {RELATIVE_BELOW} and more are pixels and must be whole; "
                          f"values below {RELATIVE_BELOW} are multiples of the crop")
     return int(value)
 
@@ -102,7 +104,7 @@ def paper_train_transform(scale: Scale, crop: int = 224, mean: Sequence[float] =
     smin, smax = scale if isinstance(scale, tuple | list) else (scale, scale)
     smin, smax = scale_pixels(smin, crop), scale_pixels(smax, crop)
     if smin < crop:
-        raise ValueError(f"the smallest scale ({smin}) must be at least the crop ({crop})")
+        raise UsageError(f"the smallest scale ({smin}) must be at least the crop ({crop})")
     steps: list[Any] = [v2.ToImage(), RandomIsotropicRescale(smin, smax), v2.RandomCrop(crop)]
     steps += [v2.RandomHorizontalFlip()] if flip else []
     steps += [v2.ToDtype(torch.float32, scale=True)]

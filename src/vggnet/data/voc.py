@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size  # what v2's own crops use to read (H, W)
 
-from .folder import DataError
+from vggnet.atomic import atomic_path
+from vggnet.errors import UsageError
+
+from .folder import IMAGE_ERRORS, DataError
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ def _image_size(image: Path, xml_path: Path) -> tuple[int, int]:
     try:
         with Image.open(image) as im:
             return im.size  # the stored frame: see the module docstring on orientation
-    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise VOCError(xml_path, f"no usable <size>, and the image {image} cannot be read to get it "
                                  f"({type(exc).__name__}: {exc})") from None
 
@@ -279,16 +281,9 @@ def write_voc(annotation: VOCAnnotation, xml_path: str | os.PathLike) -> Path:
         for tag, value in zip(_BOX_TAGS, (x0 + 1, y0 + 1, x1, y1), strict=True):
             _add(bndbox, tag, _fmt(value))
     ET.indent(root, space="\t")
-    xml_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{xml_path.name}.", dir=xml_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            ET.ElementTree(root).write(f, encoding="utf-8", xml_declaration=False)
-            f.write(b"\n")
-        os.replace(tmp, xml_path)  # a crash mid-write never leaves half an annotation behind
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(xml_path) as tmp, open(tmp, "wb") as f:  # a crash never leaves half an annotation behind
+        ET.ElementTree(root).write(f, encoding="utf-8", xml_declaration=False)
+        f.write(b"\n")
     return xml_path
 
 
@@ -298,7 +293,7 @@ def write_voc(annotation: VOCAnnotation, xml_path: str | os.PathLike) -> Path:
 def _exif_orientation(image: Image.Image) -> int:
     try:
         return int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # PIL raises assorted types for corrupt EXIF blocks; treat as "no orientation"
+    except (*IMAGE_ERRORS, TypeError, LookupError):  # a corrupt EXIF block, or a tag of the wrong type
         return 1
 
 
@@ -323,7 +318,7 @@ def _check_image(annotation: VOCAnnotation) -> None:
             _frame_plan(image, annotation)
     except VOCError:
         raise
-    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise VOCError(annotation.image, f"unreadable image ({type(exc).__name__}: {exc})") from None
 
 
@@ -390,12 +385,12 @@ def split_annotations(annotations: Sequence[VOCAnnotation], val: int | float = 4
         raise TypeError(f"val must be an int (a count) or a float (a fraction), got {val!r}")
     if isinstance(val, float):
         if not 0.0 <= val < 1.0:
-            raise ValueError(f"a fractional val must be in [0, 1), got {val}")
+            raise UsageError(f"a fractional val must be in [0, 1), got {val}")
         k = min(max(round(n * val), 1 if val > 0 else 0), max(n - 1, 0))
     else:
         k = val
         if not 0 <= k < max(n, 1):
-            raise ValueError(f"val={k} must leave at least one of the {n} annotations for training")
+            raise UsageError(f"val={k} must leave at least one of the {n} annotations for training")
     order = np.random.default_rng(seed).permutation(n)
     held = set(order[:k].tolist())
     return ([a for i, a in enumerate(ordered) if i not in held],
@@ -559,7 +554,7 @@ class VOCBoxes(Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         unknown = sorted({o.name for a in self.annotations for o in a.objects} - set(self.class_to_idx))
         if unknown:
-            raise ValueError(f"object names {unknown} are not in classes {self.classes}; build classes with "
+            raise DataError(f"object names {unknown} are not in classes {self.classes}; build classes with "
                              "class_names() over all splits")
         self.transform = eval_box_transform(size) if size is not None else transform
         self.single_object = single_object
@@ -582,7 +577,7 @@ class VOCBoxes(Dataset):
         annotation = self.annotations[index]
         try:
             pixels = read_pixels(annotation)
-        except Exception as exc:  # decoder errors come in many types; all mean "unusable file" here
+        except IMAGE_ERRORS as exc:  # VOCError (size mismatch) is a ValueError too
             key = str(annotation.image)
             if key not in self.skipped_files:
                 self.skipped_files.add(key)

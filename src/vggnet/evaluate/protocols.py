@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from vggnet.data import eval_transform
 from vggnet.data.transforms import RELATIVE_BELOW, scale_pixels
+from vggnet.errors import UsageError
 from vggnet.hardware import native_bf16
 from vggnet.metrics import confusion_matrix, topk_correct
 from vggnet.models import VGG
@@ -59,13 +60,13 @@ ScaleValue = float | int
 def _check_scale(value: Any) -> float | int:
     """A scale as stored: a float multiple of the crop (< 16) or an int pixel count (>= 16)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"scale {value!r} is not a number")
+        raise UsageError(f"scale {value!r} is not a number")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"scale {value!r} must be a positive finite number")
+        raise UsageError(f"scale {value!r} must be a positive finite number")
     if value < RELATIVE_BELOW:
         return float(value)
     if value != int(value):
-        raise ValueError(f"scale {value!r}: values of {RELATIVE_BELOW} and more are pixels and must be whole; "
+        raise UsageError(f"scale {value!r}: values of {RELATIVE_BELOW} and more are pixels and must be whole; "
                          f"values below {RELATIVE_BELOW} are multiples of the training crop")
     return int(value)
 
@@ -90,10 +91,10 @@ class Protocol:
     def __post_init__(self) -> None:
         kind = _ALIASES.get(self.kind, self.kind)
         if kind not in KINDS:
-            raise ValueError(f"unknown protocol kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise UsageError(f"unknown protocol kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         scales = (self.scales,) if isinstance(self.scales, int | float) else tuple(self.scales)
         if not scales:
-            raise ValueError("a protocol needs at least one scale")
+            raise UsageError("a protocol needs at least one scale")
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "scales", tuple(_check_scale(q) for q in scales))
         object.__setattr__(self, "flip", (kind != "single") if self.flip is None else bool(self.flip))
@@ -128,7 +129,7 @@ def _parse_number(item: str, text: str) -> ScaleValue:
     try:
         return float(item)
     except ValueError:
-        raise ValueError(f"bad protocol {text!r}: scale {item!r} is not a number; expected {SYNTAX}") from None
+        raise UsageError(f"bad protocol {text!r}: scale {item!r} is not a number; expected {SYNTAX}") from None
 
 
 def parse_protocol(text: str) -> Protocol:
@@ -138,24 +139,24 @@ def parse_protocol(text: str) -> Protocol:
     an integer from 16 up is pixels; no scale means ``1.0`` (Q = the training crop).
     """
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"empty protocol; expected {SYNTAX}")
+        raise UsageError(f"empty protocol; expected {SYNTAX}")
     body, colon, option = text.strip().lower().partition(":")
     flip: bool | None = None
     if colon:
         if option.strip() not in ("flip", "noflip"):
-            raise ValueError(f"bad protocol {text!r}: unknown option {option!r} (use :flip or :noflip)")
+            raise UsageError(f"bad protocol {text!r}: unknown option {option!r} (use :flip or :noflip)")
         flip = option.strip() == "flip"
     kind, at, scale_text = body.partition("@")
     scales: tuple[ScaleValue, ...] = (1.0,)
     if at:
         items = scale_text.split(",")
         if not scale_text.strip() or any(not item.strip() for item in items):
-            raise ValueError(f"bad protocol {text!r}: empty scale after '@' or ','; expected {SYNTAX}")
+            raise UsageError(f"bad protocol {text!r}: empty scale after '@' or ','; expected {SYNTAX}")
         scales = tuple(_parse_number(item, text) for item in items)
     try:
         return Protocol(kind.strip(), scales, flip)
     except ValueError as exc:
-        raise ValueError(f"bad protocol {text!r}: {exc}; expected {SYNTAX}") from None
+        raise UsageError(f"bad protocol {text!r}: {exc}; expected {SYNTAX}") from None
 
 
 def crop_boxes(height: int, width: int, crop: int, grid: int = GRID) -> list[tuple[int, int]]:
@@ -186,7 +187,7 @@ def _num_classes(models: Sequence[nn.Module]) -> int | None:
     """The class count every model agrees on (from VGG configs); None when some model does not say."""
     counts = {m.config.num_classes for m in models if isinstance(m, VGG)}
     if len(counts) > 1:
-        raise ValueError(f"the models disagree on the number of classes ({sorted(counts)}); "
+        raise UsageError(f"the models disagree on the number of classes ({sorted(counts)}); "
                          "an ensemble needs the same classes")
     return counts.pop() if counts and all(isinstance(m, VGG) for m in models) else None
 
@@ -256,7 +257,7 @@ class _Accumulator:
             if total is None:
                 total = self.sums[comp] = torch.zeros(self.n, probs.shape[1])
             elif probs.shape[1] != total.shape[1]:
-                raise ValueError(f"the models disagree on the number of classes ({total.shape[1]} vs "
+                raise UsageError(f"the models disagree on the number of classes ({total.shape[1]} vs "
                                  f"{probs.shape[1]}); an ensemble needs the same classes")
             total.index_add_(0, owners, probs)
             self.counts[comp].index_add_(0, owners, ones)
@@ -343,16 +344,16 @@ def predict_proba(
     protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
     crop, batch_size = int(crop), int(batch_size)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     if len(mean) != len(std):
-        raise ValueError(f"mean and std differ in length ({len(mean)} vs {len(std)})")
+        raise UsageError(f"mean and std differ in length ({len(mean)} vs {len(std)})")
     qs = protocol.pixel_scales(crop)
     for q in qs:
         if q < crop and protocol.kind != "dense":
-            raise ValueError(f"{protocol}: test scale Q={q} px is smaller than the {crop}-px training crop, "
+            raise UsageError(f"{protocol}: test scale Q={q} px is smaller than the {crop}-px training crop, "
                              "so no crop fits; use scales >= 1.0 (or the dense protocol)")
         if q < MIN_SIDE:
-            raise ValueError(f"{protocol}: test scale Q={q} px is below the {MIN_SIDE} px a VGG needs")
+            raise UsageError(f"{protocol}: test scale Q={q} px is below the {MIN_SIDE} px a VGG needs")
     device = torch.device(device)
     bf16 = native_bf16(device) if amp_bf16 is None else bool(amp_bf16)
     num_classes = _num_classes(models)

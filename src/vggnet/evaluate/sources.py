@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import yaml
 
-from vggnet.data import digits_tensors, download_builtin, load_image_folder, read_image
+from vggnet.data import IMAGE_ERRORS, DataError, digits_tensors, download_builtin, load_image_folder, read_image
+from vggnet.errors import UsageError
 from vggnet.models import VGG, checkpoint_file, checkpoint_meta, load_checkpoint
 
 __all__ = ["FolderImages", "checkpoint_file", "eval_images", "find_recipe", "load_models"]
@@ -45,7 +46,7 @@ def load_models(paths: PathLike | Sequence[PathLike]) -> tuple[list[VGG], dict[s
     """
     paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     if not paths:
-        raise ValueError("no checkpoint given")
+        raise UsageError("no checkpoint given")
     models, files, metas = [], [], []
     for given in paths:
         file = checkpoint_file(given)
@@ -57,7 +58,7 @@ def load_models(paths: PathLike | Sequence[PathLike]) -> tuple[list[VGG], dict[s
     for file, meta in zip(files[1:], metas[1:], strict=True):
         for key in ("classes", "num_classes", "in_channels", "mean", "std", "image_size"):
             if not _same(first[key], meta[key]):
-                raise ValueError(f"cannot ensemble {files[0]} and {file}: their {key} differ "
+                raise UsageError(f"cannot ensemble {files[0]} and {file}: their {key} differ "
                                  f"({_short(first[key])} vs {_short(meta[key])})")
     info = {key: first[key] for key in ("classes", "mean", "std", "image_size", "num_classes", "test_scale")}
     info["test_scales"] = [meta["test_scale"] for meta in metas]  # members may have been validated at other views
@@ -93,9 +94,20 @@ class FolderImages(Sequence):
         path = self.paths[index]
         try:
             return read_image(path)
-        except Exception as exc:  # any decoder error: the image is left out and counted as skipped
+        except IMAGE_ERRORS as exc:  # the image is left out and counted as skipped
             log.warning("skipping unreadable image %s (%s)", path, exc)
             return None
+
+
+def _read_recipe(file: Path) -> dict[str, Any]:
+    """A run's saved recipe; one edited into something else is the user's to fix, not a traceback."""
+    try:
+        recipe = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{file}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("data") or {}, dict):
+        raise UsageError(f"{file}: expected a mapping with a `data` section, as `vggnet train` writes")
+    return recipe
 
 
 def eval_images(run: PathLike | None, data: PathLike | None = None, split: str = "val", *,
@@ -110,11 +122,11 @@ def eval_images(run: PathLike | None, data: PathLike | None = None, split: str =
     evenly spread over the split (deterministic, every class represented when sorted by class).
     """
     if split not in ("val", "train"):
-        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+        raise UsageError(f"split must be 'val' or 'train', got {split!r}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise UsageError(f"limit must be at least 1, got {limit}")
     recipe_file = find_recipe(run) if run is not None else None
-    recipe = (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file else {}
+    recipe = _read_recipe(recipe_file) if recipe_file else {}
     d = {**_DEFAULT_SPLIT, **(recipe.get("data") or {})}
     val_fraction, seed = float(d["val_fraction"]), int(d["split_seed"])
     kind = d.get("dataset", "folder")
@@ -129,15 +141,15 @@ def eval_images(run: PathLike | None, data: PathLike | None = None, split: str =
             root = download_builtin(kind, Path(root or "data"), download=False)
         if not root:
             where = f"{run} has no recipe.yaml" if recipe_file is None else f"{recipe_file} names no data.path"
-            raise ValueError(f"{where}; pass --data PATH (an ImageFolder tree: one folder per class)")
+            raise UsageError(f"{where}; pass --data PATH (an ImageFolder tree: one folder per class)")
         train, val, found = load_image_folder(root, val_fraction=val_fraction, seed=seed)
         chosen = val if split == "val" else train
         if chosen is None or not len(chosen):
-            raise ValueError(f"{root}: no validation images (data.val_fraction={val_fraction}); "
+            raise DataError(f"{root}: no validation images (data.val_fraction={val_fraction}); "
                              "use --split train or a tree with train/ and val/ folders")
         images, labels, where = FolderImages([p for p, _ in chosen.samples]), list(chosen.targets), str(root)
     if classes is not None and list(classes) != list(found):
-        raise ValueError(f"the checkpoint's classes {_short(list(classes))} differ from those of {where} "
+        raise UsageError(f"the checkpoint's classes {_short(list(classes))} differ from those of {where} "
                          f"{_short(list(found))}; evaluate on the data the model was trained for")
     if limit is not None and limit < len(labels):
         keep = np.unique(np.linspace(0, len(labels) - 1, limit).round().astype(np.int64))

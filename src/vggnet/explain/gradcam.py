@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vggnet.errors import UsageError
 from vggnet.models import VGG
 
 __all__ = ["CAMResult", "cam_box", "default_cam_layer", "evaluating", "grad_cam", "grad_cam_raw", "spatial_layers",
@@ -82,7 +83,7 @@ def _resolve_spatial(model: VGG, layer: str | None) -> str:
     name = default_cam_layer(model) if layer is None else model.resolve_layer(layer)
     spatial = spatial_layers(model)
     if name not in spatial:
-        raise ValueError(f"layer {name!r} gives a vector per image, not a grid of positions; Grad-CAM needs one "
+        raise UsageError(f"layer {name!r} gives a vector per image, not a grid of positions; Grad-CAM needs one "
                          f"of: {', '.join(spatial)}")
     return name
 
@@ -98,7 +99,7 @@ def _explicit_targets(target: Target, n: int, num_classes: int) -> torch.Tensor 
     else:
         values = [target] * n
     if len(values) != n:
-        raise ValueError(f"{len(values)} target classes for {n} images; give one per image, one int, or None")
+        raise UsageError(f"{len(values)} target classes for {n} images; give one per image, one int, or None")
     checked = []
     for value in values:
         try:
@@ -106,9 +107,9 @@ def _explicit_targets(target: Target, n: int, num_classes: int) -> torch.Tensor 
                 raise TypeError
             index = operator.index(value)
         except TypeError:
-            raise ValueError(f"target class {value!r} is not an integer class index") from None
+            raise UsageError(f"target class {value!r} is not an integer class index") from None
         if not 0 <= index < num_classes:
-            raise ValueError(f"target class {index} is out of range: the model has {num_classes} classes "
+            raise UsageError(f"target class {index} is out of range: the model has {num_classes} classes "
                              f"(valid indices 0..{num_classes - 1})")
         checked.append(index)
     return torch.tensor(checked, dtype=torch.long)
@@ -202,7 +203,7 @@ def cam_box(cam_map: torch.Tensor | np.ndarray, fraction: float = 0.5) -> tuple[
     if m.ndim != 2 or m.size == 0:
         raise ValueError(f"cam_box needs one non-empty H×W map, got shape {m.shape}")
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise UsageError(f"fraction must be in (0, 1], got {fraction}")
     if not np.isfinite(m).all():
         raise ValueError("the map holds NaN or infinite values")
     h, w = m.shape

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
+from vggnet.errors import UsageError
 from vggnet.models import VGG
 from vggnet.plots import save_figure
 
@@ -150,10 +151,10 @@ def feature_map_grid(model: VGG, image: torch.Tensor, layer: str, max_maps: int 
     mostly silent for any one image, and the first 64 channels would be mostly blank tiles.
     """
     if max_maps < 1:
-        raise ValueError(f"max_maps must be at least 1, got {max_maps}")
+        raise UsageError(f"max_maps must be at least 1, got {max_maps}")
     name = model.resolve_layer(layer)
     if name not in spatial_layers(model):
-        raise ValueError(f"layer {name!r} gives a vector per image, not maps; choose one of: "
+        raise UsageError(f"layer {name!r} gives a vector per image, not maps; choose one of: "
                          f"{', '.join(spatial_layers(model))}")
     x = image if image.dim() == 4 else image.unsqueeze(0)
     if x.shape[0] != 1:

@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
+from vggnet.atomic import atomic_path
+
 PRED, TRUE = (230, 40, 40), (40, 200, 60)
 
 
@@ -34,12 +36,10 @@ def draw_boxes(pixels: torch.Tensor, pred: torch.Tensor, truths: torch.Tensor | 
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write atomically: a half-written PNG never replaces a good one."""
+    """Write through :func:`vggnet.atomic.atomic_path`: a half-written PNG never replaces a good one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        image.save(tmp, format="PNG", optimize=True)
     return path
 
 

@@ -22,6 +22,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from vggnet.errors import UsageError
 from vggnet.models import VGG
 
 from .boxes import decode, encode, from_view, iou_hits, merge_boxes
@@ -56,7 +57,7 @@ def view_batch(image: Image.Image | torch.Tensor, protocol: str, views: Views
     """The network inputs one image gives under ``protocol``, with each view's (offset, scale) so a box
     predicted in the view maps back to the image (:func:`~vggnet.localize.boxes.from_view`)."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise UsageError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     x = _tensor(image)
     h, w = x.shape[-2:]
     s = views.size

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vggnet.models import VGG, checkpoint_file, create_model
+from vggnet.models import VGG, WeightsError, checkpoint_file, create_model
 from vggnet.models.pretrained import inspect_weights, load_backbone
 
 TASK = "localize"
@@ -37,7 +37,7 @@ class BoxSpec:
     @classmethod
     def from_metadata(cls, extra: dict[str, Any], where: str = "checkpoint") -> BoxSpec:
         if extra.get("task") != TASK:
-            raise ValueError(f"{where} is not a box-regression checkpoint (train one with `vggnet localize train`)")
+            raise WeightsError(f"{where} is not a box-regression checkpoint (train one with `vggnet localize train`)")
         return cls(tuple(extra["box_classes"]), bool(extra["per_class"]))
 
 

@@ -13,7 +13,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
+from vggnet.data import IMAGE_ERRORS
 from vggnet.data.voc import VOCAnnotation, VOCError, primary_object, read_pixels, read_voc, split_annotations
+from vggnet.errors import UsageError
 from vggnet.infer.images import expand_image_paths
 from vggnet.models import VGG, checkpoint_file, load_checkpoint
 
@@ -41,7 +43,7 @@ def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], 
         views = Views(views.size, views.mean, views.std, tuple(scales), views.stride)
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
-        raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
+        raise UsageError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
     cut = meta.get("split") or {"val": 40, "seed": 0}
     train, val = split_annotations(annotations, cut["val"], cut["seed"])
     test = list(annotations) if split == "all" else val
@@ -69,7 +71,7 @@ def predict_files(ckpt: str | os.PathLike, images: Sequence[str], out: Path, pro
     Unreadable images are reported and skipped. Returns (files written, images that failed)."""
     model, spec, views, _ = load_localizer(ckpt)
     if label is not None and label not in spec.classes:
-        raise ValueError(f"class {label!r} is not one of the checkpoint's {list(spec.classes)}")
+        raise UsageError(f"class {label!r} is not one of the checkpoint's {list(spec.classes)}")
     paths = expand_image_paths(images)
     written, failed = [], 0
     for path in tqdm(paths, desc="boxes", disable=not sys.stderr.isatty() or len(paths) < 5):
@@ -84,7 +86,7 @@ def predict_files(ckpt: str | os.PathLike, images: Sequence[str], out: Path, pro
             else:
                 with Image.open(path) as im:
                     pixels = TF.pil_to_tensor(im.convert("RGB"))
-        except (OSError, VOCError, SyntaxError) as exc:
+        except (VOCError, *IMAGE_ERRORS) as exc:
             log(f"skipped {path}: {exc}")
             failed += 1
             continue

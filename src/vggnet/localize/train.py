@@ -7,11 +7,10 @@ Runs end with the last epoch's weights (no epoch is chosen on the validation ima
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from vggnet.atomic import write_json
+from vggnet.data import DataError
 from vggnet.data.voc import (
     VOCAnnotation,
     VOCBoxes,
@@ -28,6 +29,7 @@ from vggnet.data.voc import (
     read_pixels,
     train_box_transform,
 )
+from vggnet.errors import UsageError
 from vggnet.models import VGG, save_checkpoint
 
 from .boxes import encode
@@ -66,20 +68,27 @@ class LocalizeSettings:
 
     def check(self) -> None:
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.crop not in ("contain", "iou", "none"):
-            raise ValueError(f"crop must be 'contain', 'iou' or 'none', got {self.crop!r}")
+            raise UsageError(f"crop must be 'contain', 'iou' or 'none', got {self.crop!r}")
         if self.finetune not in ("all", "fc"):
-            raise ValueError(f"finetune must be 'all' or 'fc', got {self.finetune!r}")
+            raise UsageError(f"finetune must be 'all' or 'fc', got {self.finetune!r}")
         if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError("image_size ≥ 32, epochs ≥ 1, batch_size ≥ 1 and lr > 0 are required")
+            raise UsageError("image_size ≥ 32, epochs ≥ 1, batch_size ≥ 1 and lr > 0 are required")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LocalizeSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown localize setting(s) {unknown}; known: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown localize setting(s) {unknown}; known: {', '.join(sorted(known))}")
+        for f in fields(cls):  # a YAML typo (`epochs: ten`) is the user's to fix, not a TypeError deep in check()
+            if f.name not in data or f.default in (MISSING, None) or data[f.name] is None and "None" in str(f.type):
+                continue
+            value, want = data[f.name], type(f.default)
+            kinds = (int, float) if want is float else want
+            if isinstance(value, bool) != (want is bool) or not isinstance(value, kinds):
+                raise UsageError(f"localize setting {f.name}: expected {want.__name__}, got {value!r}")
         return cls(**data)
 
 
@@ -118,7 +127,7 @@ def train_localizer(settings: LocalizeSettings, train_anns: Sequence[VOCAnnotati
     ``val_anns`` are scored (whole-image view) every 10 epochs and at the end, never used to choose."""
     settings.check()
     if not train_anns:
-        raise ValueError("no training images")
+        raise DataError("no training images")
     train_set = VOCBoxes(train_anns, classes, single_object=True, transform=train_box_transform(
         settings.image_size, crop=settings.crop, zoom_out=settings.zoom_out))
     val_samples = eval_samples(val_anns, classes)
@@ -158,7 +167,7 @@ def train_localizer(settings: LocalizeSettings, train_anns: Sequence[VOCAnnotati
             pred = select_codes(model(x), spec, labels)
             loss = box_loss(pred, target, settings.loss)
             if not torch.isfinite(loss):  # stop before a diverged model is saved as if trained
-                raise ValueError(f"the loss became {loss.item()} in epoch {epoch}; lower lr (now {settings.lr:g})")
+                raise UsageError(f"the loss became {loss.item()} in epoch {epoch}; lower lr (now {settings.lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -178,6 +187,6 @@ def train_localizer(settings: LocalizeSettings, train_anns: Sequence[VOCAnnotati
             "split": {"val": settings.val, "seed": settings.seed}, "data": data,
             "train_boxes": [[*primary_object(a).box, a.width, a.height] for a in train_anns]}
     path = save_checkpoint(model.eval(), out_dir / "best.safetensors", meta)
-    (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(history, indent=2) + "\n")
+    write_json(out_dir / "settings.json", asdict(settings))
+    write_json(out_dir / "metrics.json", history)
     return path

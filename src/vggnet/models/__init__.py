@@ -10,13 +10,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .complexity import count_macs, count_params, layer_table
+from .complexity import count_macs, count_params, layer_table, meta_model
 from .configs import CONFIGS, NAME_TO_CONFIG, PAPER_PARAMS, PAPER_WARM_START_LAYERS
 from .init import INIT_SCHEMES, init_from_shallower, init_weights, init_whitening
 from .vgg import VGG, VGGConfig
 from .weights import (
     CHECKPOINT_NAMES,
     WeightsError,
+    WeightsNotFoundError,
     checkpoint_file,
     checkpoint_meta,
     detect_format,
@@ -28,9 +29,10 @@ from .weights import (
 
 __all__ = [
     "CHECKPOINT_NAMES", "CONFIGS", "INIT_SCHEMES", "NAME_TO_CONFIG", "PAPER_PARAMS", "PAPER_WARM_START_LAYERS", "VGG",
-    "VGGConfig", "WeightsError", "checkpoint_file", "checkpoint_meta", "count_macs", "count_params", "create_model",
-    "detect_format", "init_from_shallower", "init_weights", "init_whitening", "layer_table", "list_models",
-    "load_checkpoint", "load_weights", "read_checkpoint", "save_checkpoint",
+    "VGGConfig", "WeightsError", "WeightsNotFoundError", "checkpoint_file", "checkpoint_meta", "count_macs",
+    "count_params", "create_model", "detect_format", "init_from_shallower", "init_weights", "init_whitening",
+    "layer_table", "list_models", "load_checkpoint", "load_weights", "meta_model", "read_checkpoint",
+    "save_checkpoint",
 ]
 
 

@@ -23,7 +23,8 @@ def _size(input_size: int | tuple[int, int]) -> tuple[int, int]:
     return (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)  # type: ignore[return-value]
 
 
-def _meta_model(model_or_config: VGG | VGGConfig) -> VGG:
+def meta_model(model_or_config: VGG | VGGConfig) -> VGG:
+    """A copy of the architecture on the meta device: shapes and counts without allocating any weights."""
     config = model_or_config.config if isinstance(model_or_config, VGG) else model_or_config
     with torch.device("meta"):
         return VGG(dataclasses.replace(config))
@@ -31,7 +32,7 @@ def _meta_model(model_or_config: VGG | VGGConfig) -> VGG:
 
 def count_macs(model_or_config: VGG | VGGConfig, input_size: int | tuple[int, int] = 224) -> int:
     """MACs of one forward pass of one image."""
-    model = _meta_model(model_or_config).eval()
+    model = meta_model(model_or_config).eval()
     h, w = _size(input_size)
     with FlopCounterMode(display=False) as counter:
         model(torch.empty(1, model.config.in_channels, h, w, device="meta"))
@@ -49,7 +50,7 @@ class LayerRow:
 
 def layer_table(model_or_config: VGG | VGGConfig, input_size: int | tuple[int, int] = 224) -> list[LayerRow]:
     """One row per named layer (features, then head) with its output shape for one image."""
-    model = _meta_model(model_or_config).eval()
+    model = meta_model(model_or_config).eval()
     h, w = _size(input_size)
     x = torch.empty(1, model.config.in_channels, h, w, device="meta")
     rows: list[LayerRow] = []

@@ -6,8 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vggnet.errors import UsageError
+
 from .configs import PAPER_WARM_START_LAYERS
 from .vgg import VGG
+from .weights import WeightsError
 
 INIT_SCHEMES = ("kaiming", "xavier", "normal")
 
@@ -21,7 +24,7 @@ def init_weights(model: VGG, scheme: str = "kaiming") -> VGG:
     only works for shallow nets (net A) without the warm start. Biases are zero, BN is identity.
     """
     if scheme not in INIT_SCHEMES:
-        raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+        raise UsageError(f"unknown init {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
     head_layers = set(model.head.modules())
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
@@ -62,11 +65,11 @@ def init_from_shallower(model: VGG, source: VGG, layers: tuple[str, ...] = PAPER
             pairs = [(getattr(model.features, n, None), getattr(source.features, n, None), n) for n in names]
         for dst, src, layer in pairs:
             if dst is None or src is None:
-                raise ValueError(f"layer {layer} is missing from {'model' if dst is None else 'source'}")
+                raise WeightsError(f"layer {layer} is missing from {'model' if dst is None else 'source'}")
             dst_state, src_state = dst.state_dict(), src.state_dict()
             for key, value in src_state.items():
                 if dst_state[key].numel() != value.numel():
-                    raise ValueError(
+                    raise WeightsError(
                         f"{layer}.{key}: source shape {tuple(value.shape)} does not fit {tuple(dst_state[key].shape)}"
                         " (same width, classes and fc width are needed)"
                     )

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vggnet.errors import UsageError
+
 from .configs import CONFIGS, FC_WIDTH, LRN, NAME_TO_CONFIG, ConfigEntry
 from .heads import HEADS, ConvHead, convert_head, make_head
 
@@ -62,22 +64,22 @@ class VGGConfig:
     def __post_init__(self) -> None:
         base = self.name.removesuffix("_bn")
         if base not in NAME_TO_CONFIG:
-            raise ValueError(f"unknown model {self.name!r}; see vggnet.list_models()")
+            raise UsageError(f"unknown model {self.name!r}; see vggnet.list_models()")
         if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+            raise UsageError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
         if self.num_classes < 1 or self.in_channels < 1 or self.fc_width < 1:
-            raise ValueError("num_classes, in_channels and fc_width must be positive")
+            raise UsageError("num_classes, in_channels and fc_width must be positive")
         if not 0 < self.width <= 16:
-            raise ValueError(f"width must be in (0, 16], got {self.width}")
+            raise UsageError(f"width must be in (0, 16], got {self.width}")
         if not self.logit_scale > 0:
-            raise ValueError(f"logit_scale must be positive, got {self.logit_scale}")
+            raise UsageError(f"logit_scale must be positive, got {self.logit_scale}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))  # JSON gives a list
             convs = conv_count(CONFIGS[self.config])
             if len(self.channels) != convs or min(self.channels) < 1:
-                raise ValueError(f"channels must give {convs} positive conv widths for {self.name} "
+                raise UsageError(f"channels must give {convs} positive conv widths for {self.name} "
                                  f"(config {self.config}), got {list(self.channels)}")
 
     @property
@@ -246,7 +248,7 @@ class VGG(nn.Module):
         aliases = self.layer_aliases()
         if name in aliases:
             return aliases[name]
-        raise ValueError(f"unknown layer name {name!r} for {self.config.name} (head={self.config.head}); "
+        raise UsageError(f"unknown layer name {name!r} for {self.config.name} (head={self.config.head}); "
                          f"valid names: {', '.join(canonical)} (also conv<B>_<I>, relu<B>_<I>, pool<B>, "
                          "block<B>, features.<N>, classifier)")
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
-import tempfile
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from vggnet.atomic import atomic_path
+from vggnet.errors import VggnetError
 
 from .heads import as_head_shape
 from .vgg import VGG, VGGConfig
@@ -29,28 +33,31 @@ FORMAT_VERSION = "1"
 StateDict = dict[str, torch.Tensor]
 
 
-class WeightsError(ValueError):
+# What torch.load raises for bytes that are not a weights-only torch file (fuzzed: truncated zips, random bytes,
+# text, pickled code); anything else is a bug and keeps its traceback.
+_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, LookupError, ValueError, OSError, struct.error,
+                      AssertionError)
+
+
+class WeightsError(VggnetError, ValueError):
     """A weights file that cannot be read, or that does not fit the model."""
 
 
+class WeightsNotFoundError(VggnetError, FileNotFoundError):
+    """A weights file, checkpoint or run folder the user named that is not there (still a FileNotFoundError)."""
+
+
 def save_checkpoint(model: VGG, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` atomically (temp file + rename): an interrupted save never corrupts ``path``.
+    """Write ``model`` through :func:`vggnet.atomic.atomic_path`: an interrupted save never corrupts ``path``.
 
     ``metadata`` (class names, preprocessing, training info...) must be JSON-serialisable.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(model.config.to_dict())}
     meta["extra"] = json.dumps(dict(metadata or {}))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -61,12 +68,12 @@ def read_weights(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tupl
         return _unwrap(dict(source), "<state dict>"), {}
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or pickled-code files
+    except _TORCH_LOAD_ERRORS as exc:
         try:  # a safetensors file under another suffix
             return _read_safetensors(path)
         except WeightsError:
@@ -223,9 +230,9 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
         for name in CHECKPOINT_NAMES:
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"{path}: run folder without {' or '.join(CHECKPOINT_NAMES)}")
+        raise WeightsNotFoundError(f"{path}: run folder without {' or '.join(CHECKPOINT_NAMES)}")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise WeightsNotFoundError(f"checkpoint not found: {path}")
     return path
 
 
@@ -239,17 +246,17 @@ def checkpoint_meta(file: str | os.PathLike, model: VGG, extra: Mapping[str, Any
     """
     missing = [key for key in _REQUIRED_META if key not in extra]
     if missing:
-        raise ValueError(f"{file}: the checkpoint metadata lacks {', '.join(missing)}; save it with "
-                         "vggnet.save_checkpoint(model, path, {'classes': [...], 'mean': [...], 'std': [...], "
-                         "'image_size': N})")
+        raise WeightsError(f"{file}: the checkpoint metadata lacks {', '.join(missing)}; save it with "
+                           "vggnet.save_checkpoint(model, path, {'classes': [...], 'mean': [...], 'std': [...], "
+                           "'image_size': N})")
     classes = extra.get("classes")
     if classes is not None and len(classes) != model.config.num_classes:
-        raise ValueError(f"{file}: {len(classes)} class names for a {model.config.num_classes}-class model")
+        raise WeightsError(f"{file}: {len(classes)} class names for a {model.config.num_classes}-class model")
     size = int(extra["image_size"])
     scale = extra.get("test_scale")
     scale = size if scale is None else int(scale)
     if scale < size:
-        raise ValueError(f"{file}: test_scale {scale} px is smaller than the {size}-px crop (image_size)")
+        raise WeightsError(f"{file}: test_scale {scale} px is smaller than the {size}-px crop (image_size)")
     return {"classes": None if classes is None else [str(c) for c in classes],
             "mean": [float(v) for v in extra["mean"]], "std": [float(v) for v in extra["std"]],
             "image_size": size, "test_scale": scale, "num_classes": model.config.num_classes,

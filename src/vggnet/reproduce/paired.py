@@ -1,50 +1,33 @@
-"""Paired comparison of two nets evaluated on the same images: per-image results, McNemar's test, verdicts.
+"""Paired comparison of two nets on the same images: per-image results, McNemar's test, verdicts.
 
-Both nets of a comparison are scored on the same validation images, so what separates them is only the
-images on which exactly one of them is right (the discordant pairs): ``b`` images only the net the paper
-expects to be better gets right, ``c`` images only the other one gets right. The difference of the two
-top-1 errors is exactly ``(b - c) / n``. Under "no difference" each discordant image is equally likely
-to go either way, so ``b ~ Binomial(b + c, 1/2)``: McNemar's test, computed exactly (``math.comb``, no
-scipy) with the mid-p correction. The exact conditional test is conservative (its real false-alarm rate is
-well under the nominal level when discordant pairs are few); the mid-p version keeps the exactness for
-small counts and is close to nominal (Fagerland, Lydersen & Laake 2013). It is deterministic, needs no
-resampling seed, and is the usual test for two classifiers on one test set (Dietterich 1998); a paired
-bootstrap would give nearly the same answer at random.
+Only the images exactly one net gets right separate two nets scored on one set: ``b`` (only the net the paper
+expects to be better is right) and ``c`` (only the other); the top-1 difference is ``(b - c) / n``. McNemar's
+exact test with the mid-p correction (``math.comb``, no scipy, no resampling seed) is the usual test for two
+classifiers on one test set (Dietterich 1998) and, unlike the plain exact test, is close to its nominal level
+when discordant pairs are few (Fagerland, Lydersen & Laake 2013).
 
-Three outcomes for a conclusion "``worse`` has a higher error than ``better``", at ``ALPHA`` (two-sided):
+"``worse`` errs more than ``better``" **holds** when the difference goes the paper's way and is significant at
+``ALPHA`` (two-sided), is **contradicted** when it is significant the other way, else **inconclusive**. A "no
+gain" conclusion cannot be shown by a non-significant test, so it holds only when the one-sided 95 % lower
+bound of the difference (Agresti-Min) rules out a gain of ``MARGIN`` points (1 point: about one configuration
+step of the paper's Table 3; the paper's 0.2-point gains are beyond what 5,000 images resolve). Each conclusion
+is tested on its own, without a correction for testing seven.
 
-- **holds**: the difference goes the paper's way and is significant;
-- **contradicted**: it goes the other way and is significant;
-- **inconclusive**: not significant either way.
-
-A "no gain" conclusion ("``worse`` is no better than ``better``", e.g. LRN does not help) cannot be
-shown by a non-significant test, which only says the images were too few to see a gain. It is
-**contradicted** when ``worse`` is significantly better (the same two-sided test) and **holds** when a
-gain of ``MARGIN`` points or more is ruled out: the one-sided 95 % lower confidence bound of the
-difference (Agresti-Min interval for paired proportions: 0.5 added to each cell) lies above
-``-MARGIN``. ``MARGIN`` is 1 point of top-1 error, about one configuration step of the paper's Table 3
-(A → B 0.9, C → D 1.1 points at S = 256). The paper's own smallest gains (0.2 points, Table 5) are
-beyond what 5,000 images can resolve between two separately trained nets (they disagree on some 15 %
-of the images, which puts the bound about 0.9 points below the difference), so a tighter margin would
-make the conclusion unprovable here; the bound is printed so that a reader can apply another.
-Otherwise the conclusion is **inconclusive**.
-
-Each conclusion is tested on its own; there is no correction for testing seven.
-
-Per-image results are kept in the results file as ``top1_correct``: the boolean vector packed into bits
-(``numpy.packbits``, big-endian bit order) and written as base64, 1 bit per image (5,000 images: 836
-characters); its length is the row's ``n``.
+Per-image results are stored as ``top1_correct``: the boolean vector packed into bits (big-endian) as base64.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+
+from vggnet.errors import UsageError
 
 __all__ = ["ALPHA", "MARGIN", "Paired", "compare", "mcnemar_midp", "no_gain_bound", "pack_bits", "unpack_bits",
            "verdict"]
@@ -61,10 +44,13 @@ def pack_bits(correct: np.ndarray) -> str:
 
 
 def unpack_bits(text: str, n: int) -> np.ndarray:
-    """The inverse of :func:`pack_bits`: ``n`` booleans."""
-    raw = np.frombuffer(base64.b64decode(text.encode("ascii"), validate=True), dtype=np.uint8)
+    """The inverse of :func:`pack_bits`: ``n`` booleans; a results file edited by hand is the user's to fix."""
+    try:
+        raw = np.frombuffer(base64.b64decode(text.encode("ascii"), validate=True), dtype=np.uint8)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise UsageError(f"per-image results are not base64 of packed bits ({exc})") from exc
     if len(raw) != (n + 7) // 8:
-        raise ValueError(f"{len(raw)} packed bytes cannot hold exactly {n} images")
+        raise UsageError(f"{len(raw)} packed bytes cannot hold exactly {n} images")
     return np.unpackbits(raw, count=n).astype(bool)
 
 

@@ -4,6 +4,7 @@ imported by them. Fine-tuning itself is a training run (``engine``, the ``finetu
 """
 
 from .losses import PerceptualLoss, gram_matrix
-from .store import FeatureFile, FeatureFileError, load_features, save_features
+from .store import FeatureFile, FeatureFileError, FeatureFileNotFoundError, load_features, save_features
 
-__all__ = ["FeatureFile", "FeatureFileError", "PerceptualLoss", "gram_matrix", "load_features", "save_features"]
+__all__ = ["FeatureFile", "FeatureFileError", "FeatureFileNotFoundError", "PerceptualLoss", "gram_matrix",
+           "load_features", "save_features"]

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vggnet.data import eval_transform, load_image_folder
+from vggnet.data import DataError, eval_transform, load_image_folder
+from vggnet.errors import UsageError
 from vggnet.evaluate import FolderImages, eval_images
 from vggnet.evaluate.protocols import MIN_SIDE, image_tensor, resolve_scale, trim_to_stride
 from vggnet.hardware import native_bf16
@@ -53,7 +54,7 @@ def _descriptor(net: VGG, x: torch.Tensor, layer: str, flip: bool, bf16: bool) -
     if out.dim() == 4:
         out = out.mean(dim=(2, 3))
     elif out.dim() != 2:
-        raise ValueError(f"layer {layer!r} gives {out.dim()}-D outputs; pick a conv or head layer")
+        raise UsageError(f"layer {layer!r} gives {out.dim()}-D outputs; pick a conv or head layer")
     if flip:
         out = (out[: len(x)] + out[len(x):]) / 2
     return F.normalize(out, dim=1)
@@ -62,11 +63,11 @@ def _descriptor(net: VGG, x: torch.Tensor, layer: str, flip: bool, bf16: bool) -
 def pixel_scales(scales: Sequence[float | int], crop: int) -> list[int]:
     """Test scales in pixels (below 16: multiples of ``crop``), each at least the 32 px a VGG needs."""
     if not scales:
-        raise ValueError("give at least one scale")
+        raise UsageError("give at least one scale")
     qs = [resolve_scale(q, int(crop)) for q in scales]
     small = [q for q in qs if q < MIN_SIDE]
     if small:
-        raise ValueError(f"test scales {small} px are below the {MIN_SIDE} px a VGG needs")
+        raise UsageError(f"test scales {small} px are below the {MIN_SIDE} px a VGG needs")
     return qs
 
 
@@ -94,7 +95,7 @@ def extract_features(
     (D = layer width × scales) instead of averaging them.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     qs = pixel_scales(scales, crop)
     device = torch.device(device)
     net = dense_net(model, device)
@@ -126,7 +127,7 @@ def extract_features(
                     per_scale[s][index] = out  # type: ignore[index]
             bar.update(min(n, start + batch_size) - start)
     if per_scale[0] is None:
-        raise ValueError("no image could be read")
+        raise DataError("no image could be read")
     parts = [p for p in per_scale if p is not None]
     combined = torch.cat(parts, dim=1) if stack else torch.stack(parts).mean(0)
     return F.normalize(combined, dim=1) * readable.unsqueeze(1), readable
@@ -138,10 +139,10 @@ def load_source(ckpt: str | None = None, weights: str | None = None,
     file it came from: a vggnet run folder / checkpoint (``ckpt``), or any VGG weights file (``weights``;
     the architecture is read from the tensors, or given as ``name``, e.g. ``vgg16``)."""
     if (ckpt is None) == (weights is None):
-        raise ValueError("give either a vggnet checkpoint (--ckpt) or a weights file (--weights)")
+        raise UsageError("give either a vggnet checkpoint (--ckpt) or a weights file (--weights)")
     if ckpt is not None:
         if name is not None:
-            raise ValueError("--model goes with --weights; a vggnet checkpoint names its own architecture")
+            raise UsageError("--model goes with --weights; a vggnet checkpoint names its own architecture")
         file = checkpoint_file(ckpt)
         model, extra = load_checkpoint(file)
         meta = checkpoint_meta(file, model, extra)
@@ -184,7 +185,7 @@ def feature_images(data: str | None, run: str | None, split: str = "all", val_fr
     ``val`` or ``all``.
     """
     if split not in ("train", "val", "all"):
-        raise ValueError(f"split must be train, val or all, got {split!r}")
+        raise UsageError(f"split must be train, val or all, got {split!r}")
     wanted = ("train", "val") if split == "all" else (split,)
     parts: list[Sequence[Any]] = []
     labels: list[int] = []
@@ -193,7 +194,7 @@ def feature_images(data: str | None, run: str | None, split: str = "all", val_fr
     classes: list[str] = []
     if data is None:
         if run is None:
-            raise ValueError("give --data DIR (an ImageFolder tree: one folder per class)")
+            raise UsageError("give --data DIR (an ImageFolder tree: one folder per class)")
         for part in wanted:
             try:
                 found, part_labels, classes = eval_images(run, None, part)
@@ -215,5 +216,5 @@ def feature_images(data: str | None, run: str | None, split: str = "all", val_fr
             paths += part_paths
             names += [part] * len(part_paths)
     if not labels:
-        raise ValueError(f"{data}: no {split} images (no val/ folder and val_fraction={val_fraction})")
+        raise DataError(f"{data}: no {split} images (no val/ folder and val_fraction={val_fraction})")
     return _join(parts), labels, classes, paths, names

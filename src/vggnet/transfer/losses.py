@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vggnet.errors import UsageError
+
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models import VGG, checkpoint_file, load_checkpoint
 
@@ -52,22 +54,22 @@ def _parse_range(value: tuple[float, float] | str) -> tuple[float, float]:
     if isinstance(value, str):
         key = value.replace(" ", "").strip("()[]")
         if key not in INPUT_RANGES:
-            raise ValueError(f"input_range {value!r} is not one of {', '.join(map(repr, INPUT_RANGES))} "
+            raise UsageError(f"input_range {value!r} is not one of {', '.join(map(repr, INPUT_RANGES))} "
                              "(or a (low, high) pair)")
         return INPUT_RANGES[key]
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"input_range must be a (low, high) pair such as (0, 1) or (-1, 1), got {value!r}") from exc
+        raise UsageError(f"input_range must be a (low, high) pair such as (0, 1) or (-1, 1), got {value!r}") from exc
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"input_range needs finite low < high, got {value!r}")
+        raise UsageError(f"input_range needs finite low < high, got {value!r}")
     return low, high
 
 
 def _as_names(names: Sequence[str] | str, what: str) -> tuple[str, ...]:
     names = (names,) if isinstance(names, str) else tuple(names)
     if not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{what} must be layer names (strings), got {names!r}")
+        raise UsageError(f"{what} must be layer names (strings), got {names!r}")
     return names
 
 
@@ -110,9 +112,9 @@ class PerceptualLoss(nn.Module):
         elif not isinstance(model, VGG):
             raise TypeError(f"model must be a vggnet VGG or a checkpoint path, got {type(model).__name__}")
         if pool not in POOLS:
-            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+            raise UsageError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+            raise UsageError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
         self.input_range = _parse_range(input_range)
         self.pool, self.distance = pool, distance
         self.content_weight, self.style_weight = float(content_weight), float(style_weight)
@@ -121,18 +123,18 @@ class PerceptualLoss(nn.Module):
         self.layers = _as_names(layers, "layers")
         self.style_layers = _as_names(style, "style")
         if not self.layers and not self.style_layers:
-            raise ValueError("no layers: give content `layers`, `style` layers or both")
+            raise UsageError("no layers: give content `layers`, `style` layers or both")
         order = [name for name, _ in model.named_layers()]
         feature_names = {name for name, _ in model.features.named_children()}
         self._canonical: dict[str, str] = {}  # name as asked -> canonical name
         for kind, names in (("layers", self.layers), ("style", self.style_layers)):
             seen: dict[str, str] = {}
             for name in names:
-                canonical = model.resolve_layer(name)  # ValueError listing the valid names
+                canonical = model.resolve_layer(name)  # UsageError listing the valid names
                 if canonical in seen:
-                    raise ValueError(f"{kind}: {name!r} and {seen[canonical]!r} are the same layer ({canonical})")
+                    raise UsageError(f"{kind}: {name!r} and {seen[canonical]!r} are the same layer ({canonical})")
                 if kind == "style" and canonical not in feature_names:
-                    raise ValueError(f"style layer {name!r} is in the head; a Gram matrix needs a conv feature "
+                    raise UsageError(f"style layer {name!r} is in the head; a Gram matrix needs a conv feature "
                                      "map (pick a block layer such as relu3_3)")
                 seen[canonical] = name
                 self._canonical[name] = canonical
@@ -161,9 +163,9 @@ class PerceptualLoss(nn.Module):
         for key, value in (("mean", mean), ("std", std)):
             tensor = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
             if tensor.numel() != self.in_channels:
-                raise ValueError(f"{key} has {tensor.numel()} values for a {self.in_channels}-channel model")
+                raise UsageError(f"{key} has {tensor.numel()} values for a {self.in_channels}-channel model")
             if key == "std" and not bool((tensor > 0).all()):
-                raise ValueError(f"std must be positive, got {value!r}")
+                raise UsageError(f"std must be positive, got {value!r}")
             self.register_buffer(key, tensor.view(1, -1, 1, 1))
 
     def _weights(self, model: VGG, weights: Sequence[float] | Mapping[str, float] | None,
@@ -176,12 +178,12 @@ class PerceptualLoss(nn.Module):
             for key, value in weights.items():
                 canonical = model.resolve_layer(key)
                 if canonical not in by_layer:
-                    raise ValueError(f"{what} names {key!r}, which is not one of the layers {list(names)}")
+                    raise UsageError(f"{what} names {key!r}, which is not one of the layers {list(names)}")
                 out[by_layer[canonical]] = float(value)
             return tuple(out[n] for n in names)
         weights = tuple(float(w) for w in weights)
         if len(weights) != len(names):
-            raise ValueError(f"{what} has {len(weights)} values for {len(names)} layers {list(names)}")
+            raise UsageError(f"{what} has {len(weights)} values for {len(names)} layers {list(names)}")
         return weights
 
     def train(self, mode: bool = True) -> PerceptualLoss:

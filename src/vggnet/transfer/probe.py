@@ -9,10 +9,9 @@ report it (one-vs-rest average precision) alongside accuracy.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vggnet.atomic import write_bytes
+from vggnet.errors import UsageError
 
 from .store import FeatureFile, FeatureFileError, load_features
 
@@ -131,12 +133,12 @@ def probe(train: FeatureFile, test: FeatureFile, *, models: Sequence[str] = MODE
     models = list(models)
     unknown = [m for m in models if m not in MODELS]
     if not models or unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+        raise UsageError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     grid = list(DEFAULT_C_GRID if c_grid is None else c_grid)
     if not grid or any(not np.isfinite(c) or c <= 0 for c in grid):
-        raise ValueError(f"the C grid must be positive numbers, got {grid}")
+        raise UsageError(f"the C grid must be positive numbers, got {grid}")
     if folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+        raise UsageError(f"cross-validation needs at least 2 folds, got {folds}")
     _check_compatible(train, test)
     return {
         "n_train": len(train.labels), "n_test": len(test.labels), "classes": list(train.classes),
@@ -196,28 +198,23 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``probe.json``, ``probe.md`` and ``confusion_<model>.png``. Everything is rendered into a hidden
-    folder first and then renamed into place, so a failure leaves the previous report (or none), not half."""
+    """Write ``probe.json``, ``probe.md`` and ``confusion_<model>.png``, each atomically. Everything is
+    rendered in memory first, so a failed plot leaves the previous report (or none), not half."""
     from vggnet.plots import plot_confusion
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".probe.", dir=out))
-    try:
-        (staging / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
-        (staging / "probe.md").write_text(
-            f"# vggnet probe\n\nfeatures: {report['features']}  \ntrain: {_source(report, 'train')}  \n"
-            f"test: {_source(report, 'test')}"
-            f"\n\n{markdown_table(report)}\n")
-        for name, r in report["results"].items():
-            plot_confusion(r["confusion"], report["classes"], staging / f"confusion_{name}.png",
-                           title=f"{r['model']} (C={r['C']:g}): test acc {_fmt(r['accuracy'])}%")
-        written = []
-        for item in sorted(staging.iterdir()):
-            os.replace(item, out / item.name)
-            written.append(out / item.name)
-        for name in set(MODELS) - set(report["results"]):  # a stale plot would pass for this run's
-            (out / f"confusion_{name}.png").unlink(missing_ok=True)
-        return written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    files = {
+        "probe.json": (json.dumps(report, indent=2) + "\n").encode(),
+        "probe.md": (f"# vggnet probe\n\nfeatures: {report['features']}  \ntrain: {_source(report, 'train')}  \n"
+                     f"test: {_source(report, 'test')}\n\n{markdown_table(report)}\n").encode(),
+    }
+    for name, r in report["results"].items():
+        png = io.BytesIO()
+        plot_confusion(r["confusion"], report["classes"], png,
+                       title=f"{r['model']} (C={r['C']:g}): test acc {_fmt(r['accuracy'])}%")
+        files[f"confusion_{name}.png"] = png.getvalue()
+    written = [write_bytes(out / name, data) for name, data in sorted(files.items())]
+    for name in set(MODELS) - set(report["results"]):  # a stale plot would pass for this run's
+        (out / f"confusion_{name}.png").unlink(missing_ok=True)
+    return written

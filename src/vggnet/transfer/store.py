@@ -2,24 +2,30 @@
 
 Written by ``vggnet features`` and read by ``vggnet probe``. Everything is a plain array (strings as
 unicode arrays), so it loads with ``allow_pickle=False``: a features file from someone else cannot run
-code. Files are written to a temporary name and renamed, so an interrupted run leaves no half file.
+code. Files are written through :func:`vggnet.atomic.atomic_path`, so an interrupted run leaves no half file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from vggnet.atomic import atomic_path
+from vggnet.errors import VggnetError
 
 SPLITS = ("train", "val")
 _REQUIRED = ("features", "labels", "classes", "paths", "split", "layer", "scales", "stack", "model")
 
 
-class FeatureFileError(ValueError):
-    """A features file that is missing, malformed, or does not fit the file it is compared with."""
+class FeatureFileError(VggnetError, ValueError):
+    """A features file that is malformed, or does not fit the file it is compared with."""
+
+
+class FeatureFileNotFoundError(VggnetError, FileNotFoundError):
+    """A features file the user named that is not there (still a FileNotFoundError)."""
 
 
 @dataclasses.dataclass
@@ -77,25 +83,14 @@ class FeatureFile:
 def save_features(ff: FeatureFile, path: str | os.PathLike) -> Path:
     """Write ``ff`` to ``path`` (``.npz``) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         "features": ff.features, "labels": ff.labels, "classes": np.asarray(ff.classes, dtype=str),
         "paths": np.asarray(ff.paths, dtype=str), "split": ff.split, "layer": np.asarray(ff.layer),
         "scales": np.asarray(ff.scales, dtype=np.int64), "stack": np.asarray(bool(ff.stack)),
         "model": np.asarray(ff.model), "source": np.asarray(ff.source), "fingerprint": np.asarray(ff.fingerprint),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a shared results file private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".tmp.npz") as tmp, open(tmp, "wb") as fh:  # a file object: no ".npz" added
+        np.savez(fh, **arrays)
     return path
 
 
@@ -103,7 +98,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     """Read a features file written by :func:`save_features`; anything else is a :class:`FeatureFileError`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"features file not found: {path}")
+        raise FeatureFileNotFoundError(f"features file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
