@@ -161,14 +161,50 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[key], b[key]), key  # bit for bit: deterministic fp32 on one CPU thread
 
 
+# `vggnet train` under torchrun, each rank recording through the public TrainHooks the sample indices of its
+# first epoch and a digest of its final weights (argv: the `vggnet` arguments).
+RECORD_RANKS = """
+import json, os, sys
+from pathlib import Path
+from vggnet.engine import TrainHooks, trainer
+
+seen, plain_train = {}, trainer.train
+
+def check_inputs(inputs):
+    inputs.train.set_epoch(1)  # the order the loop gives epoch 1
+    seen["indices"] = inputs.train.epoch_indices().tolist()
+
+def wrap_model(model, inputs):
+    seen["model"] = model  # the very module DDP trains: its weights are final when train returns
+    return model
+
+def recording_train(recipe, out_dir, **kwargs):
+    result = plain_train(recipe, out_dir, hooks=TrainHooks(check_inputs=check_inputs, wrap_model=wrap_model),
+                         **kwargs)
+    digest = sum(float(p.double().sum()) * (i + 1) for i, p in enumerate(seen["model"].state_dict().values())
+                 if p.is_floating_point())
+    shards, rank = Path(out_dir) / "shards", os.environ["RANK"]
+    shards.mkdir(exist_ok=True)
+    (shards / f"rank{rank}.json").write_text(json.dumps(seen["indices"]))
+    (shards / f"final_rank{rank}.json").write_text(json.dumps(digest))
+    return result
+
+trainer.train = recording_train
+from vggnet.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
+    script = tmp_path / "record_ranks.py"
+    script.write_text(RECORD_RANKS)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "vggnet", "train", "--recipe", "demo",
-           "--out", str(out), "--set", *FAST, "schedule.epochs=2", "train.record_shards=true"]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(script), "train", "--recipe", "demo",
+           "--out", str(out), "--set", *FAST, "schedule.epochs=2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     r0 = set(json.loads((out / "shards" / "rank0.json").read_text()))

@@ -9,10 +9,15 @@ device that is not there, or fp16 on a CPU, is the same clear error in every com
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
+from vggnet.errors import UsageError
+
 __all__ = ["PRECISIONS", "autocast_dtype", "inference_dtype", "native_bf16", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -31,7 +36,8 @@ def _cpu_bf16() -> bool:
         try:
             if check is not None and check():
                 return True
-        except Exception:  # private helpers: any failure means "not known to be supported"
+        except (RuntimeError, AttributeError, TypeError):  # private helpers: failing means "not known to be supported"
+            log.debug("torch.cpu.%s failed", probe, exc_info=True)
             continue
     return False
 
@@ -51,28 +57,28 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The device a command runs on, checked. ``None`` (or ``""``): CUDA when available, else the CPU.
 
     ``cuda`` / ``cuda:N`` on a machine without CUDA, an index past the visible GPUs, ``mps`` without Metal
-    or an unknown name are a :class:`ValueError` that says what to pass instead.
+    or an unknown name are a :class:`~vggnet.errors.UsageError` that says what to pass instead.
     """
     if device is None or device == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+        raise UsageError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here ({why}); "
+            raise UsageError(f"device {str(device)!r} asked for, but CUDA is not available here ({why}); "
                              "use --device cpu, or run on a machine with a CUDA GPU")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {str(device)!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+            raise UsageError(f"device {str(device)!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but Apple's Metal (MPS) is not available here; "
+            raise UsageError(f"device {str(device)!r} asked for, but Apple's Metal (MPS) is not available here; "
                              "use --device cpu")
     elif dev.type != "cpu":
-        raise ValueError(f"device {str(device)!r}: use cpu, cuda or cuda:N")
+        raise UsageError(f"device {str(device)!r}: use cpu, cuda or cuda:N")
     return dev
 
 
@@ -81,7 +87,7 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     runs it natively (CUDA with bf16, AVX512-BF16 / AMX CPUs), fp16 on older GPUs, else fp32."""
     device = torch.device(device)
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "auto":
@@ -97,8 +103,8 @@ def inference_dtype(precision: str | None, device: torch.device | str) -> torch.
     device = torch.device(device)
     dtype = autocast_dtype(precision or "fp32", device)
     if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA device, not {device.type}; on the CPU use bf16 (native on "
+        raise UsageError(f"precision fp16 needs a CUDA device, not {device.type}; on the CPU use bf16 (native on "
                          "AVX512-BF16 / AMX) or fp32, or pass --device cuda")
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision bf16: {device} does not support bf16; use fp16 or fp32")
+        raise UsageError(f"precision bf16: {device} does not support bf16; use fp16 or fp32")
     return dtype

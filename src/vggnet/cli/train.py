@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vggnet.engine.recipe import Recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -11,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a VGG from a recipe (paper, cifar10, demo, finetune or a YAML file)",
         description="Train a VGG network. Settings come from a recipe (built-in: paper, cifar10, demo; or a YAML "
-        "path), then the flags below, then any --set section.key=value overrides. The resolved recipe, "
+        "path), then any --set section.key=value overrides, then the flags below (a flag wins over --set). The "
+        "resolved recipe, "
         "metrics (jsonl/csv), curves.png, confusion.png and checkpoints go to --out; running again with the "
         "same --out resumes from the newest complete checkpoint. For several processes use torchrun, e.g. "
         "`torchrun --nproc_per_node 2 -m vggnet train ...` (gloo on CPU, nccl on GPU). To fine-tune, use "
@@ -47,29 +53,31 @@ FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("epochs", "schedul
              ("init_from", "model.init_from"), ("weights", "model.weights"))
 
 
-def recipe_from_args(args: argparse.Namespace) -> dict:
-    """``--recipe`` ← the flags of :data:`FLAG_KEYS` a subcommand defines ← ``--set`` (shared with
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """``--recipe`` ← ``--set`` ← the flags of :data:`FLAG_KEYS` a subcommand defines (shared with
     ``vggnet compress distill``, whose student is trained like any run). ``--data`` on the digits recipe
-    switches it to a folder."""
-    from vggnet.engine.recipe import load_recipe
+    switches it to a folder. Every value is checked here, before anything is written."""
+    from vggnet.engine.recipe import Recipe
 
-    overrides = list(args.set)
+    overrides = []
     for flag, key in FLAG_KEYS:
         value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    recipe = load_recipe(args.recipe, overrides)
-    if getattr(args, "data", None) is not None and recipe["data"]["dataset"] == "digits":
-        recipe["data"]["dataset"] = "folder"
+        if value is not None:  # a string flag quoted, so a path such as `null` or `2024` stays a string
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    recipe = Recipe.load(args.recipe, [*args.set, *overrides])  # the flags after --set, as always
+    if getattr(args, "data", None) is not None and recipe.data.dataset == "digits":
+        recipe.data.dataset = "folder"
     return recipe
 
 
 def run(args: argparse.Namespace) -> int:
-    from vggnet.engine.recipe import dump_recipe
-
     recipe = recipe_from_args(args)
-    if args.print_recipe:  # printed as saved, so it can be fed back as a recipe file
-        print(dump_recipe(recipe))
+    if args.print_recipe:  # printed as saved (with what --weights fills in), so it can be fed back as a recipe file
+        if recipe.model.weights:
+            from vggnet.engine.finetune import resolve_recipe
+
+            recipe, _ = resolve_recipe(recipe)
+        print(recipe.dump())
         return 0
     from vggnet.engine.trainer import train
 

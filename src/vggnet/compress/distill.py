@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vggnet.atomic import write_json
+from vggnet.engine.hooks import TrainHooks
 from vggnet.engine.recipe import Recipe
+from vggnet.errors import UsageError
 from vggnet.models import VGG, checkpoint_file, load_checkpoint
 
 
@@ -44,13 +48,13 @@ class DistillSettings:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise UsageError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
 class DistillLoss:
-    """The loss hook for :func:`vggnet.engine.train`: runs the frozen teacher on the student's batch."""
+    """The loss for :class:`~vggnet.engine.hooks.TrainHooks`: runs the frozen teacher on the student's batch."""
 
     def __init__(self, teacher: VGG, temperature: float = 4.0, alpha: float = 0.9,
                  check: tuple[Path, dict[str, Any]] | None = None) -> None:
@@ -88,15 +92,15 @@ def check_teacher(file: Path, teacher: VGG, extra: dict[str, Any], classes: list
     """A teacher must predict the student's classes in the same order, from the same inputs (one batch feeds
     both nets: same normalisation, same crop size)."""
     if extra.get("classes") is not None and list(extra["classes"]) != list(classes):
-        raise ValueError(f"the teacher {file} was trained on classes {extra['classes']}, the student's data has "
+        raise UsageError(f"the teacher {file} was trained on classes {extra['classes']}, the student's data has "
                          f"{classes}: a teacher must predict the student's classes, in the same order")
     if teacher.config.num_classes != len(classes):
-        raise ValueError(f"the teacher {file} has {teacher.config.num_classes} outputs, the student's data "
+        raise UsageError(f"the teacher {file} has {teacher.config.num_classes} outputs, the student's data "
                          f"{len(classes)} classes")
     for key, mine in (("mean", mean), ("std", std), ("image_size", image_size)):
         theirs = extra.get(key)
         if theirs is not None and _rounded(mine) != _rounded(theirs):
-            raise ValueError(f"the teacher {file} was trained with {key} {theirs}, the student's recipe uses {mine}: "
+            raise UsageError(f"the teacher {file} was trained with {key} {theirs}, the student's recipe uses {mine}: "
                              "both must see the same inputs")
 
 
@@ -104,8 +108,8 @@ def _rounded(value: Any) -> Any:
     return [round(float(v), 5) for v in value] if isinstance(value, list | tuple) else value
 
 
-def distill(recipe: Recipe, settings: DistillSettings, out_dir: str | os.PathLike, resume: bool = True,
-            progress: bool | None = None) -> dict[str, Any]:
+def distill(recipe: Recipe | Mapping[str, Any], settings: DistillSettings, out_dir: str | os.PathLike,
+            resume: bool = True, progress: bool | None = None) -> dict[str, Any]:
     """Train the student ``recipe`` into ``out_dir`` with the teacher's soft targets; resumable like training.
 
     The settings are written to ``out_dir/distill.json`` before the first step; a rerun with other settings
@@ -113,22 +117,21 @@ def distill(recipe: Recipe, settings: DistillSettings, out_dir: str | os.PathLik
     """
     from vggnet.engine.trainer import train
 
+    recipe = Recipe.of(recipe)  # a bad value fails here, before distill.json is written
     out = Path(out_dir)
     record = out / "distill.json"
     wanted = asdict(settings)
     if record.is_file() and resume:
         saved = json.loads(record.read_text())
         if saved != wanted:
-            raise ValueError(f"{out} was distilled with {saved}; now asked for {wanted}: use a new --out folder")
+            raise UsageError(f"{out} was distilled with {saved}; now asked for {wanted}: use a new --out folder")
     teacher, extra, file = load_teacher(settings.teacher)
     loss = DistillLoss(teacher, settings.temperature, settings.alpha, check=(file, extra))
     fresh = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
-    os.replace(tmp, record)
+    write_json(record, wanted)
     try:
-        return train(recipe, out, resume=resume, progress=progress, loss_fn=loss)
+        return train(recipe, out, resume=resume, progress=progress,
+                     hooks=TrainHooks(loss=loss, check_inputs=loss.check_inputs))
     except ValueError:  # refused before training (a teacher that does not fit): leave no run folder behind
         if fresh and not any(out.glob("checkpoints/*")):
             record.unlink(missing_ok=True)

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vggnet.atomic import write_json
+from vggnet.errors import UsageError
 from vggnet.models import VGG, count_macs, count_params
 from vggnet.models.configs import FC_INPUT_GRID
 
@@ -46,9 +48,9 @@ def convs(model: VGG) -> list[tuple[str, nn.Conv2d]]:
 def filter_scores(model: VGG, criterion: str = "l1") -> dict[str, torch.Tensor]:
     """The importance of every filter of every conv, by name (``block3_conv2``: a vector of its widths)."""
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise UsageError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if criterion == "bn" and not model.config.batch_norm:
-        raise ValueError(f"criterion 'bn' ranks filters by their batch-norm scale, and {model.config.name} has no "
+        raise UsageError(f"criterion 'bn' ranks filters by their batch-norm scale, and {model.config.name} has no "
                          "batch norm; use criterion 'l1'")
     layers = dict(model.features.named_children())
     out = {}
@@ -62,7 +64,7 @@ def filter_scores(model: VGG, criterion: str = "l1") -> dict[str, torch.Tensor]:
 
 def _check_ratio(ratio: float, what: str) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
-        raise ValueError(f"{what} must be in [0, 1) — the fraction of filters to remove — got {ratio!r}")
+        raise UsageError(f"{what} must be in [0, 1) — the fraction of filters to remove — got {ratio!r}")
 
 
 def plan(model: VGG, ratio: float | Mapping[str, float], *, criterion: str = "l1", scope: str = "layer",
@@ -73,14 +75,14 @@ def plan(model: VGG, ratio: float | Mapping[str, float], *, criterion: str = "l1
     ``scope`` must then be ``layer``). A ratio that would remove every filter of a layer is an error.
     """
     if scope not in SCOPES:
-        raise ValueError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
+        raise UsageError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
     scores = filter_scores(model, criterion)
     if isinstance(ratio, Mapping):
         if scope != "layer":
-            raise ValueError("per-layer ratios need scope 'layer'")
+            raise UsageError("per-layer ratios need scope 'layer'")
         unknown = sorted(set(ratio) - set(scores))
         if unknown:
-            raise ValueError(f"unknown conv layer(s) {unknown}; the convs are {', '.join(scores)}")
+            raise UsageError(f"unknown conv layer(s) {unknown}; the convs are {', '.join(scores)}")
         ratios = {name: float(ratio.get(name, 0.0)) for name in scores}
     else:
         ratios = {name: ratio for name in scores}
@@ -91,12 +93,12 @@ def plan(model: VGG, ratio: float | Mapping[str, float], *, criterion: str = "l1
         for name, s in scores.items():
             n = len(s) - round(ratios[name] * len(s))
             if n < 1:
-                raise ValueError(f"ratio {ratios[name]:g} would remove all {len(s)} filters of {name}; "
+                raise UsageError(f"ratio {ratios[name]:g} would remove all {len(s)} filters of {name}; "
                                  "use a smaller ratio")
             keep[name] = torch.topk(s, n).indices.sort().values
         return keep
     if not 0 < min_keep <= 1:
-        raise ValueError(f"min_keep must be in (0, 1], got {min_keep}")
+        raise UsageError(f"min_keep must be in (0, 1], got {min_keep}")
     normalised = {name: s / s.mean().clamp(min=1e-12) for name, s in scores.items()}
     everything = torch.cat(list(normalised.values()))
     remove = round(float(ratio) * len(everything))
@@ -114,7 +116,7 @@ def apply(model: VGG, keep: Mapping[str, torch.Tensor]) -> VGG:
     layers = convs(model)
     missing = [n for n, _ in layers if n not in keep]
     if missing:
-        raise ValueError(f"no kept filters given for {', '.join(missing)}")
+        raise UsageError(f"no kept filters given for {', '.join(missing)}")
     widths = tuple(len(keep[n]) for n, _ in layers)
     config = dataclasses.replace(model.config, channels=widths)
     pruned = VGG(config).to(next(model.parameters()).device)
@@ -163,12 +165,12 @@ def ratio_for_macs(model: VGG, reduction: float, input_size: int, *, criterion: 
                    min_keep: float = 0.1, tolerance: float = 0.005) -> float:
     """The smallest pruning ratio whose network has at most ``1 - reduction`` of the MACs (bisection)."""
     if not 0 < reduction < 1:
-        raise ValueError(f"the MACs reduction must be in (0, 1), got {reduction}")
+        raise UsageError(f"the MACs reduction must be in (0, 1), got {reduction}")
     base = count_macs(model.config, input_size)
     narrowest = min(m.out_channels for _, m in convs(model))
     lo, hi = 0.0, 0.99 if scope == "global" else min(0.99, (narrowest - 1) / narrowest)  # one filter left at most
     if hi <= 0 or _macs_after(model, hi, input_size, criterion, scope, min_keep) > (1 - reduction) * base:
-        raise ValueError(f"no ratio removes {100 * reduction:g} % of the MACs with scope {scope!r}"
+        raise UsageError(f"no ratio removes {100 * reduction:g} % of the MACs with scope {scope!r}"
                          + (f" and min_keep {min_keep}" if scope == "global" else "") + " without emptying a layer")
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
@@ -208,15 +210,15 @@ class PruneSettings:
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.macs_reduction is None):
-            raise ValueError("give a pruning ratio or a MACs reduction target (one of them)")
+            raise UsageError("give a pruning ratio or a MACs reduction target (one of them)")
         if self.ratio is not None and not 0 < self.ratio < 1:
-            raise ValueError(f"the pruning ratio must be in (0, 1), got {self.ratio}")
+            raise UsageError(f"the pruning ratio must be in (0, 1), got {self.ratio}")
         if self.macs_reduction is not None and not 0 < self.macs_reduction < 1:
-            raise ValueError(f"the MACs reduction must be in (0, 1), got {self.macs_reduction}")
+            raise UsageError(f"the MACs reduction must be in (0, 1), got {self.macs_reduction}")
         if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown pruning criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+            raise UsageError(f"unknown pruning criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.scope not in SCOPES:
-            raise ValueError(f"unknown pruning scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+            raise UsageError(f"unknown pruning scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
 
 
 def prune_run(settings: PruneSettings, out_dir: str | os.PathLike, *, epochs: int, lr: float | None = None,
@@ -229,34 +231,36 @@ def prune_run(settings: PruneSettings, out_dir: str | os.PathLike, *, epochs: in
     (the cut: settings, widths, parameters and MACs before and after). A rerun resumes the fine-tuning; a
     rerun with other settings is refused. With ``epochs`` 0 only the pruned checkpoint is written.
     """
-    from vggnet.engine.recipe import load_recipe
+    from vggnet.engine.recipe import Recipe
     from vggnet.engine.trainer import train
     from vggnet.evaluate.sources import find_recipe  # the run folder's recipe.yaml, as eval finds it
     from vggnet.models import checkpoint_file, load_checkpoint, save_checkpoint
 
     if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+        raise UsageError(f"epochs must be >= 0, got {epochs}")
     out = Path(out_dir)
     record, pruned_file = out / "prune.json", out / "pruned.safetensors"
     wanted = asdict(settings)
     file = checkpoint_file(settings.source)
     recipe_file = recipe or find_recipe(file)
     if epochs and recipe_file is None:
-        raise ValueError(f"{file} has no recipe.yaml beside it to fine-tune with: pass --recipe (the one it was "
+        raise UsageError(f"{file} has no recipe.yaml beside it to fine-tune with: pass --recipe (the one it was "
                          "trained with), or --epochs 0 to prune only")
+    if epochs and recipe_file is not None:
+        Recipe.load(recipe_file, overrides)  # a bad --set fails here, before anything is written
     if record.is_file():
         saved = json.loads(record.read_text())
         if saved.get("settings") != wanted:
-            raise ValueError(f"{out} holds a pruning with {saved.get('settings')}; now asked for {wanted}: "
+            raise UsageError(f"{out} holds a pruning with {saved.get('settings')}; now asked for {wanted}: "
                              "use a new --out folder")
         if not pruned_file.is_file():
-            raise ValueError(f"{out}: prune.json without pruned.safetensors; remove the folder and rerun")
+            raise UsageError(f"{out}: prune.json without pruned.safetensors; remove the folder and rerun")
         log(f"{out}: pruned model found, resuming")
         report = saved
     else:
         model, extra = load_checkpoint(file)
         if model.config.head not in ("fc", "conv", "gap"):
-            raise ValueError(f"cannot prune a model with head {model.config.head!r}")
+            raise UsageError(f"cannot prune a model with head {model.config.head!r}")
         size = int(extra.get("image_size") or 224)
         ratio = settings.ratio
         if ratio is None:
@@ -268,9 +272,7 @@ def prune_run(settings: PruneSettings, out_dir: str | os.PathLike, *, epochs: in
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(pruned, pruned_file, {**extra, "pruned": {k: report[k] for k in ("settings", "ratio",
                                                                                         "macs", "params")}})
-        tmp = record.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, record)  # last: a folder with prune.json always has its pruned.safetensors
+        write_json(record, report)  # last: a folder with prune.json always has its pruned.safetensors
         macs, params = report["macs"], report["params"]
         log(f"pruned {file}: MACs {macs[0] / 1e6:.1f} M -> {macs[1] / 1e6:.1f} M ({100 * report['macs_kept']:.1f} %), "
             f"parameters {params[0] / 1e6:.2f} M -> {params[1] / 1e6:.2f} M ({100 * report['params_kept']:.1f} %) "
@@ -278,11 +280,11 @@ def prune_run(settings: PruneSettings, out_dir: str | os.PathLike, *, epochs: in
     if not epochs:
         return report
     assert recipe_file is not None
-    base = load_recipe(recipe_file)
+    base = Recipe.load(recipe_file)
     widths = [after for _, after in report["widths"].values()]
-    tuned = load_recipe(recipe_file, [
-        f"model.weights={pruned_file}", f"model.channels={json.dumps(widths)}", "model.init_from=null",
-        "model.whiten=false", f"schedule.epochs={epochs}",
-        f"optim.lr={lr if lr is not None else 0.1 * float(base['optim']['lr'])}", *overrides])
+    tuned = base.override(
+        f"model.weights={json.dumps(str(pruned_file))}", f"model.channels={json.dumps(widths)}",
+        "model.init_from=null", "model.whiten=false", f"schedule.epochs={epochs}",
+        f"optim.lr={lr if lr is not None else 0.1 * float(base.optim.lr)}", *overrides)
     result = train(tuned, out, progress=progress)
     return {**report, "finetune": result}

@@ -1,9 +1,11 @@
-"""The training engine: recipes, the loop, checkpoints, DDP and run artifacts.
+"""The training engine: typed recipes, the loop and its hooks, checkpoints, DDP and run artifacts.
 
 Depends on ``vggnet.models`` and ``vggnet.data``; nothing below the CLI depends on it.
 """
 
-from .recipe import DEFAULTS, builtin_recipes, load_recipe
-from .trainer import ResumeError, train
+from .hooks import TrainHooks
+from .recipe import DEFAULTS, Recipe, RecipeError, builtin_recipes, load_recipe
+from .trainer import ResumeError, TrainingDiverged, train
 
-__all__ = ["DEFAULTS", "ResumeError", "builtin_recipes", "load_recipe", "train"]
+__all__ = ["DEFAULTS", "Recipe", "RecipeError", "ResumeError", "TrainHooks", "TrainingDiverged", "builtin_recipes",
+           "load_recipe", "train"]

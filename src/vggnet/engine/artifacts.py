@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from vggnet.atomic import atomic_path, write_text
 from vggnet.metrics import confusion_matrix, topk_correct
 from vggnet.plots import plot_confusion
 from vggnet.plots import save_figure as _save
@@ -114,25 +114,17 @@ class RunLogger:
         return self._writer
 
     def _rewrite(self) -> None:
-        _atomic_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self._records))
+        write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self._records))
         self._write_csv()
 
     def _write_csv(self) -> None:
         columns: dict[str, None] = {}  # union of keys in first-seen order: later epochs may add e.g. val metrics
         for record in self._records:
             columns.update(dict.fromkeys(record))
-        tmp = self.csv.with_name(f".{self.csv.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(self.csv, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(columns))
             writer.writeheader()
             writer.writerows(self._records)
-        os.replace(tmp, self.csv)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str | None = None) -> Path:

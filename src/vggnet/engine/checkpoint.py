@@ -2,10 +2,10 @@
 
 Each ``checkpoints/epoch-NNNN/`` holds ``model.safetensors`` (a vggnet checkpoint any tool can
 load), ``ema.safetensors`` when EMA is on, and ``state.pt`` (optimizer, schedule, scaler, epoch,
-RNG and loader state, read back with ``weights_only=True``). The folder is assembled under a
-temporary name and renamed into place, so a kill or a full disk mid-save leaves the previous
-checkpoint intact. ``last.safetensors`` and ``best.safetensors`` at the run root are hard links
-(copies where links fail) for users who just want the weights.
+RNG and loader state, read back with ``weights_only=True``). The folder is written whole by
+:func:`vggnet.atomic.atomic_dir`, so a kill or a full disk mid-save leaves the previous checkpoint
+intact. ``last.safetensors`` and ``best.safetensors`` at the run root are hard links (copies where
+links fail) for users who just want the weights.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vggnet.atomic import atomic_dir, atomic_path
 from vggnet.models import VGG, save_checkpoint
 
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
@@ -45,37 +46,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst, suffix=dst.suffix) as tmp:
+        tmp.unlink()  # os.link needs a free name
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def save_training_checkpoint(run_dir: Path, epoch: int, model: VGG, ema: VGG | None, state: dict[str, Any],
                              metadata: dict[str, Any], is_best: bool, keep: int) -> Path | None:
     """Write epoch ``epoch``; returns its folder, or None (with a warning) when the disk refused."""
-    root = run_dir / "checkpoints"
-    final = root / f"epoch-{epoch:04d}"
-    tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
+    final = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_checkpoint(model, tmp / "model.safetensors", {**metadata, "epoch": epoch})
-        if ema is not None:
-            save_checkpoint(ema, tmp / "ema.safetensors", {**metadata, "epoch": epoch, "ema": True})
-        torch.save(state, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            save_checkpoint(model, tmp / "model.safetensors", {**metadata, "epoch": epoch})
+            if ema is not None:
+                save_checkpoint(ema, tmp / "ema.safetensors", {**metadata, "epoch": epoch, "ema": True})
+            torch.save(state, tmp / "state.pt")
         weights = final / ("ema.safetensors" if ema is not None else "model.safetensors")
         _link(weights, run_dir / "last.safetensors")
         if is_best:
             _link(weights, run_dir / "best.safetensors")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         warnings.warn(f"could not save the epoch {epoch} checkpoint ({exc}); the previous one is intact",
                       stacklevel=2)
         return None

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vggnet.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -53,7 +55,7 @@ def check_sync_bn(sync_bn: bool, env: Dist) -> str | None:
         return ("train.sync_bn: ignored in a single process (batch norm already sees the whole batch); "
                 "it applies under torchrun with CUDA devices")
     if env.device.type != "cuda":
-        raise ValueError(f"train.sync_bn: true needs CUDA devices (torch's SyncBatchNorm only runs on GPUs), but "
+        raise UsageError(f"train.sync_bn: true needs CUDA devices (torch's SyncBatchNorm only runs on GPUs), but "
                          f"these {env.world} torchrun processes run on the {env.device.type} (gloo). Run them on CUDA "
                          "devices, or set train.sync_bn false (--set train.sync_bn=false): each process's batch norm "
                          "then normalises its own shard of the batch, and the running statistics are still averaged "

@@ -10,14 +10,19 @@ values are what the run folder's ``recipe.yaml`` records, so a resumed run needs
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import yaml
 from torch import nn
 
+from vggnet.errors import UsageError
 from vggnet.models import VGG, checkpoint_file
 from vggnet.models.pretrained import WeightsInfo, inspect_weights, load_backbone
+
+from .recipe import Recipe, RecipeError, parse_yaml
+
+R = TypeVar("R", Recipe, Mapping[str, Any])
 
 FROM_WEIGHTS = {"model": ("name", "width", "head", "fc_width"), "data": ("mean", "std", "image_size")}
 _PARTS = ("features", "head")  # lr_mult keys besides blocks and layer names (classifier = the last layer)
@@ -35,43 +40,51 @@ class Pretrained:
         return {"source": str(self.path), "format": self.info.format}
 
 
-def resolve_recipe(recipe: dict[str, Any], resumed: Path | None = None) -> tuple[dict[str, Any], Pretrained | None]:
+def resolve_recipe(recipe: R, resumed: Path | None = None) -> tuple[R, Pretrained | None]:
     """Fill the recipe's ``null`` architecture and preprocessing keys from ``model.weights``.
 
     ``resumed`` is the ``recipe.yaml`` of a run being continued: the values come from there and the weights
     file is not read at all (the checkpoint replaces every weight, and the file may be gone by now).
+    A recipe mapping gives a mapping back, a :class:`Recipe` a new Recipe.
     """
-    m = recipe["model"]
+    if not isinstance(recipe, Recipe):
+        typed, pretrained = resolve_recipe(Recipe.of(recipe), resumed)
+        return typed.to_dict(), pretrained  # type: ignore[return-value]
+    m = recipe.model
     left = [f"{section}.{key}" for section, keys in FROM_WEIGHTS.items() for key in keys
-            if recipe[section][key] is None]
-    if not m["weights"]:
+            if getattr(getattr(recipe, section), key) is None]
+    if not m.weights:
         if left:
-            raise ValueError(f"the recipe leaves {', '.join(left)} to the weights (null), but no weights are given: "
-                             "pass --weights FILE (a vggnet checkpoint, or torchvision / timm VGG weights) "
-                             "or set those keys")
+            raise RecipeError(f"the recipe leaves {', '.join(left)} to the weights (null), but no weights are given: "
+                              "pass --weights FILE (a vggnet checkpoint, or torchvision / timm VGG weights) "
+                              "or set those keys")
         return recipe, None
-    if m["init_from"]:
-        raise ValueError("model.weights and model.init_from both start the model from a file; give one of them")
+    if m.init_from:
+        raise RecipeError("model.weights and model.init_from both start the model from a file; give one of them")
     recipe = copy.deepcopy(recipe)
     if resumed is not None and resumed.is_file():
-        saved = yaml.safe_load(resumed.read_text()) or {}
-        for section, keys in FROM_WEIGHTS.items():
-            for key in keys:
-                if recipe[section][key] is None:
-                    recipe[section][key] = saved.get(section, {}).get(key)
-        return recipe, None
-    pretrained = Pretrained(m["weights"])
+        saved = parse_yaml(resumed.read_text(), str(resumed)) or {}
+        implied = {section: saved.get(section) or {} for section in FROM_WEIGHTS}
+        return _fill(recipe, implied), None
+    pretrained = Pretrained(m.weights)
     info: WeightsInfo = pretrained.info
-    implied = {"model": info.config}
-    if any(recipe["data"][key] is None for key in FROM_WEIGHTS["data"]):
+    implied = {"model": {"fc_width": 4096, **info.config}}
+    if any(getattr(recipe.data, key) is None for key in FROM_WEIGHTS["data"]):
         implied["data"] = info.preprocessing(f"{pretrained.path} (needed for the recipe's null data keys)")
-    for section, keys in FROM_WEIGHTS.items():
-        for key in keys:
-            if recipe[section][key] is None:
-                recipe[section][key] = implied[section].get(key, 4096 if key == "fc_width" else None)
-    if m["channels"] is None and info.config.get("channels") is not None:  # a pruned file: its own widths
-        recipe["model"]["channels"] = list(info.config["channels"])
+    recipe = _fill(recipe, implied)
+    if m.channels is None and info.config.get("channels") is not None:  # a pruned file: its own widths
+        recipe.model.channels = list(info.config["channels"])
     return recipe, pretrained
+
+
+def _fill(recipe: Recipe, implied: dict[str, Any]) -> Recipe:
+    """``recipe`` with its null :data:`FROM_WEIGHTS` keys taken from ``implied`` (section -> key -> value)."""
+    for section, keys in FROM_WEIGHTS.items():
+        part = getattr(recipe, section)
+        for key in keys:
+            if getattr(part, key) is None:
+                setattr(part, key, implied.get(section, {}).get(key))
+    return recipe
 
 
 def load_pretrained(model: VGG, pretrained: Pretrained, classes: list[str]) -> str:
@@ -94,12 +107,12 @@ def freeze(model: VGG, through: str | None, freeze_bn: bool) -> tuple[list[str],
     layers among them, which the loop keeps in eval mode so their running statistics stay the weights'."""
     if not through:
         if freeze_bn:
-            raise ValueError("model.freeze_bn keeps the BN statistics of frozen blocks: set model.freeze too "
+            raise UsageError("model.freeze_bn keeps the BN statistics of frozen blocks: set model.freeze too "
                              "(e.g. model.freeze=block3)")
         return [], []
     layers = [] if through == "head" else model.layers_through(str(through))
     if not layers or layers[-1][0] == model.head.classifier:
-        raise ValueError(f"model.freeze={through} would freeze the whole network; freeze up to a block "
+        raise UsageError(f"model.freeze={through} would freeze the whole network; freeze up to a block "
                          "(block1..blockN), 'features', or a head layer before the classifier (fc6, fc7)")
     for _, module in layers:
         module.requires_grad_(False)
@@ -112,22 +125,22 @@ def lr_multipliers(model: VGG, spec: dict[str, float] | None) -> dict[str, float
     such as ``block5_conv1``, ``fc6`` or ``classifier`` (the last layer), then a block ``blockN``, then
     ``features`` or ``head``); parameters named by no key run at 1.0."""
     if spec is not None and not isinstance(spec, dict):
-        raise ValueError(f"optim.lr_mult must be a mapping such as {{features: 0.1, head: 1.0}}, got {spec!r}")
+        raise UsageError(f"optim.lr_mult must be a mapping such as {{features: 0.1, head: 1.0}}, got {spec!r}")
     blocks = {f"block{i + 1}" for i in range(len(model.blocks()))}
     resolved: dict[str, float] = {}
     for key, value in (spec or {}).items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ValueError(f"optim.lr_mult.{key} must be a number >= 0, got {value!r}")
+            raise UsageError(f"optim.lr_mult.{key} must be a number >= 0, got {value!r}")
         if key in _PARTS or key in blocks:
             name = key
         else:
             try:
                 name = model.resolve_layer(str(key))
             except ValueError:
-                raise ValueError(f"optim.lr_mult: unknown key {key!r}; use features, head, "
+                raise UsageError(f"optim.lr_mult: unknown key {key!r}; use features, head, "
                                  f"{', '.join(sorted(blocks))} or a layer name (see `vggnet info`)") from None
             if not any(True for _ in dict(model.named_layers())[name].parameters()):
-                raise ValueError(f"optim.lr_mult.{key}: layer {name} has no parameters to scale")
+                raise UsageError(f"optim.lr_mult.{key}: layer {name} has no parameters to scale")
         resolved[name] = float(value)
     out = {}
     for pname, _ in model.named_parameters():

@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vggnet.errors import UsageError
+
 
 class Lookahead:
     def __init__(self, model: nn.Module, every: int, total_steps: int) -> None:
         if every < 1:
-            raise ValueError(f"lookahead needs every >= 1 step, got {every}")
+            raise UsageError(f"lookahead needs every >= 1 step, got {every}")
         self.model, self.every, self.total = model, every, max(1, total_steps)
         self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 

@@ -1,30 +1,31 @@
-"""Experiment tracking: where a run's numbers go besides its own files. TensorBoard (the default) or MLflow.
+"""Experiment tracking besides the run's own files: TensorBoard (the default), MLflow or none (``train.tracking``).
 
-``train.tracking`` picks it: ``tensorboard`` (events in the run folder's ``tb/``, written by
-:class:`~vggnet.engine.artifacts.RunLogger`), ``mlflow`` or ``none`` (``metrics.jsonl`` / ``.csv`` are written
-whatever the choice). The trainer sees a tiny interface: :func:`check_tracking` before anything is built (an
-unknown choice or a missing package fails there, not after the data is loaded), :func:`open_tracker` on rank 0,
-then ``log_epoch(record)`` per epoch and ``finish(out)`` at the end.
-
-MLflow, imported only when chosen: the resolved recipe becomes the run's parameters (dotted keys, values as
-YAML would write them, cut to MLflow's length limit), every epoch's numbers its metrics (step = epoch), and at
-the end ``curves.png``, ``confusion.png``, ``best.safetensors`` and ``recipe.yaml`` its artifacts. The store
-is ``train.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a local SQLite store ``mlruns/mlflow.db`` (with
-artifacts in ``mlruns/artifacts/``) in the run folder's parent: beside the run, so every run under ``runs/``
-lands in one store and can be compared (MLflow 3 refuses its old plain-file store unless told to; SQLite
-needs no server). The MLflow run id is kept in the run folder's ``mlflow.json``, so a resumed run continues
-the same MLflow run; epochs redone after a resume from an earlier checkpoint are logged again at the same step.
+The trainer sees a tiny interface: :func:`check_tracking` before anything is built (a missing package fails
+there, not after the data is loaded), :func:`open_tracker` on rank 0, then ``log_epoch`` and ``finish``.
+MLflow, imported only when chosen, gets the recipe as parameters, each epoch as metrics and the final plots,
+best checkpoint and recipe as artifacts. Its default store is SQLite in ``mlruns/`` beside the run folder, so
+all runs under ``runs/`` can be compared without a server; ``mlflow.json`` in the run folder names the MLflow
+run, so a resumed run continues it.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from vggnet.atomic import write_json
+from vggnet.errors import UsageError, VggnetError
+
+from .recipe import Recipe, parse_yaml, save_recipe
+
+log = logging.getLogger(__name__)
 
 TRACKERS = ("tensorboard", "mlflow", "none")
 STORE_DIR = "mlruns"  # beside the run folder, unless a tracking URI is given
@@ -35,22 +36,22 @@ INSTALL = "pip install 'vggnet[tracking]'"
 _NOT_METRICS = ("epoch", "epochs", "time")  # the step itself, a constant and a timestamp
 
 
-class TrackingUnavailable(ValueError):
+class TrackingUnavailable(VggnetError, ValueError):
     """``train.tracking: mlflow`` without MLflow installed (a message for the CLI, raised before training)."""
 
 
-def check_tracking(recipe: dict[str, Any]) -> None:
+def check_tracking(recipe: Recipe) -> None:
     """Refuse an unknown ``train.tracking``, or ``mlflow`` when the packages it needs do not import."""
-    kind = recipe["train"]["tracking"]
+    kind = recipe.train.tracking
     if kind not in TRACKERS:
-        raise ValueError(f"unknown train.tracking {kind!r}; choose {', '.join(TRACKERS)}")
+        raise UsageError(f"unknown train.tracking {kind!r}; choose {', '.join(TRACKERS)}")
     if kind == "mlflow":
         _mlflow_client(local_store=_given_uri(recipe) is None)
 
 
-def open_tracker(recipe: dict[str, Any], out: Path, resuming: bool) -> Tracker:
+def open_tracker(recipe: Recipe, out: Path, resuming: bool) -> Tracker:
     """The tracker of ``train.tracking`` for the main process (others log nothing, so never call this)."""
-    if recipe["train"]["tracking"] == "mlflow":
+    if recipe.train.tracking == "mlflow":
         return MlflowTracker(recipe, out, resuming)
     return Tracker()  # tensorboard is written by RunLogger with the metrics files; none writes only those
 
@@ -109,8 +110,8 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts)
 
 
-def _given_uri(recipe: dict[str, Any]) -> str | None:
-    return recipe["train"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or None
+def _given_uri(recipe: Recipe) -> str | None:
+    return recipe.train.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def _mlflow_client(local_store: bool) -> Any:
@@ -128,7 +129,7 @@ def _mlflow_client(local_store: bool) -> Any:
 class MlflowTracker(Tracker):
     """One MLflow run per run folder, continued when the run folder is resumed."""
 
-    def __init__(self, recipe: dict[str, Any], out: Path, resuming: bool) -> None:
+    def __init__(self, recipe: Recipe, out: Path, resuming: bool) -> None:
         given = _given_uri(recipe)
         local = given is None
         client_cls = _mlflow_client(local_store=local)
@@ -157,13 +158,13 @@ class MlflowTracker(Tracker):
             if run is not None and run.info.lifecycle_stage != "active":
                 run = None
         if run is None:
-            experiment = self._experiment(recipe["train"]["tracking_experiment"]
+            experiment = self._experiment(recipe.train.tracking_experiment
                                           or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
                                           store / "artifacts" if local else None)
             run = self.client.create_run(experiment, run_name=out.name,
                                          tags={"vggnet.run_folder": str(out)})
-            (out / RUN_FILE).write_text(json.dumps({"tracking_uri": redact_uri(self.uri), "run_id": run.info.run_id,
-                                                    "experiment_id": experiment}, indent=2) + "\n")
+            write_json(out / RUN_FILE, {"tracking_uri": redact_uri(self.uri), "run_id": run.info.run_id,
+                                        "experiment_id": experiment})
             action = "started"
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
@@ -191,13 +192,13 @@ class MlflowTracker(Tracker):
                 raise
             return found.experiment_id
 
-    def _log_params(self, recipe: dict[str, Any], existing: dict[str, str]) -> None:
+    def _log_params(self, recipe: Recipe | Mapping[str, Any], existing: dict[str, str]) -> None:
         """Parameters cannot change once logged: a resumed run adds only keys it lacks (recipe.yaml, logged at the
         end, has the values the run ended with)."""
         from mlflow.entities import Param
 
         limit, per_batch, _ = self._limits
-        flat = flatten(recipe)
+        flat = flatten(recipe.to_dict() if isinstance(recipe, Recipe) else dict(recipe))
         if isinstance(flat.get("train.tracking_uri"), str):
             flat["train.tracking_uri"] = redact_uri(flat["train.tracking_uri"])
         params = [Param(key, param_value(value, limit)) for key, value in flat.items() if key not in existing]
@@ -228,9 +229,7 @@ class MlflowTracker(Tracker):
             if not path.is_file():
                 continue
             if name == "recipe.yaml" and redact_uri(self.uri) != self.uri:  # the store gets no password
-                from .recipe import parse_yaml, save_recipe
-
-                recipe = parse_yaml(path.read_text())
+                recipe = parse_yaml(path.read_text(), str(path))
                 if isinstance(recipe.get("train"), dict) and isinstance(recipe["train"].get("tracking_uri"), str):
                     recipe["train"]["tracking_uri"] = redact_uri(recipe["train"]["tracking_uri"])
                 with tempfile.TemporaryDirectory() as tmp:
@@ -241,9 +240,12 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, status: str) -> None:
+        from mlflow.exceptions import MlflowException
+
         try:  # the training error is the one to report, not a store that is gone too
             self.client.set_terminated(self.run_id, status)
-        except Exception as exc:  # noqa: BLE001
+        except (MlflowException, OSError) as exc:
+            log.exception("mlflow: could not mark run %s %s", self.run_id, status)
             print(f"mlflow: could not mark run {self.run_id} {status}: {exc}", flush=True)
 
 

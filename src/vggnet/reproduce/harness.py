@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import yaml
 
-from vggnet.engine.recipe import Recipe, apply_override, load_recipe
+from vggnet.atomic import atomic_path, write_json
+from vggnet.engine.recipe import Recipe
 from vggnet.engine.trainer import train
+from vggnet.errors import UsageError
 from vggnet.evaluate import eval_images, load_models, parse_protocol, predict_proba, summarize
 from vggnet.models import NAME_TO_CONFIG
 
@@ -54,7 +56,7 @@ class Study:
         """The sub-study of ``names`` (runs a multi-crop row or an ensemble needs are not added)."""
         unknown = [n for n in names if n not in self.runs]
         if unknown:
-            raise ValueError(f"unknown run(s) {', '.join(unknown)}; the study has {', '.join(self.runs)}")
+            raise UsageError(f"unknown run(s) {', '.join(unknown)}; the study has {', '.join(self.runs)}")
         return Study({n: self.runs[n] for n in self.runs if n in names}, self.train_scales, self.paper_train_scales,
                      self.test_scales, [n for n in self.multicrop if n in names],
                      {k: v for k, v in self.ensembles.items() if all(m in names for m in v)})
@@ -79,10 +81,10 @@ def load_study(path: str | Path | None = None) -> Study:
                   ensembles=dict(raw.get("ensembles") or {}))
     for name, run in study.runs.items():
         if run["config"] not in CONFIG_TO_NAME or run["scale"] not in study.train_scales:
-            raise ValueError(f"study run {name}: unknown config {run['config']!r} or scale {run['scale']!r}")
+            raise UsageError(f"study run {name}: unknown config {run['config']!r} or scale {run['scale']!r}")
     for name, members in study.ensembles.items():
         if any(m not in study.runs for m in members):
-            raise ValueError(f"ensemble {name} names a run the study lacks: {members}")
+            raise UsageError(f"ensemble {name} names a run the study lacks: {members}")
     return study
 
 
@@ -93,13 +95,9 @@ def model_name(config: str, bn: bool) -> str:
 def run_recipe(study: Study, run: str, base: Recipe, data: str | None, bn: bool = True) -> Recipe:
     """The training recipe of one run: the shared recipe with this run's model and training scale."""
     spec = study.runs[run]
-    recipe = apply_override(base, f"model.name={model_name(spec['config'], bn)}")
-    recipe = apply_override(recipe, f"data.scale={json.dumps(study.train_scales[spec['scale']])}")
-    if data is None:
-        recipe = apply_override(recipe, "data.dataset=digits")
-    else:
-        recipe = apply_override(recipe, f"data.path={json.dumps(str(data))}")
-    return recipe
+    where = "data.dataset=digits" if data is None else f"data.path={json.dumps(str(data))}"
+    return base.override(f"model.name={model_name(spec['config'], bn)}",
+                         f"data.scale={json.dumps(study.train_scales[spec['scale']])}", where)
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
@@ -120,10 +118,10 @@ def run_study(study: Study, out: str | Path, data: str | None, *, recipe: str = 
     ``limit`` evaluates that many validation images (evenly spread); ``multicrop_limit`` caps the
     expensive multi-crop rows further (the dense rows they are combined with use the same images).
     """
+    base = Recipe.load(recipe, overrides)  # a bad recipe or override fails before the study folder exists
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_recipe(recipe, overrides)
-    epochs = int(base["schedule"]["epochs"])
+    epochs = base.schedule.epochs
     timings = _read_json(out / "timings.json")
     for i, run in enumerate(study.runs, 1):
         run_dir = out / "runs" / run
@@ -131,7 +129,7 @@ def run_study(study: Study, out: str | Path, data: str | None, *, recipe: str = 
             log(f"[train {i}/{len(study.runs)}] {run}: done already ({epochs} epochs)")
             continue
         r = run_recipe(study, run, base, data, bn)
-        log(f"[train {i}/{len(study.runs)}] {run}: {r['model']['name']} width {r['model']['width']}, "
+        log(f"[train {i}/{len(study.runs)}] {run}: {r.model.name} width {r.model.width}, "
             f"S = {study.train_scales[study.runs[run]['scale']]} x crop, {epochs} epochs -> {run_dir}")
         start = time.perf_counter()
         try:
@@ -142,11 +140,11 @@ def run_study(study: Study, out: str | Path, data: str | None, *, recipe: str = 
     results = {"data": str(data) if data is not None else "the embedded digits (scikit-learn)",
                "runs": {run: {**study.runs[run], "model": model_name(study.runs[run]["config"], bn)}
                         for run in study.runs},
-               "recipe": base, "bn": bn, "limit": limit,
+               "recipe": base.to_dict(), "bn": bn, "limit": limit,
                "multicrop_limit": multicrop_limit, "evaluations": evaluations, "timings": timings,
                "train_seconds": sum(v for k, v in timings.items() if k.startswith("train/")),
                "eval_seconds": sum(v for k, v in timings.items() if k.startswith("eval/"))}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     return results
 
 
@@ -156,16 +154,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _add_time(timings: dict[str, float], key: str, seconds: float, out: Path) -> None:
     timings[key] = timings.get(key, 0.0) + seconds
-    tmp = out / ".timings.json.tmp"
-    tmp.write_text(json.dumps(timings, indent=2))
-    tmp.replace(out / "timings.json")
+    write_json(out / "timings.json", timings)
 
 
 def _save_probs(path: Path, probs: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, probs, allow_pickle=False)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npy") as tmp:  # np.save appends .npy to a name without it
+        np.save(tmp, probs, allow_pickle=False)
 
 
 def _evaluate_all(study: Study, out: Path, data: str | None, limit: int | None, multicrop_limit: int | None,
