@@ -2,19 +2,29 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+EXTRAS := export,quant,serve,tracking,tensorboard,interop
 
-.PHONY: setup demo test lint clean
+.PHONY: setup setup-core demo test lint lock clean
 
 setup: $(VENV)/.installed
+setup-core: $(VENV)/.core
 
-# constraints.txt pins the tested versions (pyproject.toml only declares ranges); a change to either reinstalls.
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e '.[dev,export,quant,serve,tracking]'
+
+# The demo needs only the core dependencies (torch, torchvision, numpy, ...): no export, serving or test tools.
+$(VENV)/.core: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(BIN)/pip install -c constraints.txt -e .
 	touch $@
 
-demo: setup
+# Everything the tests use: every extra, and the dev group (PEP 735: pytest, ruff, playwright, ...).
+# constraints.txt pins the tested versions (pyproject.toml only declares ranges); a change to either reinstalls.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(BIN)/pip install -c constraints.txt -e '.[$(EXTRAS)]' --group dev
+	touch $@ $(VENV)/.core
+
+demo: setup-core
 	$(BIN)/vggnet train --recipe demo --out runs/demo
 
 test: setup
@@ -22,6 +32,15 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Regenerate constraints.txt (every extra and the dev group, Linux x86-64, Python 3.11) with uv's resolver;
+# versions already pinned there are kept where they still satisfy pyproject.toml.
+lock: setup
+	$(BIN)/uv pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) --group dev \
+		-c constraints.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command 'make lock' -o constraints.txt
+
+comma := ,
 
 clean:
 	rm -rf $(VENV) build *.egg-info
