@@ -168,3 +168,36 @@ def test_help_texts_name_the_runtimes_and_formats(capsys):
             parser.parse_args([command, "--help"])
         out = capsys.readouterr().out
         assert all(word in out for word in words), command
+
+
+def test_int8_dynamic_on_a_conv_head_is_one_line_and_exit_2(images, tmp_path, capsys):
+    """The conv head has no Linear layer for int8-dynamic to quantize: a user's choice to change, so one line
+    naming the problem and exit 2, before torchao is imported (whose import would log) or anything compiles."""
+    torch.manual_seed(0)
+    model = vggnet.create_model("vgg11_bn", num_classes=3, width=0.125, head="conv").eval()
+    vggnet.save_checkpoint(model, tmp_path / "best.safetensors", META)
+    code, out, err = run_cli(["predict", "--ckpt", str(tmp_path), "--runtime", "int8-dynamic", str(images)], capsys)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("vggnet predict: error: int8-dynamic quantizes Linear (FC) layers")
+    assert "'conv' head has none; use the int8 runtime" in err
+
+
+def test_calibration_images_are_read_as_eval_reads_them(run_dir, images, tmp_path, capsys, monkeypatch):
+    """--calib-data goes through vggnet.capture.calibration: eval's reader, and a bad file is named."""
+    from vggnet.capture.calibration import calibration_batch
+    from vggnet.evaluate import FolderImages
+    from vggnet.infer import Preprocessing, expand_image_paths, preprocess
+
+    prep = Preprocessing.from_meta({**META, "in_channels": 3, "num_classes": 3})
+    paths = expand_image_paths([images])
+    got = calibration_batch(paths, 3, lambda batch: preprocess(batch, prep))
+    chosen = [paths[0], paths[1], paths[3]]  # 3 of 5, evenly spaced
+    assert torch.equal(got, preprocess(list(FolderImages([str(p) for p in chosen])), prep))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.png").write_bytes((images / "0.png").read_bytes())
+    (calib / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code, out, err = run_cli(["predict", "--ckpt", str(run_dir), "--runtime", "onnx-int8", "--calib-data", str(calib),
+                              str(images)], capsys)
+    assert code == 2 and out == "" and f"calibration image {calib / 'b.png'}: unreadable" in err

@@ -225,6 +225,33 @@ def test_calib_data_folder_replaces_the_runs_images_and_leftovers_check_without_
         int8_images(bare / "m.safetensors", PREP, calib_data=folder, calib_images=20, check_images=100)
 
 
+def test_calibration_reads_what_eval_reads(run_dir, tmp_path, monkeypatch):
+    """An image `vggnet eval` (and training) accepts is never skipped in calibration, and becomes the same pixels.
+
+    The case that used to differ: a picture above PIL's decompression-bomb limit but under twice it, which PIL
+    only warns about (eval and training read it) and vggnet.infer.load_image, calibration's former reader,
+    refused; so a folder of such pictures calibrated on nothing at all.
+    """
+    from vggnet.evaluate import FolderImages
+    from vggnet.infer import ImageLoadError, load_image
+    from vggnet.infer.images import evenly_spaced
+
+    x, _ = digits("train")
+    folder = png_folder(tmp_path / "calib", x[:80])  # 32×32 = 1,024 pixels each
+    paths = sorted(folder.iterdir())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every image is 1.02× the limit
+    with pytest.warns(Image.DecompressionBombWarning):
+        evaluated = list(FolderImages([str(p) for p in paths]))
+    assert all(image is not None for image in evaluated)  # eval reads them all
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(paths[0])  # the former calibration reader did not
+    with pytest.warns(Image.DecompressionBombWarning):
+        data = int8_images(run_dir, PREP, calib_data=folder, calib_images=8, check_images=64)
+    assert data.calibration == {"source": "folder", "path": str(folder), "images": 8, "unreadable": 0}
+    chosen = evenly_spaced(range(len(paths)), 8)
+    assert torch.equal(data.calib, preprocess([evaluated[i] for i in chosen], PREP))
+
+
 def test_bad_calibration_data_is_an_error_naming_it(run_dir, tmp_path, capsys):
     out = tmp_path / "m.int8.onnx"
     missing = tmp_path / "no-such-folder"

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch._inductor.utils import run_and_get_code
 
 import vggnet
+from vggnet.capture import export_graph
 from vggnet.infer import (
     RUNTIMES,
     AutoRuntime,
@@ -28,7 +29,6 @@ from vggnet.infer import (
 )
 from vggnet.infer.images import evenly_spaced, iter_images
 from vggnet.infer.predictor import EagerRuntime
-from vggnet.infer.runtimes import _exported
 
 CLASSES = [f"c{i}" for i in range(10)]
 META = {"classes": CLASSES, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "image_size": 32}
@@ -77,7 +77,7 @@ def eager(model, x):
 def test_every_compiled_runtime_gets_its_own_dynamo_cache(model, calib):
     """torch.compile caches per code object: two compiled VGGs would share ``VGG.forward``'s cache, and the
     ninth model in a process would silently run eagerly. Each runtime compiles its own exported graph."""
-    a, b = _exported(model, calib[:2]), _exported(tiny_model(), calib[:2])
+    a, b = export_graph(model, calib[:2]), export_graph(tiny_model(), calib[:2])
     assert type(a).forward.__code__ is not type(b).forward.__code__
     with torch.no_grad():
         assert rel_error(a(calib[:3]), eager(model, calib[:3])) < 1e-5  # and the batch stays dynamic
@@ -166,16 +166,16 @@ def run_and_check_reduced(name: str, runtime, x: torch.Tensor, tmp_path, onnx_fi
 
 @pytest.mark.parametrize("name", list(REDUCED))
 def test_reduced_precision_runtimes_agree_with_eager(name, model, calib, inputs, tmp_path, monkeypatch):
-    import vggnet.export.onnx
+    import vggnet.infer.ort
 
     onnx_files: list[bytes] = []
 
-    class RecordingOnnxRuntime(vggnet.export.onnx.OnnxRuntime):  # keeps the model file the session was built from
+    class RecordingOnnxRuntime(vggnet.infer.ort.OnnxRuntime):  # keeps the model file the session was built from
         def __init__(self, path, *args, **kwargs):
             super().__init__(path, *args, **kwargs)
             onnx_files.append(Path(path).read_bytes())
 
-    monkeypatch.setattr(vggnet.export.onnx, "OnnxRuntime", RecordingOnnxRuntime)
+    monkeypatch.setattr(vggnet.infer.ort, "OnnxRuntime", RecordingOnnxRuntime)
     runtime = make_runtime(name, model, PREP, calib)
     got, want = run_and_check_reduced(name, runtime, inputs, tmp_path, onnx_files), eager(model, inputs)
     assert got.dtype == torch.float32 and got.shape == want.shape

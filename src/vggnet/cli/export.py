@@ -8,6 +8,8 @@ import json
 import textwrap
 from pathlib import Path
 
+from vggnet.errors import UsageError
+
 EPILOG = """\
 formats:
   onnx         dynamo exporter, dynamic batch dimension ("batch"), checked with onnx.checker and run with
@@ -93,7 +95,7 @@ def _format_from_name(out: str) -> str:
         if name.endswith(suffix):
             return fmt
     if Path(out).suffix.lower() not in (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit"):
-        raise ValueError(f"cannot tell the format from --out {out}: pass --format "
+        raise UsageError(f"cannot tell the format from --out {out}: pass --format "
                          "onnx|onnx-int8|pt2|pt2-int8|torchscript")
     return format_for(out)
 
@@ -108,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or _format_from_name(args.out)
     int8 = fmt in INT8_FORMATS
     if not int8 and args.calib_data:
-        raise ValueError(f"--calib-data applies to the INT8 formats ({', '.join(INT8_FORMATS)}), not --format {fmt}")
+        raise UsageError(f"--calib-data applies to the INT8 formats ({', '.join(INT8_FORMATS)}), not --format {fmt}")
     for flag, value in (("--calib-images", args.calib_images), ("--check-images", args.check_images)):
         if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+            raise UsageError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.min_agreement <= 1.0:
-        raise ValueError(f"--min-agreement must be between 0 and 1, got {args.min_agreement}")
+        raise UsageError(f"--min-agreement must be between 0 and 1, got {args.min_agreement}")
     report = export_model(args.ckpt, fmt, args.out, opset=args.opset, calib_data=args.calib_data,
                           calib_images=args.calib_images, check_images=args.check_images,
                           min_agreement=args.min_agreement)

@@ -9,6 +9,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from vggnet.errors import UsageError
+
 EPILOG = """\
 runtimes (--runtime; all return the same labels up to their precision):
   eager           fp32 as trained (default); the only one that takes --device cuda and --precision
@@ -101,13 +103,16 @@ def check_device(args: argparse.Namespace) -> str:
 
 
 def _calibration(args: argparse.Namespace, prep: Any) -> Any:
-    from vggnet.infer import expand_image_paths, load_images, preprocess
-    from vggnet.infer.images import evenly_spaced
+    """--calib-n of the --calib-data images, read as `vggnet eval` reads images (vggnet.capture.calibration)."""
+    import functools
+
+    from vggnet.capture.calibration import calibration_batch
+    from vggnet.infer import expand_image_paths, preprocess
 
     if args.calib_n < 1:
-        raise ValueError(f"--calib-n must be at least 1, got {args.calib_n}")
-    paths = evenly_spaced(expand_image_paths([args.calib_data]), args.calib_n)
-    return preprocess(load_images(paths), prep)
+        raise UsageError(f"--calib-n must be at least 1, got {args.calib_n}")
+    return calibration_batch(expand_image_paths([args.calib_data]), args.calib_n,
+                             functools.partial(preprocess, prep=prep))
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, str]:
@@ -119,12 +124,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, str]:
     ckpt = Path(args.ckpt)
     if ckpt.suffix.lower() in _EXPORT_SUFFIXES:
         if args.runtime not in (None, "eager"):
-            raise ValueError(f"--runtime {args.runtime} applies to checkpoints; {ckpt} runs as exported")
+            raise UsageError(f"--runtime {args.runtime} applies to checkpoints; {ckpt} runs as exported")
         exported = load_exported(ckpt)
         return exported.predictor(max_batch=args.batch_size), f"exported {exported.format}"
     runtime = args.runtime or "eager"
     if runtime in _CALIBRATED and not args.calib_data:
-        raise ValueError(f"--runtime {runtime} needs calibration images: pass --calib-data PATH "
+        raise UsageError(f"--runtime {runtime} needs calibration images: pass --calib-data PATH "
                          "(a folder of training images) and optionally --calib-n N")
     file = checkpoint_file(ckpt)  # errors for a missing or foreign checkpoint come before any image work
     model, extra = load_checkpoint(file)
@@ -156,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
     from vggnet.infer.images import iter_images
 
     if args.topk < 1:
-        raise ValueError(f"--topk must be at least 1, got {args.topk}")
+        raise UsageError(f"--topk must be at least 1, got {args.topk}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = check_device(args)
     paths = expand_image_paths(args.images)  # a typo fails before the model is loaded
     predictor, runtime = _load(args)

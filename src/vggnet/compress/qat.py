@@ -1,44 +1,23 @@
 """Quantization-aware training (QAT): fine-tune a trained VGG with INT8 rounding simulated, then convert to INT8.
 
-Post-training quantization (the ``int8`` runtime of :mod:`vggnet.infer.runtimes`) picks INT8 scales for a
-network that never saw rounding. QAT lets the weights adapt to it: torchao's PT2E flow puts fake-quantize
-modules (quantize → dequantize in fp32, straight-through gradients) where ``X86InductorQuantizer`` will put
-real INT8 ops, the network trains a few epochs at a small learning rate, and ``convert_pt2e`` turns the fake
-quantizers into the same q/dq graph the PTQ path produces, which Inductor lowers to oneDNN INT8 kernels.
+Post-training quantization (the ``int8`` runtime) picks INT8 scales for a network that never saw rounding; QAT
+lets the weights adapt to it. The PT2E steps (capture in training form, fake quantizers where
+``X86InductorQuantizer`` puts INT8 ops, mode switching, observer calibration, convert) are
+:mod:`vggnet.capture.pt2e`'s, shared with the PTQ runtime, so both end in the same q/dq graph and the same oneDNN
+INT8 kernels. This module fine-tunes (SGD with momentum, cosine decay), measures fp32 / PTQ / QAT on the run's own
+validation split, and saves.
 
-The flow (torch 2.14, torchao 0.18; the PT2E API now lives in ``torchao.quantization.pt2e``, not ``torch.ao``):
+Batch norm is folded into the convolutions first by default (``fold_bn``): its statistics are frozen during
+fine-tuning, the usual end state of QAT (Krishnamoorthi 2018), and the q/dq graph is the one PTQ quantizes;
+``fold_bn=False`` trains torchao's simulated conv-BN fusion, whose convert takes ~30 s longer.
 
-1. ``torch.export.export(model.train(), ...).module()`` with a dynamic batch: an ATen graph, training form.
-2. ``prepare_qat_pt2e(graph, X86InductorQuantizer().set_global(
-   get_default_x86_inductor_quantization_config(is_qat=True)))``: per-channel symmetric int8 weights,
-   per-tensor affine uint8 activations, moving-average min/max observers.
-3. Observers are initialised on ``calib_images`` training images (the very images the PTQ baseline is
-   calibrated on), then the graph is fine-tuned: SGD with momentum, cosine decay, cross-entropy.
-4. ``convert_pt2e`` → re-exported as an ``ExportedProgram`` and saved with ``torch.export.save``.
+What ``out_dir`` holds (every file written through :mod:`vggnet.atomic`):
 
-An exported graph ignores ``.train()``/``.eval()`` (prepared ones even refuse them), so dropout and batch norm
-are switched with torchao's ``move_exported_model_to_train``/``move_exported_model_to_eval``, and observers are
-switched off whenever the graph is evaluated: they are independent of the mode, and would otherwise learn
-their ranges from the validation images.
-
-Batch norm is folded into the convolutions before export by default (``fold_bn``): BN statistics are then
-frozen during fine-tuning, the usual end state of QAT (Krishnamoorthi 2018, "freeze BN statistics"), and the
-q/dq graph is the one PTQ quantizes. The alternative, ``fold_bn=False``, trains torchao's simulated conv-BN
-fusion with batch statistics; its ``convert_pt2e`` re-traces 96 fold patterns (~30 s on two cores, for any
-model size), which is why it is not the default.
-
-Everything is written to ``out_dir``:
-
-* ``checkpoints/epoch-NNNN/state.pt``: the prepared graph's state dict (weights, observer and fake-quant
-  buffers), optimizer, RNG, settings and the baseline results; assembled under a temporary name and renamed,
-  so a killed run leaves the previous epoch intact. A rerun on the same ``out_dir`` continues after the last
-  finished epoch (and ``epochs`` may be raised to train further).
-* ``qat.pt2``: the INT8 model (``torch.export.save``), with the preprocessing in its ``vggnet.json`` extra file.
-  Read it back with :func:`load_qat`: torch alone runs it (no calibration data); Inductor's INT8 kernels
-  (``compile=True``) also need torchao imported, which registers their lowering passes: without it the compiled
-  graph silently keeps fp32 convolutions between dequantize and quantize.
-* ``metrics.json``: validation top-1 of the fp32 source, of its PTQ INT8 and of the QAT INT8 model, written last:
-  its presence means the run finished.
+* ``checkpoints/epoch-NNNN/state.pt``: prepared graph, optimizer, RNG, settings, baseline; a rerun continues after
+  the last finished epoch (``epochs`` may grow).
+* ``qat.pt2``: the INT8 model (``torch.export.save``, preprocessing in its ``vggnet.json``); :func:`load_qat` reads
+  it. Inductor's INT8 kernels (``compile=True``) need torchao imported, which registers their lowering passes.
+* ``metrics.json``: fp32, PTQ and QAT top-1, written last: its presence means the run finished.
 """
 
 from __future__ import annotations
@@ -47,16 +26,13 @@ import contextlib
 import copy
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
 import sys
 import time
-import uuid
-import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +42,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vggnet.atomic import atomic_dir, atomic_path, write_json
+from vggnet.capture.graph import export_program
+from vggnet.capture.metadata import METADATA_FILE, export_metadata
+from vggnet.capture.pt2e import (
+    calibrate_qat,
+    convert_qat,
+    export_for_qat,
+    load_torchao,
+    prepare_qat,
+    set_qat_mode,
+)
+from vggnet.capture.quiet import quiet_torchao
+from vggnet.engine import TrainingDiverged
 from vggnet.engine.checkpoint import list_checkpoints, rng_state, set_rng_state
 from vggnet.engine.distributed import Dist
 from vggnet.engine.inputs import Inputs, build_inputs
 from vggnet.engine.recipe import load_recipe
-from vggnet.infer import Predictor, Preprocessing, fold_batchnorm, make_runtime, top1_agreement
+from vggnet.errors import UsageError, VggnetError
+from vggnet.infer import Predictor, Preprocessing, make_runtime, top1_agreement
 from vggnet.infer.runtimes import TorchRuntime
 from vggnet.models import VGG, checkpoint_file, checkpoint_meta, count_macs, count_params, load_checkpoint
 
@@ -78,19 +68,16 @@ __all__ = ["QATResult", "QATSettings", "QuantizedModelError", "calibrate_qat", "
            "load_qat", "prepare_qat", "qat_finetune", "refuse_quantized", "set_qat_mode"]
 
 RESULT_NAME, METRICS_NAME = "qat.pt2", "metrics.json"
-METADATA_FILE = "vggnet.json"  # the extra file inside qat.pt2 holding the vggnet export metadata
-# The document format of vggnet.export.common, so its parse_metadata reads qat.pt2's metadata too.
-EXPORT_FORMAT, EXPORT_VERSION = "vggnet-export", 1
 SCHEME = ("static INT8, x86 Inductor: weights int8 symmetric per output channel, activations uint8 affine per "
           "tensor; fake-quantized fine-tuning (torchao PT2E QAT)")
-TMP_PREFIX = ".qat."  # temporary result folders: hidden, and never named like the result
+TMP_PREFIX = ".qat."  # temporary results (atomic_path's ".qat.pt2.*.pt2"): hidden, never named like the result
 STATE_KIND = "vggnet-qat"  # marks our epoch states, so a training run's folder is never taken for one
 KEEP = 2  # epoch checkpoints kept (a VGG-16's state with momentum is ~1 GB)
-_TRAINING = "_vggnet_qat_training"  # attribute: the form (training or eval) a prepared graph is in
-CALIB_CHUNK = 16  # calibration forward passes, as the int8 runtime chunks them
+# What torch.export.load raises for an archive that is not a saved program.
+_LOAD_ERRORS = (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile)
 
 
-class QuantizedModelError(ValueError):
+class QuantizedModelError(VggnetError, ValueError):
     """A quantized or exported model given where a trainable fp32 checkpoint is needed."""
 
 
@@ -112,17 +99,17 @@ class QATSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1 (QAT fine-tunes at least one epoch), got {self.epochs}")
+            raise UsageError(f"epochs must be an integer >= 1 (QAT fine-tunes at least one epoch), got {self.epochs}")
         if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise UsageError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+            raise UsageError(f"momentum must be in [0, 1), got {self.momentum}")
         if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise UsageError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.calib_images < 1:
-            raise ValueError(f"calib_images must be >= 1, got {self.calib_images}")
+            raise UsageError(f"calib_images must be >= 1, got {self.calib_images}")
 
     def must_match(self) -> dict[str, Any]:
         """The settings a resumed run must share with the saved one: all but the number of epochs."""
@@ -230,7 +217,7 @@ def _find_recipe(file: Path, recipe: str | os.PathLike | None) -> dict[str, Any]
     for folder in (file.parent, file.parent.parent.parent):
         if (folder / "recipe.yaml").is_file():
             return load_recipe(folder / "recipe.yaml")
-    raise ValueError(f"no recipe.yaml beside {file}: QAT rebuilds the training data from the run's recipe; "
+    raise UsageError(f"no recipe.yaml beside {file}: QAT rebuilds the training data from the run's recipe; "
                      "pass the run folder, or recipe= (--recipe NAME_OR_YAML) naming the recipe it was trained with")
 
 
@@ -246,17 +233,17 @@ def _load_source(ckpt: str | os.PathLike, recipe: str | os.PathLike | None,
         cfg["optim"]["batch_size"] = int(batch_size)
     inputs = build_inputs(cfg, Dist())
     if prep.classes is not None and list(prep.classes) != list(inputs.classes):
-        raise ValueError(f"{file} was trained on classes {list(prep.classes)[:10]}, the recipe's data has "
+        raise UsageError(f"{file} was trained on classes {list(prep.classes)[:10]}, the recipe's data has "
                          f"{inputs.classes[:10]}: pass the run folder it was trained in, or the matching --recipe")
     if len(inputs.classes) != model.config.num_classes:
-        raise ValueError(f"{file} has {model.config.num_classes} outputs, the recipe's data {len(inputs.classes)} "
+        raise UsageError(f"{file} has {model.config.num_classes} outputs, the recipe's data {len(inputs.classes)} "
                          "classes")
     if prep.image_size != inputs.image_size or list(prep.mean) != list(inputs.mean) or \
             list(prep.std) != list(inputs.std):
-        raise ValueError(f"{file} expects {prep.image_size}px inputs normalised with mean {list(prep.mean)}, std "
+        raise UsageError(f"{file} expects {prep.image_size}px inputs normalised with mean {list(prep.mean)}, std "
                          f"{list(prep.std)}; the recipe gives {inputs.image_size}px, {inputs.mean}, {inputs.std}")
     if inputs.val is None:
-        raise ValueError("the recipe has no validation split (data.val_fraction = 0 and no val/ folder): QAT's "
+        raise UsageError("the recipe has no validation split (data.val_fraction = 0 and no val/ folder): QAT's "
                          "result is its validation accuracy against fp32 and PTQ, so it needs one")
     return file, model, prep, inputs
 
@@ -274,103 +261,8 @@ def _training_images(inputs: Inputs, n: int) -> torch.Tensor:
         if total >= n:
             break
     if not parts:
-        raise ValueError("the recipe's training split is empty")
+        raise UsageError("the recipe's training split is empty")
     return torch.cat(parts)[:n].contiguous()
-
-
-# ---------------------------------------------------------------------------------------------- the QAT graph
-
-@contextlib.contextmanager
-def _quiet_torchao() -> Iterator[None]:
-    """torchao's import logs a pytree deprecation warning (an Enum registered the pre-2.14 way) and its pattern
-    tracing warns about deprecated export internals: nothing a user can act on."""
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            yield
-    finally:
-        pytree_log.setLevel(level)
-
-
-def _torchao() -> Any:
-    """torchao's PT2E modules, or a clear error naming the extra that provides them."""
-    with _quiet_torchao():
-        try:
-            from torchao.quantization import pt2e
-            from torchao.quantization.pt2e import quantize_pt2e
-            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-        except ImportError as exc:
-            raise RuntimeError("quantization-aware training needs torchao: pip install 'vggnet[quant]'") from exc
-    return pt2e, quantize_pt2e, xiq
-
-
-def _batch_dim() -> Any:
-    return torch.export.Dim("batch", min=1, max=1 << 16)
-
-
-def export_for_qat(model: VGG, example: torch.Tensor, fold_bn: bool = True) -> nn.Module:
-    """``model`` (a copy; BN folded into the convs unless ``fold_bn`` is False) captured in training form with a
-    dynamic batch. Export failures become a ValueError that names the head, the only part that varies."""
-    source = fold_batchnorm(model) if fold_bn else copy.deepcopy(model)
-    source.train()
-    if len(example) < 2:  # export specialises a batch of one to a constant
-        example = example.repeat(2, 1, 1, 1)
-    try:
-        with _quiet_torchao():
-            return torch.export.export(source, (example[:2].float().clone(),),
-                                       dynamic_shapes=({0: _batch_dim()},)).module()
-    except Exception as exc:  # torch.export raises many types (UserError, Unsupported, GuardOnDataDependent...)
-        raise ValueError(f"{model.config.name} with the {model.config.head!r} head cannot be captured by "
-                         f"torch.export for QAT ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                         "; QAT needs an exportable graph: use a model with the fc, conv or gap head") from exc
-
-
-def prepare_qat(model: VGG, example: torch.Tensor, fold_bn: bool = True) -> nn.Module:
-    """The exported graph with fake quantizers where ``X86InductorQuantizer`` puts INT8 ops, in training form."""
-    _, quantize_pt2e, xiq = _torchao()
-    graph = export_for_qat(model, example, fold_bn)
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
-    with _quiet_torchao():
-        prepared = quantize_pt2e.prepare_qat_pt2e(graph, quantizer)
-    setattr(prepared, _TRAINING, True)  # exported from a model in training mode: already in training form
-    return prepared
-
-
-def set_qat_mode(prepared: nn.Module, train: bool) -> None:
-    """Dropout and BN on in training, off otherwise; observers only learn ranges in training (and calibration).
-
-    ``prepared.train()`` would raise (torchao forbids it on prepared graphs), and exported graphs have dropout
-    and BN baked in, so torchao's graph rewrites do the switch."""
-    pt2e, _, _ = _torchao()
-    if getattr(prepared, _TRAINING, None) is not train:  # each rewrite re-traces its patterns: ~1 s, skip no-ops
-        with _quiet_torchao():
-            (pt2e.move_exported_model_to_train if train else pt2e.move_exported_model_to_eval)(prepared)
-        setattr(prepared, _TRAINING, train)
-    prepared.apply(pt2e.enable_observer if train else pt2e.disable_observer)
-
-
-def calibrate_qat(prepared: nn.Module, images: torch.Tensor) -> None:
-    """Initial activation ranges from calibration images: the eval-form graph (no dropout, BN running stats),
-    observers on, no gradients."""
-    pt2e, _, _ = _torchao()
-    set_qat_mode(prepared, train=False)
-    prepared.apply(pt2e.enable_observer)
-    with torch.no_grad():
-        for chunk in images.split(CALIB_CHUNK):
-            prepared(chunk)
-    prepared.apply(pt2e.disable_observer)
-
-
-def convert_qat(prepared: nn.Module) -> torch.fx.GraphModule:
-    """The INT8 q/dq graph of a fine-tuned prepared graph (which is left as it is, in eval form)."""
-    _, quantize_pt2e, _ = _torchao()
-    set_qat_mode(prepared, train=False)
-    with _quiet_torchao():
-        return quantize_pt2e.convert_pt2e(copy.deepcopy(prepared))
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -417,7 +309,7 @@ def _baseline(model: VGG, prep: Preprocessing, calib: torch.Tensor, loader: Any)
     """fp32 (eager) and PTQ INT8 (the ``int8`` runtime, as ``vggnet predict --runtime int8`` builds it)."""
     reference, labels = _predictions(make_runtime("eager", model, prep), loader)
     t0 = time.perf_counter()
-    with _quiet_torchao():
+    with quiet_torchao():
         ptq = make_runtime("int8", model, prep, calib)
         ptq_logits, _ = _predictions(ptq, loader)
     return {"fp32": {"top1": _top1(reference, labels)},
@@ -443,7 +335,7 @@ class QATResult:
         expected = (self.prep.in_channels, self.prep.image_size, self.prep.image_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected or not len(x):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{self.path.name}: expected a batch of shape N×{'×'.join(map(str, expected))}, "
+            raise UsageError(f"{self.path.name}: expected a batch of shape N×{'×'.join(map(str, expected))}, "
                              f"got {shape}")
         return self.runtime(x.float().contiguous())
 
@@ -474,28 +366,27 @@ def load_qat(path: str | os.PathLike, *, compile: bool = False) -> QATResult:
     extra = {METADATA_FILE: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
-    except Exception as exc:  # torch raises RuntimeError / SerializeError for foreign or damaged archives
-        raise ValueError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
+    except _LOAD_ERRORS as exc:  # torch raises RuntimeError / SerializeError for foreign or damaged archives
+        raise UsageError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
     try:
         meta = json.loads(extra[METADATA_FILE])
         prep = Preprocessing.from_meta(meta["preprocessing"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: no vggnet metadata (not written by vggnet compress qat?): {exc}") from exc
+        raise UsageError(f"{path}: no vggnet metadata (not written by vggnet compress qat?): {exc}") from exc
     module = program.module()
     if compile:
-        _torchao()  # its import registers Inductor's INT8 weight-prepack passes; without them convs stay fp32
+        # torchao's import registers Inductor's INT8 weight-prepack passes; without them convs stay fp32
+        load_torchao("quantization-aware training")
     runtime = TorchRuntime("qat-int8", torch.compile(module) if compile else module, compiled=compile)
     return QATResult(path, prep, runtime, meta, program)
 
 
 def _metadata(model: VGG, prep: Preprocessing, settings: QATSettings, epochs_done: int) -> str:
-    return json.dumps({
-        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "preprocessing": prep.to_dict(),
-        "model": model.config.to_dict(), "source": settings.source, "torch": torch.__version__,
-        "quantization": {"method": "qat", "scheme": SCHEME, "tool": "torchao PT2E (X86InductorQuantizer)",
-                         "epochs": epochs_done, "lr": settings.lr, "fold_bn": settings.fold_bn,
-                         "calibration": f"{settings.calib_images} training images (initial ranges)"},
-    }, sort_keys=True)
+    """The export metadata document (so ``vggnet.export.load_exported`` and ``vggnet serve`` read qat.pt2 too)."""
+    return export_metadata(model, prep, settings.source, quantization={
+        "method": "qat", "scheme": SCHEME, "tool": "torchao PT2E (X86InductorQuantizer)", "epochs": epochs_done,
+        "lr": settings.lr, "fold_bn": settings.fold_bn,
+        "calibration": f"{settings.calib_images} training images (initial ranges)"})
 
 
 def _drop_unused_tensors(graph: torch.fx.GraphModule) -> None:
@@ -520,12 +411,14 @@ def _save_result(converted: torch.fx.GraphModule, example: torch.Tensor, tmp: Pa
     """Re-export the converted graph, save it to ``tmp``, load it back and compare: the caller renames it to
     qat.pt2 only once it is measured, so a file named qat.pt2 is always a whole, loadable, correct one (and the
     one ``metrics.json`` describes). The example is cloned because the program stores it, and a slice would
-    drag its whole parent tensor (every calibration image) into the file."""
-    with torch.no_grad(), _quiet_torchao():
+    drag its whole parent tensor (every calibration image) into the file. Saved through a file object, so the
+    archive's root folder is ``archive``, not the temporary file's random name."""
+    with torch.no_grad(), quiet_torchao():
         want = converted(check)
         _drop_unused_tensors(converted)
-        program = torch.export.export(converted, (example[:2].clone(),), dynamic_shapes=({0: _batch_dim()},))
-    torch.export.save(program, tmp, extra_files={METADATA_FILE: metadata})
+        program = export_program(converted, example[:2].clone())
+    with open(tmp, "wb") as fh:
+        torch.export.save(program, fh, extra_files={METADATA_FILE: metadata})
     got = load_qat(tmp).runtime(check)
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
     if not err <= 1e-5:
@@ -533,27 +426,13 @@ def _save_result(converted: torch.fx.GraphModule, example: torch.Tensor, tmp: Pa
                            f"{err:.2g})")
 
 
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------------------------------------- training
 
 def _save_epoch(out: Path, epoch: int, state: dict[str, Any]) -> Path:
-    """``checkpoints/epoch-NNNN/state.pt`` assembled in a temporary folder and renamed: whole or absent."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"epoch-{epoch:04d}", root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """``checkpoints/epoch-NNNN/state.pt``, whole or absent; only the newest :data:`KEEP` epochs stay."""
+    final = out / "checkpoints" / f"epoch-{epoch:04d}"
+    with atomic_dir(final) as tmp:
         torch.save(state, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(out)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -593,7 +472,7 @@ def _train_epoch(prepared: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
         logits = prepared(images.float().contiguous())
         loss = F.cross_entropy(logits, targets)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"QAT loss became {loss.item()} at epoch {epoch}; lower --lr")
+            raise TrainingDiverged(f"QAT loss became {loss.item()} at epoch {epoch}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -615,17 +494,17 @@ def _resume(out: Path, settings: QATSettings) -> dict[str, Any] | None:
         return None
     state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
-        raise ValueError(f"{out} holds checkpoints of another kind of run (a training run?); QAT writes its own "
+        raise UsageError(f"{out} holds checkpoints of another kind of run (a training run?); QAT writes its own "
                          "folder: choose a new --out")
     saved = state["settings"]
     mine = settings.must_match()
     differ = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
     if differ:
         shown = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
-        raise ValueError(f"{out} holds a QAT run with other settings ({shown}); rerun with the same settings "
+        raise UsageError(f"{out} holds a QAT run with other settings ({shown}); rerun with the same settings "
                          "(only --epochs may grow) or choose a new --out")
     if state["epoch"] > settings.epochs:
-        raise ValueError(f"{out} is already fine-tuned for {state['epoch']} epochs, more than the {settings.epochs} "
+        raise UsageError(f"{out} is already fine-tuned for {state['epoch']} epochs, more than the {settings.epochs} "
                          "asked for; pass --epochs >= that, or a new --out")
     return state
 
@@ -648,14 +527,14 @@ def qat_finetune(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, epochs:
     out = Path(out_dir)
     refuse_quantized(ckpt)
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     settings = QATSettings(source="", source_sha256="", epochs=epochs, lr=lr, momentum=momentum,
                            weight_decay=weight_decay, batch_size=batch_size or 1, calib_images=calib_images,
                            fold_bn=fold_bn, seed=seed)  # argument errors before any file is read
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; QAT writes a folder")
+        raise UsageError(f"--out {out} is a file; QAT writes a folder")
     if Path(ckpt).resolve() == out.resolve():
-        raise ValueError(f"--out {out} is the source run folder; QAT writes a folder of its own")
+        raise UsageError(f"--out {out} is the source run folder; QAT writes a folder of its own")
     progress = sys.stderr.isatty() if progress is None else progress
     file, model, prep, inputs = _load_source(ckpt, recipe, batch_size)
     settings = QATSettings(source=str(file), source_sha256=_sha256(file), epochs=epochs, lr=lr, momentum=momentum,
@@ -688,8 +567,11 @@ def qat_finetune(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, epochs:
         print(f"{out}: resuming QAT after epoch {state['epoch']}", flush=True)
 
     trained: list[int] = []
-    for stale in out.glob(f"{TMP_PREFIX}*.tmp") if out.is_dir() else []:  # a killed run's temporary result
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob(f"{TMP_PREFIX}*") if out.is_dir() else []:  # a killed run's temporary result
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     if start <= settings.epochs:  # results of fewer epochs are superseded: gone before they could mislead
         for name in (METRICS_NAME, RESULT_NAME):
             (out / name).unlink(missing_ok=True)
@@ -705,35 +587,36 @@ def qat_finetune(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, epochs:
         print(f"qat epoch {epoch}/{settings.epochs}: train loss {record['train_loss']:.4f}, fake-quant val top-1 "
               f"{record['val_top1_fake_quant']:.2f} % ({record['epoch_time']:.1f} s)", flush=True)
 
+    metrics = _finish(out, model, prep, settings, prepared, calib, inputs, compile,
+                      {"baseline": baseline, "reference": reference, "history": history})
+    return {**metrics, "trained_epochs": trained}
+
+
+def _finish(out: Path, model: VGG, prep: Preprocessing, settings: QATSettings, prepared: nn.Module,
+            calib: torch.Tensor, inputs: Inputs, compile: bool, run: dict[str, Any]) -> dict[str, Any]:
+    """Convert, save ``qat.pt2`` (named so only once it is loaded back and measured) and write ``metrics.json``
+    last: its presence marks a finished run. ``run`` holds the baseline, the fp32 reference and the history."""
     converted = convert_qat(prepared)
     val_batch = next(b for b in inputs.val if b is not None)[0].float()
     result_file = out / RESULT_NAME
-    out.mkdir(parents=True, exist_ok=True)
-    # written as qat.pt2 in a hidden folder (torch.export.save names the archive's root after the file, and
-    # mkstemp's 0600 mode would stay on the result), then moved into place
-    tmp_dir = out / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    tmp_dir.mkdir()
-    tmp = tmp_dir / RESULT_NAME
-    try:
+    with atomic_path(result_file, suffix=".pt2") as tmp:  # torch.export.load wants the .pt2 suffix
         _save_result(converted, calib, tmp, _metadata(model, prep, settings, settings.epochs), val_batch[:8])
         t0 = time.perf_counter()
         qat_logits, labels = _predictions(load_qat(tmp, compile=compile).runtime, inputs.val)
         eval_s = time.perf_counter() - t0
-        os.replace(tmp, result_file)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    baseline = run["baseline"]
     metrics = {
         "method": "qat", "source": settings.source, "epochs": settings.epochs, "result": str(result_file),
         "top1": _top1(qat_logits, labels),  # the QAT INT8 model's: what this folder holds
         "fp32": baseline["fp32"], "ptq": baseline["ptq"],
         "qat": {"top1": _top1(qat_logits, labels),
-                "agreement_with_fp32": float((qat_logits.argmax(1) == reference).float().mean()),
+                "agreement_with_fp32": float((qat_logits.argmax(1) == run["reference"]).float().mean()),
                 "runtime": "inductor int8" if compile else "eager q/dq (fp32 reference arithmetic)",
                 "eval_s": round(eval_s, 1)},
         "val_images": baseline["val_images"], "calib_images": len(calib),
         "params": count_params(model), "macs": count_macs(model.config, prep.image_size),
-        "file_bytes": result_file.stat().st_size, "settings": asdict(settings), "history": history,
+        "file_bytes": result_file.stat().st_size, "settings": asdict(settings), "history": run["history"],
         "preprocessing": prep.to_dict(),
     }
-    _atomic_json(metrics_file, metrics)  # last: its presence marks a finished run
-    return {**metrics, "trained_epochs": trained}
+    write_json(out / METRICS_NAME, metrics)
+    return metrics

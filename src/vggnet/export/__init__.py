@@ -1,27 +1,22 @@
 """Export a checkpoint for deployment — ONNX, an AOTInductor ``.pt2`` package, TorchScript, and INT8 versions of
 the first two — and read it back.
 
-Every exported file carries the checkpoint's preprocessing (mean, std, input size, class names; see
-:mod:`vggnet.export.common` for where each format keeps it) and is checked after writing: it is loaded back
-and run at batch 1, 3 and 8 against the eager fp32 model (max relative error within
-:data:`~vggnet.export.common.TOLERANCE`). The file is written under a temporary name and renamed only when
-the check passes, so a failed export never leaves a file that looks good.
+Every exported file carries the checkpoint's preprocessing (see :mod:`vggnet.capture.metadata`) and is checked
+after writing: loaded back and run at batch 1, 3 and 8 against the eager fp32 model (max relative error within
+:data:`~vggnet.export.common.TOLERANCE`). It is written through :func:`vggnet.atomic.atomic_path` and takes its
+name only when the check passes, so a failed export never leaves a file that looks good.
 
-INT8 formats (``onnx-int8``: ONNX Runtime static QDQ; ``pt2-int8``: torchao PT2E + AOTInductor) are
-calibrated at export time, by default on the run's own training images (see
-:func:`~vggnet.export.common.int8_images`), so the file runs without any calibration data. They cannot meet
-an fp32 tolerance; their check is top-1 agreement with eager fp32 on held-out images (at least
+INT8 formats (``onnx-int8``: ONNX Runtime static QDQ; ``pt2-int8``: torchao PT2E + AOTInductor) are calibrated at
+export time, by default on the run's own training images (:mod:`vggnet.capture.calibration`), so the file runs
+without calibration data. Their check is top-1 agreement with eager fp32 on held-out images (at least
 :data:`~vggnet.export.common.MIN_AGREEMENT`), with the max relative logit error reported.
 
-Imports models and ``vggnet.infer.predictor`` (for :class:`~vggnet.infer.Preprocessing`); the ONNX runtimes of
-:mod:`vggnet.infer.runtimes` import :mod:`vggnet.export.onnx` inside their factories. The INT8 paths import
-:mod:`vggnet.infer.runtimes` (optional-dependency checks, the PT2E helpers) and ``vggnet.evaluate.sources``
-(a run's own train / val split) when they run, not at import.
+Layering: capturing and quantizing live in :mod:`vggnet.capture` (below ``infer``), preprocessing and the ONNX
+Runtime session in :mod:`vggnet.infer`; this package adds files, their checks and :func:`load_exported`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 import zipfile
@@ -29,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from vggnet.atomic import atomic_path
+from vggnet.capture.onnx import needs_external_data
+from vggnet.capture.quiet import MissingDependency, import_optional
+from vggnet.errors import UsageError
 from vggnet.infer.predictor import Preprocessing
 from vggnet.models import VGG, checkpoint_file, checkpoint_meta, load_checkpoint
 
@@ -38,15 +35,13 @@ from .common import (
     CALIB_IMAGES,
     CHECK_BATCHES,
     CHECK_IMAGES,
-    METADATA_KEY,
     MIN_AGREEMENT,
     TOLERANCE,
     ExportedModel,
     ExportError,
+    Int8Images,
     check_against,
     check_agreement,
-    example_input,
-    export_metadata,
     int8_images,
 )
 
@@ -105,13 +100,10 @@ class ExportReport:
 def _require(fmt: str) -> None:
     """Import what ``fmt`` needs, or an :class:`ExportError` naming the extra to install (a CLI message, not
     an ImportError traceback half-way through an export)."""
-    from vggnet.infer.runtimes import RuntimeUnavailable
-    from vggnet.infer.runtimes import _require as require
-
     for module, extra in _NEEDS.get(fmt, ()):
         try:
-            require(module, extra, fmt)
-        except RuntimeUnavailable as exc:
+            import_optional(module, extra, f"format {fmt!r}")
+        except MissingDependency as exc:
             raise ExportError(f"format {fmt!r} needs {module.split('.')[0]}, which is not installed: "
                               f"pip install 'vggnet[{extra}]'") from exc
 
@@ -135,6 +127,11 @@ def format_for(path: str | os.PathLike) -> str:
         return "pt2" if any(n.endswith("archive_format") for n in archive.namelist()) else "torchscript"
 
 
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
 def load_exported(path: str | os.PathLike, fmt: str | None = None, **options: Any) -> ExportedModel:
     """Read an exported file back with its preprocessing: ``model.runtime`` / ``model(x)`` give logits,
     ``model.predictor()`` labels for raw images. ``options`` go to the format's loader (``threads`` for ONNX).
@@ -144,8 +141,7 @@ def load_exported(path: str | os.PathLike, fmt: str | None = None, **options: An
     the file is called. Asking for an INT8 format of an fp32 file is an :class:`ExportError`.
     """
     fmt = fmt or format_for(path)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    _check_format(fmt)
     base = fmt.removesuffix("-int8")
     if base == "onnx":
         from .onnx import load_onnx
@@ -168,6 +164,85 @@ def load_exported(path: str | os.PathLike, fmt: str | None = None, **options: An
     return loaded
 
 
+@dataclass
+class _Job:
+    """One export: what is written, from what, and how it is checked."""
+
+    model: VGG
+    prep: Preprocessing
+    source: Path
+    fmt: str
+    data: Int8Images | None
+    opset: int | None
+    check_batches: tuple[int, ...]
+    min_agreement: float
+
+
+@dataclass
+class _Outcome:
+    """How a written file compared with eager, and (INT8) what it records."""
+
+    errors: dict[int, float]
+    agreement: float | None = None
+    quantization: dict[str, Any] | None = None
+    reference_bytes: int | None = None
+
+
+def _write(job: _Job, path: Path) -> tuple[Path, int | None]:
+    """Write the file in ``job.fmt`` to ``path``; the path written and (onnx-int8) the fp32 file's size."""
+    model, prep, data, source = job.model, job.prep, job.data, job.source
+    if job.fmt == "onnx":
+        from .onnx import export_onnx
+
+        return export_onnx(model, prep, path, source=source, opset=job.opset), None
+    if job.fmt == "onnx-int8":
+        from .onnx import export_onnx_int8
+
+        return export_onnx_int8(model, prep, path, data.calib, source=source, opset=job.opset,
+                                calibration=data.calibration)
+    if job.fmt == "pt2":
+        from .pt2 import export_pt2
+
+        return export_pt2(model, prep, path, source=source), None
+    if job.fmt == "pt2-int8":
+        # no size ratio: an fp32 .pt2 to compare with is a second C++ compile, and the package's code, not
+        # its weights, dominates a small model's size (tiny VGG: 1.95 MB int8 vs 2.41 MB fp32)
+        from .pt2 import export_pt2_int8
+
+        return export_pt2_int8(model, prep, path, data.calib, source=source, calibration=data.calibration), None
+    from .torchscript import export_torchscript
+
+    return export_torchscript(model, prep, path, source=source), None
+
+
+def _write_and_check(job: _Job, path: Path) -> _Outcome:
+    """Write ``path``, read it back as a user would and compare it with eager fp32: an :class:`ExportError` when
+    it disagrees."""
+    written, reference_bytes = _write(job, path)
+    loaded = load_exported(written, job.fmt)
+    if loaded.prep != job.prep:
+        raise ExportError(f"{job.fmt}: the metadata read back ({loaded.prep}) differs from the checkpoint's "
+                          f"({job.prep})")
+    what = f"{job.fmt} export"
+    if job.data is None:
+        errors = check_against(job.model, loaded.runtime, job.prep, TOLERANCE[job.fmt], job.check_batches, what)
+        return _Outcome(errors)
+    errors, agreement = check_agreement(job.model, loaded.runtime, job.data.held, job.min_agreement,
+                                        job.check_batches, what)
+    return _Outcome(errors, agreement, loaded.meta["quantization"], reference_bytes)
+
+
+def _output_path(file: Path, fmt: str, out: str | os.PathLike | None) -> Path:
+    out = Path(out) if out is not None else file.with_name(file.stem + SUFFIXES[fmt])
+    if not out.suffix:
+        out = out.with_name(out.name + SUFFIXES[fmt])
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / ('model' + SUFFIXES[fmt])}")
+    if fmt == "pt2-int8" and out.suffix != ".pt2":
+        raise UsageError(f"{out}: an AOTInductor package must end in .pt2")
+    return out
+
+
 def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
                  check_batches: tuple[int, ...] = CHECK_BATCHES, opset: int | None = None,
                  calib_data: str | os.PathLike | None = None, calib_images: int = CALIB_IMAGES,
@@ -180,115 +255,31 @@ def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike | Non
 
     INT8 formats calibrate on ``calib_images`` training images of the run (its ``recipe.yaml``), or of
     ``calib_data`` (a folder, glob or file), and must agree with eager fp32 on the top-1 class of at least
-    ``min_agreement`` of up to ``check_images`` held-out images (see :func:`~vggnet.export.common.int8_images`).
+    ``min_agreement`` of up to ``check_images`` held-out images.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    _check_format(fmt)
     int8 = fmt in INT8_FORMATS
     if calib_data is not None and not int8:
-        raise ValueError(f"calibration images apply to the INT8 formats ({', '.join(INT8_FORMATS)}), not {fmt}")
+        raise UsageError(f"calibration images apply to the INT8 formats ({', '.join(INT8_FORMATS)}), not {fmt}")
     if not 0.0 <= min_agreement <= 1.0:
-        raise ValueError(f"min_agreement must be between 0 and 1, got {min_agreement}")
+        raise UsageError(f"min_agreement must be between 0 and 1, got {min_agreement}")
     start = time.perf_counter()
     file = checkpoint_file(ckpt)
     model, extra = load_checkpoint(file)
     prep = Preprocessing.from_meta(checkpoint_meta(file, model, extra))
-    out = Path(out) if out is not None else file.with_name(file.stem + SUFFIXES[fmt])
-    if not out.suffix:
-        out = out.with_name(out.name + SUFFIXES[fmt])
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name such as {out / ('model' + SUFFIXES[fmt])}")
-    if fmt == "pt2-int8" and out.suffix != ".pt2":
-        raise ValueError(f"{out}: an AOTInductor package must end in .pt2")
+    out = _output_path(file, fmt, out)
     _require(fmt)
     # the calibration and check images are read before anything slow, so bad data fails in seconds
     data = int8_images(file, prep, calib_data, calib_images, check_images) if int8 else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-    reference_bytes: int | None = None
-    agreement: float | None = None
-    quantization: dict[str, Any] | None = None
-    try:
-        if fmt == "onnx":
-            from .onnx import export_onnx, needs_external_data
-
-            # weights over 2 GiB go to a side file whose name is recorded in the graph: no renaming then
-            written = export_onnx(model, prep, out if needs_external_data(model) else tmp, source=file, opset=opset)
-        elif fmt == "onnx-int8":
-            from .onnx import export_onnx_int8
-
-            written, reference_bytes = export_onnx_int8(model, prep, tmp, data.calib, source=file, opset=opset,
-                                                        calibration=data.calibration)
-        elif fmt == "pt2":
-            from .pt2 import export_pt2
-
-            written = export_pt2(model, prep, tmp, source=file)
-        elif fmt == "pt2-int8":
-            # no size ratio: an fp32 .pt2 to compare with is a second C++ compile, and the package's code, not
-            # its weights, dominates a small model's size (tiny VGG: 1.95 MB int8 vs 2.41 MB fp32)
-            written = _export_pt2_int8(model, prep, tmp, data.calib, source=file, calibration=data.calibration)
-        else:
-            from .torchscript import export_torchscript
-
-            written = export_torchscript(model, prep, tmp, source=file)
-        loaded = load_exported(written, fmt)
-        if loaded.prep != prep:
-            raise ExportError(f"{fmt}: the metadata read back ({loaded.prep}) differs from the checkpoint's ({prep})")
-        if int8:
-            quantization = loaded.meta["quantization"]
-            errors, agreement = check_agreement(model, loaded.runtime, data.held, min_agreement, check_batches,
-                                                what=f"{fmt} export")
-        else:
-            errors = check_against(model, loaded.runtime, prep, TOLERANCE[fmt], check_batches, what=f"{fmt} export")
-        if written != out:
-            os.replace(written, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    job = _Job(model, prep, file, fmt, data, opset, check_batches, min_agreement)
+    if fmt == "onnx" and needs_external_data(model):
+        checked = _write_and_check(job, out)  # weights over 2 GiB go to a side file named in the graph: no rename
+    else:
+        with atomic_path(out, suffix=out.suffix) as tmp:
+            checked = _write_and_check(job, tmp)
     return ExportReport(path=out, format=fmt, bytes=out.stat().st_size, seconds=time.perf_counter() - start,
-                        max_rel_error=errors, tolerance=None if int8 else TOLERANCE[fmt], checkpoint=file,
-                        preprocessing=prep.to_dict(), agreement=agreement,
-                        min_agreement=min_agreement if int8 else None, quantization=quantization,
-                        check=data.check if data else None, reference_bytes=reference_bytes,
-                        reference="fp32 ONNX file" if reference_bytes else None)
-
-
-def _export_pt2_int8(model: VGG, prep: Preprocessing, out: Path, calib: torch.Tensor, *,
-                     source: str | os.PathLike | None = None, calibration: dict[str, Any] | None = None) -> Path:
-    """torchao PT2E static INT8 (the ``int8`` runtime's recipe: ``X86InductorQuantizer``, conv+BN folded,
-    weights int8 per channel, activations uint8 per tensor, calibrated on ``calib``), then re-exported with a
-    dynamic batch and compiled by AOTInductor with Inductor's freezing on, which fuses the quantize /
-    dequantize pairs into oneDNN int8 conv/linear kernels with the int8 weights as constants of the package.
-
-    ``torch.export.save`` of the converted program also works, but its loader needs torchao imported (the
-    ``quantized_decomposed`` ops) and runs simulated quantization in fp32 unless compiled again; the
-    AOTInductor package loads with ``torch._inductor.aoti_load_package`` alone, without torchao or the
-    calibration images.
-    """
-    import torchao
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
-    from vggnet.infer.runtimes import CALIB_CHUNK, _exported, _quiet_compiler_probe, _quiet_lowering
-
-    example = example_input(prep)
-    with torch.no_grad():
-        graph = _exported(copy.deepcopy(model).eval(), example)
-        quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(graph, quantizer)
-        for chunk in calib.float().contiguous().split(CALIB_CHUNK):
-            prepared(chunk)
-        converted = convert_pt2e(prepared)
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        program = torch.export.export(converted, (example,), dynamic_shapes=({0: batch},))
-        quantization = {"dtype": "int8", "method": "static post-training", "format": "AOTInductor",
-                        "tool": f"torchao {torchao.__version__} PT2E, X86InductorQuantizer",
-                        "calibration_method": "histogram (activations), min-max (weights)",
-                        "weights": "int8, symmetric, per output channel",
-                        "activations": "uint8, asymmetric, per tensor", "calibration": dict(calibration or {})}
-        metadata = {METADATA_KEY: export_metadata(model, prep, source, quantization)}
-        with _quiet_lowering(), _quiet_compiler_probe(True):
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(out),
-                inductor_configs={"freezing": True, "aot_inductor.metadata": metadata})
-    return out
+                        max_rel_error=checked.errors, tolerance=None if int8 else TOLERANCE[fmt], checkpoint=file,
+                        preprocessing=prep.to_dict(), agreement=checked.agreement,
+                        min_agreement=min_agreement if int8 else None, quantization=checked.quantization,
+                        check=data.check if data else None, reference_bytes=checked.reference_bytes,
+                        reference="fp32 ONNX file" if checked.reference_bytes else None)

@@ -1,6 +1,6 @@
 """``.pt2``: ``torch.export`` with a dynamic batch, compiled ahead of time by AOTInductor into a package that
 runs without Python model code (``torch._inductor.aoti_load_package`` here, or the C++
-``AOTIModelPackageLoader``).
+``AOTIModelPackageLoader``); fp32 or PT2E static INT8 (``pt2-int8``).
 
 The metadata goes into the package through Inductor's ``aot_inductor.metadata`` option: it is compiled into
 the model library and read back with ``compiled.get_metadata()["vggnet"]`` (C++: ``get_metadata()``), so it
@@ -10,16 +10,30 @@ cannot be separated from the weights it describes.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from vggnet.capture.graph import example_input, export_program
+from vggnet.capture.metadata import METADATA_FILE, METADATA_KEY, export_metadata
+from vggnet.capture.pt2e import pt2e_scheme, quantize_static
+from vggnet.capture.quiet import quiet_compiler_probe, quiet_lowering
+from vggnet.errors import UsageError
 from vggnet.infer.predictor import Preprocessing
 from vggnet.models import VGG
 
-from .common import METADATA_KEY, ExportedModel, ExportError, _Checked, example_input, export_metadata, parse_metadata
+from .common import LOAD_ERRORS, ExportedModel, ExportError, _Checked, parse_metadata
 
-__all__ = ["export_pt2", "is_program", "load_program", "load_pt2"]
+__all__ = ["PROGRAM_METADATA", "export_pt2", "export_pt2_int8", "is_program", "load_program", "load_pt2"]
+
+PROGRAM_METADATA = METADATA_FILE  # the extra file a saved torch.export program keeps its metadata in
+
+
+def _check_suffix(out: Path) -> None:
+    if out.suffix != ".pt2":
+        raise UsageError(f"{out}: an AOTInductor package must end in .pt2")
 
 
 def export_pt2(model: VGG, prep: Preprocessing, out: str | os.PathLike, *,
@@ -27,16 +41,46 @@ def export_pt2(model: VGG, prep: Preprocessing, out: str | os.PathLike, *,
     """Export and AOT-compile ``model`` (CPU) to ``out`` (must end in ``.pt2``). Compiling runs a C++
     compiler: tens of seconds for a tiny model, minutes for VGG-16."""
     out = Path(out)
-    if out.suffix != ".pt2":
-        raise ValueError(f"{out}: an AOTInductor package must end in .pt2")
+    _check_suffix(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with torch.no_grad():
-        program = torch.export.export(model.eval(), (example_input(prep),), dynamic_shapes=({0: batch},))
+        program = export_program(model.eval(), example_input(prep))
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(out),
             inductor_configs={"aot_inductor.metadata": {METADATA_KEY: export_metadata(model, prep, source)}})
     return out
+
+
+def export_pt2_int8(model: VGG, prep: Preprocessing, out: str | os.PathLike, calib: torch.Tensor, *,
+                    source: str | os.PathLike | None = None, calibration: dict[str, Any] | None = None) -> Path:
+    """PT2E static INT8 (the ``int8`` runtime's recipe, calibrated on ``calib``), re-exported with a dynamic batch
+    and compiled by AOTInductor with Inductor's freezing on, which fuses the quantize / dequantize pairs into oneDNN
+    INT8 kernels with the int8 weights as constants of the package.
+
+    Not ``torch.export.save`` of the converted program: its loader needs torchao (the ``quantized_decomposed``
+    ops) and runs simulated quantization in fp32 unless compiled again; the package loads with
+    ``torch._inductor.aoti_load_package`` alone, without torchao or the calibration images.
+    """
+    out = Path(out)
+    example = example_input(prep)
+    with torch.no_grad():
+        converted = quantize_static(model, example, calib)
+        program = export_program(converted, example)
+        quantization = {**pt2e_scheme(), "calibration": dict(calibration or {})}
+        metadata = {METADATA_KEY: export_metadata(model, prep, source, quantization)}
+        with quiet_lowering(), quiet_compiler_probe(True):
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(out),
+                inductor_configs={"freezing": True, "aot_inductor.metadata": metadata})
+    return out
+
+
+def _inference(fn: Any) -> Any:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return fn(x)
+
+    return run
 
 
 def load_pt2(path: str | os.PathLike) -> ExportedModel:
@@ -47,25 +91,15 @@ def load_pt2(path: str | os.PathLike) -> ExportedModel:
     try:
         compiled = torch._inductor.aoti_load_package(str(path))
         metadata = compiled.get_metadata()
-    except Exception as exc:  # torch raises RuntimeError subclasses from C++ for anything malformed
+    except LOAD_ERRORS as exc:  # torch raises RuntimeError subclasses from C++ for anything malformed
         raise ExportError(f"{path}: not a loadable AOTInductor package ({type(exc).__name__}: {exc})") from exc
     prep, meta = parse_metadata(metadata.get(METADATA_KEY), path)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return compiled(x)
-
-    return ExportedModel(path, "pt2", prep, _Checked("pt2", run, prep), meta)
-
-
-PROGRAM_METADATA = "vggnet.json"  # the extra file a saved torch.export program keeps its metadata in
+    return ExportedModel(path, "pt2", prep, _Checked("pt2", _inference(compiled), prep), meta)
 
 
 def is_program(path: str | os.PathLike) -> bool:
     """Whether a ``.pt2`` is a saved ``torch.export`` program (``torch.export.save``, e.g. ``vggnet compress qat``'s
     ``qat.pt2``) rather than an AOTInductor package: it has a serialized model and no compiled library."""
-    import zipfile
-
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     return any(n.endswith("models/model.json") for n in names) and not any("aotinductor" in n for n in names)
@@ -80,13 +114,7 @@ def load_program(path: str | os.PathLike) -> ExportedModel:
     extra = {PROGRAM_METADATA: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
-    except Exception as exc:  # torch raises RuntimeError / SerializeError for foreign or damaged archives
+    except LOAD_ERRORS as exc:  # torch raises RuntimeError / SerializeError for foreign or damaged archives
         raise ExportError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
     prep, meta = parse_metadata(extra[PROGRAM_METADATA], path)
-    module = program.module()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x)
-
-    return ExportedModel(path, "pt2-program", prep, _Checked("pt2-program", run, prep), meta)
+    return ExportedModel(path, "pt2-program", prep, _Checked("pt2-program", _inference(program.module()), prep), meta)

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
+from vggnet.capture.graph import example_input
+from vggnet.capture.metadata import METADATA_FILE, export_metadata
 from vggnet.infer.predictor import Preprocessing
 from vggnet.models import VGG
 
-from .common import ExportedModel, ExportError, _Checked, example_input, export_metadata, parse_metadata
+from .common import LOAD_ERRORS, ExportedModel, ExportError, _Checked, parse_metadata
 
 __all__ = ["EXTRA_FILE", "export_torchscript", "load_torchscript"]
 
-EXTRA_FILE = "vggnet.json"
+EXTRA_FILE = METADATA_FILE
 
 
 @contextlib.contextmanager
@@ -36,6 +38,7 @@ def _quiet() -> Iterator[None]:
 
 def export_torchscript(model: VGG, prep: Preprocessing, out: str | os.PathLike, *,
                        source: str | os.PathLike | None = None) -> Path:
+    """Trace ``model`` and save it to ``out`` with the metadata as the extra file ``vggnet.json``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _quiet(), torch.no_grad():
@@ -53,7 +56,7 @@ def load_torchscript(path: str | os.PathLike) -> ExportedModel:
     try:
         with _quiet():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as exc:  # torch.jit raises RuntimeError / ValueError from C++ for other zip files
+    except LOAD_ERRORS as exc:  # torch.jit raises RuntimeError / ValueError from C++ for other zip files
         raise ExportError(f"{path}: not a loadable TorchScript file ({type(exc).__name__}: {exc})") from exc
     prep, meta = parse_metadata(extra[EXTRA_FILE], path)
     module.eval()

@@ -1,4 +1,8 @@
-"""Inference: preprocessing that travels with the model, interchangeable CPU runtimes, top-k prediction."""
+"""Inference: preprocessing that travels with the model, interchangeable CPU runtimes, top-k prediction.
+
+Builds on :mod:`vggnet.capture` (graph capture, PT2E and ONNX quantization) and is used by ``vggnet.export``,
+``vggnet.compress`` and ``vggnet.serve``; it imports none of them.
+"""
 
 from . import runtimes  # noqa: F401  (registers channels_last, bf16, compile, int8, ..., auto)
 from .images import ImageLoadError, expand_image_paths, load_image, load_images

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vggnet.capture.calibration import evenly_spaced
+from vggnet.errors import VggnetError
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "evenly_spaced", "expand_image_paths", "iter_images", "load_image",
            "load_images"]
 
@@ -25,7 +28,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 _GLOB_CHARS = set("*?[")
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(VggnetError, ValueError):
     """An image file that cannot be used: unreadable, truncated, not an image, or too many pixels."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
@@ -131,14 +134,3 @@ def iter_images(paths: Sequence[str | os.PathLike], max_pixels: int | None = Non
             if not skip_unreadable:
                 raise
             yield Path(p), exc
-
-
-def evenly_spaced(items: Sequence, n: int) -> list:
-    """``n`` items spread evenly over ``items`` (all of them when there are fewer): a deterministic
-    calibration subset that covers every class of a class-sorted ImageFolder listing."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    if n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from vggnet.errors import UsageError
 from vggnet.hardware import inference_dtype, resolve_device
 from vggnet.models import VGG, checkpoint_file, checkpoint_meta, load_checkpoint
 
@@ -51,7 +52,7 @@ class Preprocessing:
     def __post_init__(self) -> None:
         scale = self.image_size if self.test_scale is None else int(self.test_scale)
         if scale < self.image_size:
-            raise ValueError(f"test_scale {scale} px is smaller than the {self.image_size}-px crop")
+            raise UsageError(f"test_scale {scale} px is smaller than the {self.image_size}-px crop")
         object.__setattr__(self, "test_scale", scale)
 
     @classmethod
@@ -80,7 +81,7 @@ def _as_uint8_chw(image: Image.Image | torch.Tensor, channels: int) -> torch.Ten
     elif image.shape[0] == 3 and channels == 1:
         image = TF.rgb_to_grayscale(image)
     if image.shape[0] != channels:
-        raise ValueError(f"an image with {image.shape[0]} channels for a {channels}-channel model")
+        raise UsageError(f"an image with {image.shape[0]} channels for a {channels}-channel model")
     return image
 
 
@@ -96,7 +97,7 @@ def preprocess(images: Sequence[Image.Image | torch.Tensor], prep: Preprocessing
         x = TF.to_dtype(x, torch.float32, scale=True)
         out.append(TF.normalize(x, list(prep.mean), list(prep.std)))
     if not out:
-        raise ValueError("no images to preprocess")
+        raise UsageError("no images to preprocess")
     return torch.stack(out)
 
 
@@ -122,10 +123,10 @@ def check_cpu_only(what: str, device: str | torch.device | None, precision: str 
     as int8 or onnx, an exported file): a flag that would be silently ignored is an error instead."""
     dev = torch.device(device or "cpu")
     if dev.type != "cpu":
-        raise ValueError(f"{what} runs on the CPU only, so --device {device} cannot apply; use the eager runtime "
+        raise UsageError(f"{what} runs on the CPU only, so --device {device} cannot apply; use the eager runtime "
                          "of a checkpoint (.safetensors or run folder) to run on a GPU")
     if precision not in (None, "fp32"):
-        raise ValueError(f"{what} runs in its own precision, so --precision {precision} cannot apply; on the CPU "
+        raise UsageError(f"{what} runs in its own precision, so --precision {precision} cannot apply; on the CPU "
                          "use --runtime bf16 (a checkpoint), or the eager runtime with --precision")
 
 
@@ -169,7 +170,7 @@ def make_runtime(name: str, model: VGG, prep: Preprocessing, calib: torch.Tensor
     """The runtime ``name`` for ``model``. ``device`` / ``precision`` options (see :func:`placement`) are for the
     eager runtime; the others run on the CPU and refuse them."""
     if name not in RUNTIMES:
-        raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(sorted(RUNTIMES))}")
+        raise UsageError(f"unknown runtime {name!r}; choose from {', '.join(sorted(RUNTIMES))}")
     if name != "eager":
         check_cpu_only(f"runtime {name}", options.pop("device", None), options.pop("precision", None))
     return RUNTIMES[name](model, prep, calib, **options)
@@ -181,7 +182,7 @@ class Predictor:
     def __init__(self, model: VGG | None, prep: Preprocessing, runtime: Runtime | str = "eager",
                  calib: torch.Tensor | None = None, max_batch: int = 32, **options: Any) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+            raise UsageError(f"max_batch must be at least 1, got {max_batch}")
         if model is None and isinstance(runtime, str):  # an exported file: a Runtime object and no nn.Module
             raise ValueError("a runtime given by name needs the model; pass a Runtime object to run without one")
         self.model, self.prep, self.max_batch = None if model is None else model.eval(), prep, max_batch
@@ -201,7 +202,7 @@ class Predictor:
         """Logits for an already preprocessed batch, run in chunks of ``max_batch``."""
         expected = (self.prep.in_channels, self.prep.image_size, self.prep.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected a batch of shape N×{'×'.join(map(str, expected))}, got {tuple(x.shape)}")
+            raise UsageError(f"expected a batch of shape N×{'×'.join(map(str, expected))}, got {tuple(x.shape)}")
         x = x.float().contiguous()
         return torch.cat([self.runtime(chunk) for chunk in x.split(self.max_batch)])
 

@@ -21,30 +21,32 @@ comparable against ``eager`` (the model as trained). What each one trades:
 
 Optional dependencies (torchao, onnxruntime, onnx) are imported inside the factories, so ``import vggnet``
 never pays for them and a missing one is a clear :class:`RuntimeUnavailable` naming the extra to install.
+Graph capture, PT2E quantization and the ONNX export these runtimes build on live in :mod:`vggnet.capture`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import logging
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from vggnet.capture.graph import export_graph, fold_batchnorm
+from vggnet.capture.pt2e import CALIB_CHUNK, quantize_static
+from vggnet.capture.quiet import MissingDependency, import_optional, quiet_compiler_probe, quiet_lowering
+from vggnet.errors import UsageError, VggnetError
 from vggnet.models import VGG
 
 from .predictor import RUNTIMES, EagerRuntime, Preprocessing, Runtime, make_runtime, register_runtime
 
-__all__ = ["AUTO_CANDIDATES", "AutoRuntime", "RuntimeUnavailable", "TorchRuntime", "fold_batchnorm",
+__all__ = ["AUTO_CANDIDATES", "CALIB_CHUNK", "AutoRuntime", "RuntimeUnavailable", "TorchRuntime", "fold_batchnorm",
            "top1_agreement"]
 
 log = logging.getLogger(__name__)
@@ -53,53 +55,28 @@ log = logging.getLogger(__name__)
 # compiles, an ONNX export and an ORT quantization); pass ``candidates=`` to try fewer.
 AUTO_CANDIDATES = ("eager", "channels_last", "bf16", "compile", "compile-bf16", "int8", "int8-dynamic", "onnx",
                    "onnx-int8")
-# Calibration and ``auto`` run the calibration images in chunks of this size: 256 VGG-16 inputs at 224²
-# would need ~3 GB for the first block's activations alone.
-CALIB_CHUNK = 16
+# A backend failing to build on this machine (Inductor, the ONNX exporter, ONNX Runtime all raise RuntimeError
+# subclasses; a half-installed extra raises ImportError): ``auto`` reports it and tries the next one.
+_BUILD_ERRORS = (RuntimeError, ImportError, OSError)
 
 
-class RuntimeUnavailable(RuntimeError):
+class RuntimeUnavailable(VggnetError, RuntimeError):
     """A runtime that cannot be built here: an optional package is missing or the model does not fit it."""
 
 
-def _require(module: str, extra: str, runtime: str) -> Any:
-    """Import an optional dependency or say which extra provides it. torchao 0.18's import logs a warning
-    from torch's pytree module (an Enum registered the pre-2.14 way) that means nothing to a user; it is
-    held back for the duration of the import only."""
-    import importlib
-
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
+def _require(module: str, extra: str, runtime: str) -> None:
+    """Import an optional dependency or say which extra provides it."""
     try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise RuntimeUnavailable(f"runtime {runtime!r} needs {module.split('.')[0]}: "
-                                 f"pip install 'vggnet[{extra}]'") from exc
-    finally:
-        pytree_log.setLevel(level)
+        import_optional(module, extra, f"runtime {runtime!r}")
+    except MissingDependency as exc:
+        raise RuntimeUnavailable(str(exc)) from exc
 
 
 def _need_calib(calib: torch.Tensor | None, runtime: str) -> torch.Tensor:
     if calib is None or calib.dim() != 4 or len(calib) == 0:
-        raise ValueError(f"runtime {runtime!r} needs a calibration batch (N×C×H×W preprocessed training images; "
+        raise UsageError(f"runtime {runtime!r} needs a calibration batch (N×C×H×W preprocessed training images; "
                          "on the command line: --calib-data PATH)")
     return calib.float().contiguous()
-
-
-def fold_batchnorm(model: VGG) -> VGG:
-    """A copy of ``model`` (eval mode) with every conv → batch-norm pair folded into one conv.
-
-    Inference-only: the folded conv computes the same function with one pass over memory instead of two,
-    and leaves nothing in bf16/int8 paths that needs batch statistics. The caller's model is untouched.
-    """
-    folded = copy.deepcopy(model).eval()
-    children = list(folded.features.named_children())
-    for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            setattr(folded.features, conv_name, fuse_conv_bn_eval(conv, bn))
-            setattr(folded.features, bn_name, nn.Identity())
-    return folded
 
 
 class TorchRuntime:
@@ -129,37 +106,11 @@ class TorchRuntime:
         amp = (torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None
                else contextlib.nullcontext())
         frozen = _inductor_config().patch(freezing=True) if self.compiled else contextlib.nullcontext()
-        quiet = _quiet_lowering() if self.compiled else contextlib.nullcontext()
-        with grad, amp, frozen, quiet, _quiet_compiler_probe(self.compiled and not self._warm):
+        quiet = quiet_lowering() if self.compiled else contextlib.nullcontext()
+        with grad, amp, frozen, quiet, quiet_compiler_probe(self.compiled and not self._warm):
             out = self.module(x)
         self._warm = True
         return out.float()
-
-
-@contextlib.contextmanager
-def _quiet_compiler_probe(active: bool) -> Iterator[None]:
-    """Inductor's first C++ build logs "No CUDA runtime is found, using CUDA_HOME=..." on CPU-only machines:
-    true, irrelevant to a CPU runtime, and alarming in ``vggnet predict`` output. Held back during the first
-    call (the compile), not later ones (``Logger.setLevel`` clears every logger's cache)."""
-    if not active:
-        yield
-        return
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _quiet_lowering() -> Iterator[None]:
-    """Inductor's int8 lowering (``mkldnn_lowerings.py``) trips torch's own "To copy construct from a tensor"
-    warning on every (re)compile: nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
-        yield
 
 
 def _inductor_config() -> Any:
@@ -190,66 +141,39 @@ def _example(prep: Preprocessing, calib: torch.Tensor | None, dtype: torch.dtype
     return example.to(dtype)
 
 
-def _exported(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    """``module`` captured by ``torch.export`` with a dynamic batch, as a fresh ``GraphModule``.
-
-    Compiling this instead of the VGG itself gives every runtime its own code object, hence its own Dynamo
-    cache: ``torch.compile`` on VGG instances shares ``VGG.forward``'s cache, keyed on parameter identity, so
-    the ninth compiled model in a process (a benchmark, ``auto``, a server with several models) silently
-    falls back to eager after "hit config.recompile_limit (8)".
-    """
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    with torch.no_grad():
-        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},)).module()
-
-
 def _compile(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *, dtype: str = "fp32",
              mode: str | None = None, **_: Any) -> Runtime:
     """Compiled lazily, on the first call (and once more, with a dynamic batch, on the first new batch size).
     Inductor's freezing picks the conv memory layout itself, so the input is left NCHW."""
     if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"compile: dtype must be 'fp32' or 'bf16', got {dtype!r}")
+        raise UsageError(f"compile: dtype must be 'fp32' or 'bf16', got {dtype!r}")
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     module = fold_batchnorm(model).to(dtype=torch_dtype)
-    compiled = torch.compile(_exported(module, _example(prep, calib, torch_dtype)), mode=mode)
+    compiled = torch.compile(export_graph(module, _example(prep, calib, torch_dtype)), mode=mode)
     return TorchRuntime("compile" if dtype == "fp32" else "compile-bf16", compiled, dtype=torch_dtype, compiled=True)
 
 
 def _int8(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, **_: Any) -> Runtime:
-    """torchao PT2E static quantization: export → prepare (observers; conv+BN folded) → calibrate → convert
-    (quantize/dequantize pairs) → Inductor, whose x86 passes fuse them into oneDNN int8 conv/linear kernels.
-
-    The graph is exported with a dynamic batch so one calibration serves every batch size.
-    """
+    """torchao PT2E static quantization (:func:`vggnet.capture.pt2e.quantize_static`), lowered by Inductor, whose
+    x86 passes fuse the quantize/dequantize pairs into oneDNN int8 conv/linear kernels."""
     calib = _need_calib(calib, "int8")
     _require("torchao.quantization", "quant", "int8")
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
-    with torch.no_grad():
-        graph = _exported(copy.deepcopy(model).eval(), _example(prep, calib))
-        quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(graph, quantizer)
-        for chunk in calib.split(CALIB_CHUNK):
-            prepared(chunk)
-        converted = convert_pt2e(prepared)
-    compiled = torch.compile(converted)
+    compiled = torch.compile(quantize_static(model, _example(prep, calib), calib))
     return TorchRuntime("int8", compiled, compiled=True)
 
 
 def _int8_dynamic(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, **_: Any) -> Runtime:
     """torchao's int8 dynamic-activation / int8-weight config on the Linear layers. Its tensor subclasses
     are ~10× slower than fp32 in eager mode on CPU (measured), so the model is always compiled."""
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):  # before any import or copy: fails in ms
+        raise RuntimeUnavailable(f"int8-dynamic quantizes Linear (FC) layers and this model's {model.config.head!r} "
+                                 "head has none; use the int8 runtime")
     _require("torchao.quantization", "quant", "int8-dynamic")
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     module = fold_batchnorm(model)
-    if not any(isinstance(m, nn.Linear) for m in module.modules()):
-        raise RuntimeUnavailable(f"int8-dynamic quantizes Linear (FC) layers and this model's {model.config.head!r} "
-                                 "head has none; use the int8 runtime")
     quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, _fqn: isinstance(m, nn.Linear))
-    compiled = torch.compile(_exported(module, _example(prep, calib)))
+    compiled = torch.compile(export_graph(module, _example(prep, calib)))
     return TorchRuntime("int8-dynamic", compiled, compiled=True)
 
 
@@ -257,7 +181,9 @@ def _onnx(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *,
           **_: Any) -> Runtime:
     _require("onnxruntime", "export", "onnx")
     _require("onnxscript", "export", "onnx")
-    from vggnet.export.onnx import OnnxRuntime, export_onnx
+    from vggnet.capture.onnx import export_onnx
+
+    from .ort import OnnxRuntime
 
     with tempfile.TemporaryDirectory(prefix="vggnet-onnx-") as tmp:
         path = export_onnx(model, prep, Path(tmp) / "model.onnx")
@@ -269,7 +195,9 @@ def _onnx_int8(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = Non
     calib = _need_calib(calib, "onnx-int8")
     _require("onnxruntime", "export", "onnx-int8")
     _require("onnxscript", "export", "onnx-int8")
-    from vggnet.export.onnx import OnnxRuntime, export_onnx, quantize_onnx_static
+    from vggnet.capture.onnx import export_onnx, quantize_onnx_static
+
+    from .ort import OnnxRuntime
 
     with tempfile.TemporaryDirectory(prefix="vggnet-onnx-") as tmp:
         fp32 = export_onnx(model, prep, Path(tmp) / "model.onnx")
@@ -326,7 +254,7 @@ def _auto(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *,
     names = list(dict.fromkeys(["eager", *candidates]))
     unknown = [n for n in names if n == "auto" or n not in RUNTIMES]
     if unknown:
-        raise ValueError(f"auto: unknown or recursive candidates {unknown}")
+        raise UsageError(f"auto: unknown or recursive candidates {unknown}")
     timing = calib[:timing_batch]
     reference = _run_chunked(EagerRuntime(model), calib)
     report: list[dict[str, Any]] = []
@@ -351,9 +279,9 @@ def _auto(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *,
                 best = (row["img_per_s"], runtime)
         except (RuntimeUnavailable, ValueError) as exc:
             row["error"] = str(exc)
-        except Exception as exc:  # a backend failing to build on this machine must not break prediction
+        except _BUILD_ERRORS as exc:  # a backend failing to build on this machine must not break prediction
             row["error"] = f"{type(exc).__name__}: {exc}"
-            log.warning("auto: runtime %s failed to build: %s", name, row["error"])
+            log.exception("auto: runtime %s failed to build", name)
     if best is None:  # eager agrees with itself, so only an eager failure gets here
         raise RuntimeError("auto: no runtime could be built:\n" + AutoRuntime.format_report(report, None))
     auto = AutoRuntime(best[1], report)
