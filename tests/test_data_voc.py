@@ -129,6 +129,22 @@ def test_box_past_the_image_is_clipped(tmp_path):
     ann = read_voc(xml)
     assert ann.objects[0].box == (0.0, 2.0, 20.0, 10.0)
     assert ann.objects[1].box == (0.0, 0.0, 20.0, 10.0)  # a 0-based tool's xmin=0 clips to the edge
+    # one note, for the box that reached 40 px past the image; xmin=0 (1 px) is a 0-based tool's edge, no note
+    assert len(ann.notes) == 1 and "object 1 ('cat')" in ann.notes[0] and "clipped" in ann.notes[0]
+    assert "40 px outside the 20×10 image" in ann.notes[0] and "xmin=1 ymin=3 xmax=20 ymax=10" in ann.notes[0]
+
+
+def test_box_wholly_outside_is_dropped_alone_with_a_note(tmp_path):
+    make_image(tmp_path / "images" / "a.png")
+    xml = tmp_path / "annotations" / "a.xml"
+    xml.parent.mkdir()
+    xml.write_text(voc_xml(objects=(("cat", 11, 6, 30, 20, 0), ("dog", 70, 1, 80, 10, 0), ("cat", 2, 2, 8, 8, 0))))
+    ann = read_voc(xml)
+    assert [(o.name, o.box) for o in ann.objects] == [("cat", (10.0, 5.0, 30.0, 20.0)), ("cat", (1.0, 1.0, 8.0, 8.0))]
+    assert len(ann.notes) == 1 and "object 2 ('dog')" in ann.notes[0] and "wholly outside" in ann.notes[0]
+    assert "dropped" in ann.notes[0]
+    annotations, skips = load_voc_folder(tmp_path)  # the photo stays in the set, with its two good boxes
+    assert skips == [] and len(annotations[0].objects) == 2 and annotations[0].notes == ann.notes
 
 
 def test_missing_size_is_read_from_the_image_header(tmp_path):
@@ -196,12 +212,55 @@ def test_load_voc_folder_keeps_good_files_and_skips_bad_ones(tmp_path):
     (tmp_path / "images" / "f-not-an-image.png").write_bytes(b"this is not a png")
     annotations, skips = load_voc_folder(tmp_path)
     assert [a.image.name for a in annotations] == ["a-good.png", "b-good.png"]
+    assert all(a.notes == () for a in annotations)
     reasons = {path.name: reason for path, reason in skips}
     assert list(reasons) == ["c-malformed.xml", "d-no-image.xml", "e-wrong-size.xml", "f-not-an-image.xml"]
     assert "malformed XML" in reasons["c-malformed.xml"]
     assert "d-no-image.png" in reasons["d-no-image.xml"] and "not found" in reasons["d-no-image.xml"]
     assert "48×64" in reasons["e-wrong-size.xml"] and "64×48" in reasons["e-wrong-size.xml"]
     assert "unreadable image" in reasons["f-not-an-image.xml"]
+
+
+def truncate(path: Path, cut: int = 20) -> Path:
+    """Drop the last ``cut`` bytes, as an interrupted copy does: the header, and PIL's verify(), still pass."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+    return path
+
+
+def test_truncated_image_is_skipped_when_the_folder_is_read(tmp_path, caplog):
+    for stem in ("a", "b", "c"):
+        make_pair(tmp_path, stem, xml=voc_xml(f"{stem}.jpg"))
+        Image.open(make_image(tmp_path / "images" / f"{stem}.png")).save(tmp_path / "images" / f"{stem}.jpg")
+    truncate(tmp_path / "images" / "b.jpg")
+    with Image.open(tmp_path / "images" / "b.jpg") as im:
+        im.verify()  # what a header or verify() check sees: nothing wrong
+    with caplog.at_level("WARNING"):
+        annotations, skips = load_voc_folder(tmp_path)
+    assert [a.image.name for a in annotations] == ["a.jpg", "c.jpg"]
+    assert len(skips) == 1 and skips[0][0].name == "b.xml"
+    assert "b.jpg" in skips[0][1] and "truncated" in skips[0][1]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # returned, for the caller to show once
+
+
+@pytest.mark.parametrize("folder", ["annots", "Annotations", "XML"])
+def test_load_voc_folder_accepts_common_annotation_folder_names(tmp_path, folder):
+    for stem in ("x", "y"):
+        make_pair(tmp_path, stem)
+    (tmp_path / "annotations").rename(tmp_path / folder)
+    annotations, skips = load_voc_folder(tmp_path)
+    assert skips == [] and [a.source for a in annotations] == [tmp_path / folder / "x.xml", tmp_path / folder / "y.xml"]
+
+
+def test_an_unknown_annotation_folder_is_refused_with_the_accepted_names(tmp_path):
+    make_pair(tmp_path, "x")
+    (tmp_path / "annotations").rename(tmp_path / "labels")
+    with pytest.raises(VOCError) as info:
+        load_voc_folder(tmp_path)
+    message = str(info.value)
+    for name in ("annotations/", "annots/", "xml/"):
+        assert name in message
+    assert "labels/" in message and "rename" in message
 
 
 def test_load_voc_folder_accepts_a_flat_folder_of_xml_and_images(tmp_path):

@@ -1,6 +1,8 @@
 """``vggnet eval`` end to end on tiny checkpoints and a tiny ImageFolder of PNGs; nothing is trained."""
 
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -165,3 +167,55 @@ def test_help_explains_protocols_and_relative_scales(capsys):
         assert needle in text
     names = list(build_parser()._subparsers._group_actions[0].choices)
     assert names.index("eval") == names.index("train") + 1
+
+
+# --- the cost, said before the first image ---------------------------------------------------------------------------
+
+def test_eval_says_views_time_and_limit_before_it_starts(ckpt, folder, capsys, monkeypatch):
+    import vggnet.evaluate
+
+    seen: list[str] = []
+    real = vggnet.evaluate.predict_proba
+
+    def spy(*args, **kwargs):  # what stderr held when the first protocol started
+        if not seen:
+            out, err = capsys.readouterr()
+            seen.append(err)
+            sys.stdout.write(out)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vggnet.evaluate, "predict_proba", spy)
+    code, out, err = run_cli(["--ckpt", str(ckpt), "--data", str(folder), "--protocol", "single",
+                              "--protocol", "multicrop@1.14,1.5"], capsys)
+    assert code == 0, err
+    block = seen[0].splitlines()
+    assert block[0].startswith("vggnet eval: 3 images; time estimated from a timed batch on cpu")
+    assert block[1].split()[:3] == ["single@1", "1", "view/image"] and block[1].split()[3] == "3"
+    assert block[2].split()[:3] == ["multicrop@1.14,1.5", "100", "views/image"] and block[2].split()[3] == "300"
+    assert all(re.search(r"~\d+(\.\d)? (s|min|h)$", line) for line in block[1:3])
+    assert "--limit" in block[3] and len(block) == 4
+    assert "| multicrop@1.14,1.5 |" in out  # and then it ran
+
+
+def test_a_protocol_that_cannot_run_is_refused_before_the_cost_is_said(ckpt, folder, capsys):
+    code, out, err = run_cli(["--ckpt", str(ckpt), "--data", str(folder), "--protocol", "single",
+                              "--protocol", "multicrop@0.5"], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "smaller than the 32-px training crop" in err
+
+
+def test_cost_block_counts_views_estimates_time_and_suggests_a_limit():
+    from vggnet.evaluate import parse_protocol
+    from vggnet.evaluate.cost import cost_block, crop_units, format_seconds
+
+    multicrop, dense = parse_protocol("multicrop@1.14,1.5"), parse_protocol("dense@1,2")
+    assert crop_units(multicrop, 224) == 100 and crop_units(parse_protocol("single"), 224) == 1
+    assert crop_units(dense, 32) == 2 * (1 + 4)  # a dense view at 2x the crop is four crops of work, x 2 flips
+    assert [format_seconds(s) for s in (0.2, 40, 1200, 12600)] == ["~1 s", "~40 s", "~20 min", "~3.5 h"]
+    text = cost_block([multicrop], 224, 5000, per_crop=0.0024, device="cuda")  # 100 x 5,000 x 2.4 ms = 20 min
+    assert "100 views/image" in text and "500,000 forward passes" in text and "~20 min" in text
+    assert "--limit 250 (about a minute" in text
+    assert "--limit 50: only these" in cost_block([multicrop], 224, 50, per_crop=0.0024, limit=50)
+    quiet = cost_block([multicrop], 224, 50, per_crop=None, models=2)
+    assert "x 2 models" in quiet and "10,000 forward passes" in quiet and "~" not in quiet
+    assert "--limit N evaluates only N images" in quiet

@@ -312,3 +312,51 @@ def test_explain_imports_no_training_or_serving():
             "bad = [m for m in sys.modules if m.startswith(('vggnet.engine', 'vggnet.serve', 'fastapi'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- an all-zero map is said in words, not drawn as a blank overlay -------------------------------------------------
+
+def test_an_all_zero_map_gets_a_caption_and_no_box():
+    from matplotlib.patches import Rectangle
+
+    from vggnet.explain import no_evidence, overlay_figure
+
+    image = np.full((32, 32, 3), 0.5)
+    blank = overlay_figure(image, np.zeros((32, 32)), explained="cat", layer="block5_relu2")
+    texts = [t.get_text() for t in blank.axes[1].texts]
+    assert texts == ["no positive evidence for cat at block5_relu2"]
+    assert not [p for p in blank.axes[1].patches if isinstance(p, Rectangle)]  # no whole-image "region" box
+    heat = np.zeros((32, 32))
+    heat[4:12, 4:12] = 1.0
+    shown = overlay_figure(image, heat, explained="cat", layer="block5_relu2")
+    assert len(shown.axes[1].texts) == 0 and [p for p in shown.axes[1].patches if isinstance(p, Rectangle)]
+    assert no_evidence(torch.zeros(3, 3)) and not no_evidence(heat)
+
+
+def test_cli_says_when_a_map_holds_no_positive_evidence(run_dir, images, tmp_path, capsys):
+    dead = vggnet.create_model("vgg11", num_classes=3, width=0.125, head="gap")
+    with torch.no_grad():
+        for p in dead.parameters():
+            p.zero_()  # every activation is 0: nothing speaks for any class
+    vggnet.save_checkpoint(dead, tmp_path / "dead.safetensors", META)
+    layer = default_cam_layer(dead)
+    code, stdout, err = explain(["--ckpt", tmp_path / "dead.safetensors", images / "cat.png", "--out", tmp_path / "o"],
+                                capsys)
+    assert code == 0, err
+    assert f"no positive evidence for red at {layer}" in stdout  # all logits 0: the top-1 is class 0, "red"
+    code, stdout, err = explain(["--ckpt", run_dir, images / "cat.png", "--out", tmp_path / "o"], capsys)
+    assert code == 0 and "no positive evidence" not in stdout
+
+
+def test_default_output_folders_are_git_ignored():
+    """What the README's and --help's examples write at the repository root must not show up in `git status`."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs a git checkout")
+    paths = ["explain/cat.gradcam.png", "boxes/raccoon-1.boxes.png", "why/cat.gradcam.png", "exports/m.onnx",
+             "runs/demo/best.safetensors", "data/raccoon/images/a.jpg", "voc.npz"]
+    done = subprocess.run(["git", "check-ignore", *paths], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == paths

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,15 @@ from PIL import Image
 
 import vggnet
 from vggnet.cli import main
-from vggnet.data.voc import VOCAnnotation, VOCObject, load_voc_folder, read_pixels, split_annotations, write_voc
+from vggnet.data.voc import (
+    VOCAnnotation,
+    VOCObject,
+    class_names,
+    load_voc_folder,
+    read_pixels,
+    split_annotations,
+    write_voc,
+)
 from vggnet.localize.boxes import decode, encode, from_view, iou_hits, merge_boxes, to_view
 from vggnet.localize.evaluate import Views, baselines, predict_boxes, view_batch
 from vggnet.localize.model import BoxSpec, build_box_model, freeze_features, select_codes
@@ -253,3 +263,118 @@ def test_box_model_from_a_torchvision_file(tmp_path):
     assert info["format"] == "torchvision" and info["image_size"] == 224
     assert torch.equal(model.features.block1_conv1.weight, tv.features[0].weight)
     assert torch.equal(model.head.fc7.weight, tv.classifier[3].weight)
+
+
+# --- a newcomer's messy set: XML in annots/, a truncated photo, boxes past the image --------------------------------
+
+RACCOON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon-voc.tar.gz"
+
+
+def photo_set(root: Path, n: int = 8, xml_dir: str = "annots") -> Path:
+    """``n`` real photos with their VOC XML from the raccoon tarball when it is there (else synthetic JPEGs,
+    as :func:`make_voc` draws them), the XML in ``root/<xml_dir>`` and the photos in ``root/images``."""
+    if not RACCOON.is_file():
+        make_voc(root, n=n)
+        (root / "annotations").rename(root / xml_dir)
+        return root
+    (root / xml_dir).mkdir(parents=True)
+    (root / "images").mkdir()
+    stems = [f"raccoon-{i}" for i in range(1, n + 1)]
+    wanted = {f"./annotations/{s}.xml": root / xml_dir / f"{s}.xml" for s in stems}
+    wanted |= {f"./images/{s}.jpg": root / "images" / f"{s}.jpg" for s in stems}
+    with tarfile.open(RACCOON) as tar:
+        for member in tar:
+            if member.name in wanted:
+                wanted.pop(member.name).write_bytes(tar.extractfile(member).read())
+            if not wanted:
+                break
+    assert not wanted, f"not in {RACCOON}: {sorted(wanted)}"
+    return root
+
+
+def truncate(path: Path, cut: int = 20) -> Path:
+    path.write_bytes(path.read_bytes()[:-cut])
+    return path
+
+
+def push_boxes_outside(xml: Path) -> None:
+    """The first box's xmax 30 px past the image, and a second object wholly to its right."""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(xml)
+    root = tree.getroot()
+    width = int(root.findtext("size/width"))
+    box = root.find("object/bndbox")
+    box.find("xmax").text = str(width + 30)
+    extra = ET.fromstring(f"<object><name>{root.findtext('object/name')}</name><difficult>0</difficult><bndbox>"
+                          f"<xmin>{width + 5}</xmin><ymin>1</ymin><xmax>{width + 40}</xmax><ymax>9</ymax>"
+                          "</bndbox></object>")
+    root.append(extra)
+    tree.write(xml)
+
+
+def test_localize_on_a_messy_set_completes_and_names_the_bad_photo_once(tmp_path, capsys):
+    data = photo_set(tmp_path / "set")
+    images = sorted((data / "images").iterdir())
+    bad, boxed = images[2], images[3]
+    truncate(bad)
+    push_boxes_outside(data / "annots" / f"{boxed.stem}.xml")
+    run = tmp_path / "run"
+    assert main(["localize", "train", "--data", str(data), "--out", str(run), "--model", "vgg11", "--width", "0.125",
+                 "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--val", "3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(bad.name) == 1 and "truncated" in err and err.count("skipped") == 1
+    assert err.count(f"{boxed.stem}.xml") == 2  # one note for the clipped box, one for the dropped one
+    assert "wholly outside" in err and "clipped to" in err
+    assert main(["localize", "eval", "--ckpt", str(run), "--data", str(data), "--protocol", "all"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count(bad.name) == 1 and err.count("skipped") == 1
+    assert "| SCR, dense |" in out and "| whole image |" in out
+
+    archive = tmp_path / "set.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(data, arcname="set")
+    assert main(["data", "prepare", str(archive), "--out", str(tmp_path / "prepared")]) == 0
+    out, err = capsys.readouterr()
+    assert "VOC box set:" in out and "class folder" not in out + err
+    assert f"{len(images) - 1} annotated images" in out and "1 skipped" in out and "2 box(es)" in out
+    assert err.count(bad.name) == 1
+
+
+def test_a_photo_that_breaks_after_loading_is_left_out_of_eval_with_one_line(tmp_path):
+    data = photo_set(tmp_path / "set", n=6, xml_dir="annotations")
+    annotations, skipped = load_voc_folder(data)
+    assert not skipped
+    settings = LocalizeSettings(model="vgg11", width=0.125, fc_width=32, image_size=32, epochs=1, batch_size=3,
+                                val=2, scales=[1.0])
+    train_localizer(settings, annotations, class_names(annotations), tmp_path / "run", log=lambda line: None)
+    bad = truncate(annotations[1].image)  # after the folder was read: only the pixels can tell
+    lines: list[str] = []
+    report = evaluate_run(tmp_path / "run", annotations, ["whole", "dense"], split="all", log=lines.append)
+    assert report["images"] == len(annotations) - 1
+    assert len(lines) == 1 and str(bad) in lines[0] and "truncated" in lines[0]
+
+
+def test_an_xml_folder_of_another_name_is_an_error_listing_the_accepted_names(tmp_path, capsys):
+    data = photo_set(tmp_path / "set", n=2, xml_dir="labels")
+    assert main(["localize", "train", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "annotations/, annots/" in err and "labels/" in err and "rename" in err
+
+
+def test_box_pictures_carry_a_legend():
+    from vggnet.localize.draw import PRED, TRUE, draw_boxes
+
+    pixels = torch.full((3, 150, 200), 128, dtype=torch.uint8)
+    pred, truth = torch.tensor([60.0, 20.0, 180.0, 90.0]), torch.tensor([[70.0, 25.0, 190.0, 95.0]])
+
+    def corner(image: Image.Image) -> set:  # the bottom-left quarter, away from both boxes
+        return {image.getpixel((x, y)) for x in range(50) for y in range(110, 150)}
+
+    both = corner(draw_boxes(pixels, pred, truth))
+    assert PRED in both and TRUE in both and (0, 0, 0) in both  # a swatch per colour on a dark strip
+    alone = corner(draw_boxes(pixels, pred))
+    assert PRED in alone and TRUE not in alone  # no truth drawn, none named
+    thumb = draw_boxes(torch.full((3, 48, 64), 128, dtype=torch.uint8), torch.tensor([30.0, 5.0, 60.0, 20.0]))
+    assert (0, 0, 0) not in {thumb.getpixel((x, y)) for x in range(64) for y in range(48)}  # too small: no legend

@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vggnet.data import decode_to_cache, load_image_folder, prepare_archive
 from vggnet.errors import UsageError
+
+if TYPE_CHECKING:
+    from vggnet.data.voc import VOCAnnotation
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep = data_sub.add_parser(
         "prepare", help="extract a .tar.gz of class folders (or a PASCAL VOC box set), once",
         description="Extract ARCHIVE (.tar or .tar.gz of <class>/<image> folders, optionally under train/ "
-        "and val/, or a PASCAL VOC box set: annotations/*.xml beside images/) into --out. Refuses members "
+        "and val/, or a PASCAL VOC box set: annotations/*.xml (or Annotations/, annots/, xml/...) beside images/) "
+        "into --out. Refuses members "
         "that would land outside --out, does nothing when --out already holds this archive, never leaves a "
         "half-extracted folder. Prints the folder for --data.",
     )
@@ -70,13 +76,44 @@ def _count(root: Path) -> tuple[list[str], dict[str, Counter[str]]]:
     return classes, {name: Counter(classes[t] for t in ds.targets) for name, ds in splits.items()}
 
 
+def _holds_xml(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".xml" and p.is_file() for p in folder.iterdir())
+
+
 def _voc_root(root: Path) -> Path | None:
-    """The folder of a VOC box set (annotations as XML), for `vggnet localize --data`; None for class folders."""
-    for folder in (root, *[p for p in root.iterdir() if p.is_dir()]):
-        if any((folder / name).is_dir() and any((folder / name).glob("*.xml")) for name in ("annotations",
-                                                                                         "Annotations")):
+    """The folder of a VOC box set, for `vggnet localize --data`; None for class folders.
+
+    A folder with a sub-folder of XML, whatever its name, is taken as a box set: one whose XML folder is not a
+    name :func:`~vggnet.data.voc.load_voc_folder` reads then gets its error listing the names it accepts,
+    rather than being blamed for "class folders" holding no images.
+    """
+    for folder in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        if any(_holds_xml(sub) for sub in folder.iterdir() if sub.is_dir()):
             return folder
     return None
+
+
+def print_voc_load(annotations: Sequence[VOCAnnotation], skipped: Sequence[tuple[Path, str]]) -> None:
+    """Each skipped file and each box note once, on stderr (the library returns them and does not warn)."""
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    for annotation in annotations:
+        for note in annotation.notes:
+            print(f"note {annotation.source}: {note}", file=sys.stderr)
+
+
+def _prepare_voc(voc: Path) -> int:
+    from vggnet.data.voc import class_names, load_voc_folder
+
+    annotations, skipped = load_voc_folder(voc)
+    print_voc_load(annotations, skipped)
+    objects = sum(len(a.objects) for a in annotations)
+    notes = sum(len(a.notes) for a in annotations)
+    print(f"VOC box set: {voc}")
+    print(f"{len(annotations):,} annotated images, {objects:,} objects, classes {class_names(annotations)}, "
+          f"{len(skipped)} skipped" + (" (unusable files, each named on stderr)" if skipped else "")
+          + (f", {notes} box(es) clipped to the image or dropped (noted on stderr)" if notes else ""))
+    return 0
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -85,16 +122,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     root = prepare_archive(args.archive, args.out)
     voc = _voc_root(root)
     if voc is not None:
-        from vggnet.data.voc import class_names, load_voc_folder
-
-        annotations, skipped = load_voc_folder(voc)
-        for path, reason in skipped:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        objects = sum(len(a.objects) for a in annotations)
-        print(f"VOC box set: {voc}")
-        print(f"{len(annotations):,} annotated images, {objects:,} objects, classes {class_names(annotations)}, "
-              f"{len(skipped)} skipped")
-        return 0
+        return _prepare_voc(voc)
     classes, counts = _count(root)
     total = sum(sum(c.values()) for c in counts.values())
     print(f"ImageFolder root: {root}")

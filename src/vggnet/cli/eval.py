@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ protocols (one --protocol per table row; all rows use the same images):
   softmax probabilities are averaged over views, scales, the two parts of dense+multicrop and the
   models of an ensemble (several --ckpt); errors are top-1 / top-5 in percent.
 
+  Before the first image, stderr gets each protocol's views per image, its forward passes and a time
+  estimated from one timed batch: multicrop@1.14,1.5 is 100 views an image. --limit N tries N images first.
+
 examples:
   vggnet eval --ckpt runs/demo                                 # single centre crop at Q = crop
   vggnet eval --ckpt runs/demo --protocol single --protocol dense@1.0,1.25,1.5 --protocol multicrop@1.0,1.5
@@ -66,7 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="protocol, e.g. single, dense@1.0,1.5, multicrop@256,384,512 (repeatable; default: single "
                         "at the checkpoint's own test scale, the view it was validated at in training)")
     p.add_argument("--batch-size", type=int, default=64, help="network inputs per forward pass (default: 64)")
-    p.add_argument("--limit", type=int, help="evaluate only N images, evenly spread over the split")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="evaluate only N images, evenly spread over the split (the cost printed on stderr before "
+                        "the start, views per image and an estimated time, suggests an N when it is long)")
     p.add_argument("--out", help="folder for eval.json, eval.md and confusion.png")
     p.add_argument("--json", action="store_true", help="print the full report as JSON instead of the table")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available, else cpu)")
@@ -90,6 +96,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _cost(args: argparse.Namespace, protocols: list[Any], models: list[Any], meta: dict[str, Any], images: int,
+          device: str) -> str:
+    """The block said before the first image is read: views per image, an estimated time, and --limit.
+
+    Protocols that cannot run at this crop are refused first, so an error stays the only line printed."""
+    from vggnet.evaluate.cost import cost_block, seconds_per_crop
+    from vggnet.evaluate.protocols import check_scales
+    from vggnet.hardware import native_bf16
+
+    crop = meta["image_size"]
+    for protocol in protocols:
+        check_scales(protocol, crop)
+    bf16 = native_bf16(device) if args.bf16 is None else args.bf16
+    per_crop = seconds_per_crop(models, crop, len(meta["mean"]), device=device, bf16=bf16,
+                                batch_size=args.batch_size) if images else None
+    return cost_block(protocols, crop, images, per_crop, args.limit, len(models), device)
+
+
 def run(args: argparse.Namespace) -> int:
     from vggnet.evaluate import eval_images, load_models, parse_protocol, predict_proba, summarize
     from vggnet.evaluate.protocols import Protocol
@@ -110,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     images, labels, classes = eval_images(args.ckpt[0], args.data, args.split, classes=meta["classes"],
                                           limit=args.limit)
     crop = meta["image_size"]
+    print(_cost(args, protocols, models, meta, len(images), device), file=sys.stderr)
     results = []
     for protocol in protocols:
         start = time.perf_counter()

@@ -12,7 +12,9 @@ from vggnet.errors import UsageError
 
 EPILOG = """\
 what is written (into --out, created if missing; files of the same name are replaced):
-  <image stem>.gradcam.png         input crop | heat map over it, dashed box, top-k labels in the title
+  <image stem>.gradcam.png         input crop | heat map over it, dashed box, top-k labels in the title;
+                                   an all-zero map is captioned "no positive evidence for CLASS at LAYER"
+                                   (also printed), rather than drawn as a blank overlay
   <image stem>.<LAYER>.png         with --feature-maps LAYER: that layer's activation maps for the image
   filters.png                      with --filters: the first conv layer's filters
   Two images with the same stem (a/cat.png, b/cat.jpg) get cat.gradcam.png and cat-2.gradcam.png.
@@ -125,7 +127,15 @@ def output_stems(paths: list[Path]) -> list[str]:
 def explain_image(model: Any, prep: Any, image: Any, stem: str, args: argparse.Namespace, layer: str,
                   target: int | None, feature_layer: str | None) -> tuple[list[Path], str]:
     """Write one image's PNGs; returns them and a one-line summary of what was explained."""
-    from vggnet.explain import grad_cam_raw, save_feature_maps, save_overlay, to_display, upsample_cam
+    from vggnet.explain import (
+        grad_cam_raw,
+        no_evidence,
+        no_evidence_text,
+        save_feature_maps,
+        save_overlay,
+        to_display,
+        upsample_cam,
+    )
     from vggnet.infer.predictor import preprocess
 
     x = preprocess([image], prep)
@@ -142,7 +152,10 @@ def explain_image(model: Any, prep: Any, image: Any, stem: str, args: argparse.N
     if feature_layer:
         written.append(save_feature_maps(model, x, feature_layer, out / f"{stem}.{feature_layer}.png",
                                           args.max_maps, source=stem))
-    return written, f"class {label}"
+    summary = f"class {label}"
+    if no_evidence(cam):  # the overlay is blank: say so here too, not only in the picture
+        summary += f"; {no_evidence_text(prep.label(explained), result.layer)} (blank map)"
+    return written, summary
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,8 +14,11 @@ from vggnet.errors import UsageError
 
 EPILOG = """\
 data:
-  A folder in PASCAL VOC layout: annotations/*.xml (or Annotations/, or the XML files themselves) and the
-  images they name (images/, JPEGImages/ or beside the XML). The main object of an image is its largest
+  A folder in PASCAL VOC layout: annotations/*.xml (or Annotations/, annots/, annot/, annotation/, xml/,
+  xmls/, any case, or the XML files themselves) and the images they name (images/, JPEGImages/ or beside
+  the XML). Every image is decoded once when the folder is read: a missing, truncated or unreadable one is
+  skipped with one line naming it. A box reaching past the image is clipped, one wholly outside dropped
+  (the image's other boxes stay), each with a note. The main object of an image is its largest
   non-difficult one; a prediction is correct when its IoU with any object of that class is >= 0.5.
   The train/val split is fixed by --val and --seed and recorded in the run.
 
@@ -79,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="also write the report (JSON) here")
     e.set_defaults(func=run_eval)
 
-    r = actions.add_parser("predict", help="draw predicted (and, when annotated, true) boxes as PNG",
+    r = actions.add_parser("predict", help="draw predicted (red) and, when annotated, true (green) boxes as PNG, "
+                           "with a legend",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--ckpt", required=True, help="run folder or checkpoint from `vggnet localize train`")
     r.add_argument("images", nargs="+", help="image files, folders or globs")
@@ -113,12 +117,12 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _load_data(folder: str) -> tuple[list, list[str]]:
+    from vggnet.cli.data import print_voc_load
     from vggnet.data import DataError
     from vggnet.data.voc import class_names, load_voc_folder
 
     annotations, skipped = load_voc_folder(folder)
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print_voc_load(annotations, skipped)
     if not annotations:
         raise DataError(f"{folder}: no usable annotated image")
     return annotations, class_names(annotations)
@@ -153,7 +157,8 @@ def run_eval(args: argparse.Namespace) -> int:
     annotations, _ = _load_data(args.data)
     report = evaluate_run(args.ckpt, annotations,
                           ["whole", "centre", "dense"] if args.protocol == "all" else [args.protocol],
-                          scales=args.scales, split=args.split, progress=sys.stderr.isatty())
+                          scales=args.scales, split=args.split, progress=sys.stderr.isatty(),
+                          log=lambda line: print(line, file=sys.stderr))
     if args.out:
         write_json(args.out, report)
     if args.json:

@@ -50,16 +50,19 @@ from .folder import IMAGE_ERRORS, DataError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MAX_XML_BYTES", "VOCAnnotation", "VOCBoxes", "VOCError", "VOCObject", "class_names", "collate",
-    "eval_box_transform", "load_voc_folder", "primary_box", "primary_boxes", "primary_object", "read_voc",
-    "split_annotations", "train_box_transform", "write_voc",
+    "ANNOTATION_DIRS", "MAX_XML_BYTES", "VOCAnnotation", "VOCBoxes", "VOCError", "VOCObject", "class_names",
+    "collate", "eval_box_transform", "find_annotation_dir", "load_voc_folder", "primary_box", "primary_boxes",
+    "primary_object", "read_voc", "split_annotations", "train_box_transform", "write_voc",
 ]
 
 Box = tuple[float, float, float, float]
 MAX_XML_BYTES = 16 * 2**20  # a VOC file is a few KB; even 10k objects fit in 4 MB
 _DECIMALS = 4
 _BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
-_ANNOTATION_DIRS = ("annotations", "Annotations")
+# Folder names (any case) that hold the XML, in order of preference: ours, the devkit's, then what other tools and
+# hand-made sets use. A set whose XML sits elsewhere is refused with this list, not silently read as empty.
+ANNOTATION_DIRS = ("annotations", "Annotations", "annots", "annot", "annotation", "xml", "xmls")
+_CLIP_TOLERANCE = 1.0  # px: xmin=0 from a 0-based tool is the edge, not a box reaching outside worth a note
 _IMAGE_DIRS = ("images", "JPEGImages")  # our layout, then the devkit's
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # the EXIF orientations that swap width and height
@@ -95,8 +98,10 @@ class VOCObject:
 class VOCAnnotation:
     """One image and its boxes. ``width``/``height`` are the frame the boxes live in (the ``<size>`` element).
 
-    ``source`` is the XML file it came from, kept only so errors can name it; it is left out of equality so
-    that an annotation written elsewhere and read back compares equal.
+    ``source`` is the XML file it came from, kept only so errors can name it; ``notes`` are what reading
+    changed without refusing the file (a box clipped to the image, a box wholly outside it dropped), one line
+    each, for the caller to show once. Both are left out of equality so that an annotation written elsewhere
+    and read back compares equal.
     """
 
     image: Path
@@ -104,6 +109,7 @@ class VOCAnnotation:
     height: int
     objects: tuple[VOCObject, ...]
     source: Path | None = field(default=None, compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -190,7 +196,13 @@ def _size(root: ET.Element, xml_path: Path, image: Path) -> tuple[int, int]:
     return _image_size(image, xml_path)
 
 
-def _object(element: ET.Element, index: int, width: int, height: int, path: Path) -> VOCObject:
+def _object(element: ET.Element, index: int, width: int, height: int,
+            path: Path) -> tuple[VOCObject | None, str | None]:
+    """The object and a note when its box was clipped; ``(None, why)`` when the box lies wholly outside the image.
+
+    A box wholly outside costs only itself, not the photo's other boxes; an empty or inverted box is a broken
+    file and raises. Going past an edge by up to 1 px is clipped without a note (0-based tools write xmin=0).
+    """
     name = (element.findtext("name") or "").strip()
     where = f"object {index + 1}" + (f" ({name!r})" if name else "")
     if not name:
@@ -199,11 +211,25 @@ def _object(element: ET.Element, index: int, width: int, height: int, path: Path
     if bndbox is None:
         raise VOCError(path, f"{where} has no <bndbox>")
     xmin, ymin, xmax, ymax = (_number(bndbox.findtext(tag), f"{where} <{tag}>", path) for tag in _BOX_TAGS)
-    box = (_clip(xmin - 1, width), _clip(ymin - 1, height), _clip(xmax, width), _clip(ymax, height))
+    raw = (xmin - 1, ymin - 1, xmax, ymax)
+    box = (_clip(raw[0], width), _clip(raw[1], height), _clip(raw[2], width), _clip(raw[3], height))
+    given = f"{where} box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g}"
     if box[2] <= box[0] or box[3] <= box[1]:
-        raise VOCError(path, f"{where} box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g} has zero area "
-                             f"once clipped to the {width}×{height} image")
-    return VOCObject(name, box, _flag(element.findtext("difficult"), f"{where} <difficult>", path))
+        if raw[2] > raw[0] and raw[3] > raw[1]:  # a real box, just not on this image
+            return None, f"{given} lies wholly outside the {width}×{height} image"
+        raise VOCError(path, f"{given} has zero area once clipped to the {width}×{height} image")
+    difficult = _flag(element.findtext("difficult"), f"{where} <difficult>", path)
+    past = max(-raw[0], -raw[1], raw[2] - width, raw[3] - height)
+    note = None
+    if past > _CLIP_TOLERANCE:
+        note = f"{given} reaches {past:g} px outside the {width}×{height} image; clipped to {_fmt_box(box)}"
+    return VOCObject(name, box, difficult), note
+
+
+def _fmt_box(box: Box) -> str:
+    """Pixel-edge box as the devkit's 1-based inclusive numbers, the convention the user's file is in."""
+    x0, y0, x1, y1 = box
+    return f"xmin={_fmt(x0 + 1)} ymin={_fmt(y0 + 1)} xmax={_fmt(x1)} ymax={_fmt(y1)}"
 
 
 def read_voc(xml_path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> VOCAnnotation:
@@ -226,10 +252,17 @@ def read_voc(xml_path: str | os.PathLike, images_dir: str | os.PathLike | None =
     candidates = _image_candidates(xml_path, name, images_dir)
     image = next((c for c in candidates if c.is_file()), candidates[0])
     width, height = _size(root, xml_path, image)
-    objects = tuple(_object(el, i, width, height, xml_path) for i, el in enumerate(root.findall("object")))
-    if not objects:
+    elements = root.findall("object")
+    if not elements:
         raise VOCError(xml_path, "has no <object>; a box dataset needs at least one box per image")
-    return VOCAnnotation(image, width, height, objects, source=xml_path)
+    read = [_object(el, i, width, height, xml_path) for i, el in enumerate(elements)]
+    objects = tuple(obj for obj, _ in read if obj is not None)
+    if not objects:
+        raise VOCError(xml_path, "no box left: every one has zero area once clipped to the image ("
+                                 + "; ".join(note for _, note in read if note) + ")")
+    notes = tuple(note if obj is not None else f"{note}; dropped, the image's other boxes are kept"
+                  for obj, note in read if note)
+    return VOCAnnotation(image, width, height, objects, source=xml_path, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -309,13 +342,20 @@ def _frame_plan(image: Image.Image, annotation: VOCAnnotation) -> bool:
 
 
 def _check_image(annotation: VOCAnnotation) -> None:
-    """Header-only check (cheap: no pixels decoded) that the image exists, opens and fits the boxes."""
+    """That the image exists, fits the boxes and decodes to its last byte.
+
+    The whole image is decoded (``load()``), not just its header read or ``verify()``-ed: a JPEG missing its
+    last bytes passes both and only fails when its pixels are needed, which is epochs into training or after
+    every protocol of an evaluation. Decoding once here costs about a second per few hundred photos, and
+    it makes training and evaluation agree on which images exist, so the seeded split is the same for both.
+    """
     if not annotation.image.is_file():
         raise VOCError(annotation.image, "image not found (looked beside the annotations in ../images, "
                                          "../JPEGImages and the XML folder; pass images_dir to look elsewhere)")
     try:
         with Image.open(annotation.image) as image:
             _frame_plan(image, annotation)
+            image.load()
     except VOCError:
         raise
     except IMAGE_ERRORS as exc:
@@ -334,33 +374,59 @@ def read_pixels(annotation: VOCAnnotation) -> tv_tensors.Image:
 # --------------------------------------------------------------------------------------------- folders
 
 
+def _xml_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".xml" and not p.name.startswith(".")
+                  and p.is_file())
+
+
+def find_annotation_dir(root: str | os.PathLike) -> Path | None:
+    """The folder of ``root``'s VOC XML: the first of :data:`ANNOTATION_DIRS` (any case) holding .xml files,
+    else ``root`` itself when it holds them; None when neither does."""
+    root = Path(root)
+    children = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir()}
+    for name in ANNOTATION_DIRS:
+        folder = children.get(name.lower())
+        if folder is not None and _xml_files(folder):
+            return folder
+    return root if _xml_files(root) else None
+
+
+def _no_xml_error(root: Path) -> VOCError:
+    """Names the folders looked in and, when the XML is somewhere else, where it is."""
+    names = ", ".join(f"{name}/" for name in dict.fromkeys(n.lower() for n in ANNOTATION_DIRS))
+    elsewhere = [p.name for p in sorted(root.iterdir()) if p.is_dir() and _xml_files(p)]
+    hint = (f"; the .xml files in {', '.join(f'{n}/' for n in elsewhere)} are not read: rename the folder to "
+            "annotations/" if elsewhere else "")
+    return VOCError(root, f"holds no .xml annotation files, neither itself nor in a sub-folder named {names} "
+                          f"(any case){hint}")
+
+
 def load_voc_folder(root: str | os.PathLike, images_dir: str | os.PathLike | None = None
                     ) -> tuple[list[VOCAnnotation], list[tuple[Path, str]]]:
-    """(annotations, skips) for every ``root/annotations/*.xml`` (or ``Annotations/``, or ``root/*.xml``), sorted.
+    """(annotations, skips) for every ``root/annotations/*.xml`` (or another of :data:`ANNOTATION_DIRS`, or
+    ``root/*.xml``), sorted.
 
     A bad file should cost one image, not the run: malformed or invalid XML, and images that are missing,
-    unreadable or of another size than annotated, become ``(xml_path, reason)`` skips, each logged once.
-    Only the image header is read here; a file that is corrupt further in is dropped later by
-    :class:`VOCBoxes`. A folder with no XML at all is an error, since that is a wrong path, not a bad file.
+    unreadable, truncated or of another size than annotated, become ``(xml_path, reason)`` skips. They are
+    returned, not logged as warnings, so a command shows each once (logged at INFO for library users who
+    configure logging). A folder with no XML at all is an error, since that is a wrong path, not a bad file.
     """
     root = Path(root)
     if not root.is_dir():
         raise VOCError(root, "no such folder; pass a folder holding annotations/*.xml and images/ "
                              "(or a folder of .xml files)")
-    xml_dir = next((root / d for d in _ANNOTATION_DIRS if (root / d).is_dir()), root)
-    files = sorted(p for p in xml_dir.iterdir()
-                   if p.suffix.lower() == ".xml" and not p.name.startswith(".") and p.is_file())
-    if not files:
-        raise VOCError(xml_dir, "holds no .xml annotation files")
+    xml_dir = find_annotation_dir(root)
+    if xml_dir is None:
+        raise _no_xml_error(root)
     annotations: list[VOCAnnotation] = []
     skips: list[tuple[Path, str]] = []
-    for path in files:
+    for path in _xml_files(xml_dir):
         try:
             annotation = read_voc(path, images_dir)
             _check_image(annotation)
         except VOCError as exc:
             reason = exc.reason if exc.path == path else f"{exc.path}: {exc.reason}"
-            log.warning("skipping %s: %s", path, reason)
+            log.info("skipping %s: %s", path, reason)
             skips.append((path, reason))
             continue
         annotations.append(annotation)

@@ -43,8 +43,8 @@ from vggnet.hardware import native_bf16
 from vggnet.metrics import confusion_matrix, topk_correct
 from vggnet.models import VGG
 
-__all__ = ["KINDS", "RELATIVE_BELOW", "Protocol", "crop_boxes", "image_tensor", "parse_protocol", "predict_proba",
-           "resolve_scale", "summarize", "trim_to_stride"]
+__all__ = ["KINDS", "RELATIVE_BELOW", "Protocol", "check_scales", "crop_boxes", "image_tensor", "parse_protocol",
+           "predict_proba", "resolve_scale", "summarize", "trim_to_stride"]
 
 KINDS = ("single", "shift", "dense", "multicrop", "dense+multicrop")
 _ALIASES = {"centre": "single", "center": "single", "multi-crop": "multicrop",
@@ -315,6 +315,19 @@ def trim_to_stride(image: torch.Tensor, crop: int) -> torch.Tensor:
     return image if size == list(image.shape[-2:]) else TF.center_crop(image, size)
 
 
+def check_scales(protocol: Protocol, crop: int) -> tuple[int, ...]:
+    """The protocol's test scales in pixels, or a UsageError when a crop cannot fit or the input is too small;
+    callable before any image is read, so a command can refuse before it starts."""
+    qs = protocol.pixel_scales(crop)
+    for q in qs:
+        if q < crop and protocol.kind != "dense":
+            raise UsageError(f"{protocol}: test scale Q={q} px is smaller than the {crop}-px training crop, "
+                             "so no crop fits; use scales >= 1.0 (or the dense protocol)")
+        if q < MIN_SIDE:
+            raise UsageError(f"{protocol}: test scale Q={q} px is below the {MIN_SIDE} px a VGG needs")
+    return qs
+
+
 def predict_proba(
     models: Sequence[nn.Module] | nn.Module,
     images: Sequence[Any],
@@ -347,13 +360,7 @@ def predict_proba(
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     if len(mean) != len(std):
         raise UsageError(f"mean and std differ in length ({len(mean)} vs {len(std)})")
-    qs = protocol.pixel_scales(crop)
-    for q in qs:
-        if q < crop and protocol.kind != "dense":
-            raise UsageError(f"{protocol}: test scale Q={q} px is smaller than the {crop}-px training crop, "
-                             "so no crop fits; use scales >= 1.0 (or the dense protocol)")
-        if q < MIN_SIDE:
-            raise UsageError(f"{protocol}: test scale Q={q} px is below the {MIN_SIDE} px a VGG needs")
+    qs = check_scales(protocol, crop)
     device = torch.device(device)
     bf16 = native_bf16(device) if amp_bf16 is None else bool(amp_bf16)
     num_classes = _num_classes(models)

@@ -10,6 +10,8 @@ from .gradcam import (
     evaluating,
     grad_cam,
     grad_cam_raw,
+    no_evidence,
+    no_evidence_text,
     spatial_layers,
     upsample_cam,
 )
@@ -26,6 +28,6 @@ from .visualize import (
 
 __all__ = [
     "CAMResult", "FeatureGrid", "cam_box", "default_cam_layer", "evaluating", "feature_map_grid", "filter_grid",
-    "grad_cam", "grad_cam_raw", "overlay_figure", "save_feature_maps", "save_filter_grid", "save_overlay",
-    "spatial_layers", "to_display", "upsample_cam",
+    "grad_cam", "grad_cam_raw", "no_evidence", "no_evidence_text", "overlay_figure", "save_feature_maps",
+    "save_filter_grid", "save_overlay", "spatial_layers", "to_display", "upsample_cam",
 ]

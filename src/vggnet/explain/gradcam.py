@@ -25,8 +25,8 @@ from torch import nn
 from vggnet.errors import UsageError
 from vggnet.models import VGG
 
-__all__ = ["CAMResult", "cam_box", "default_cam_layer", "evaluating", "grad_cam", "grad_cam_raw", "spatial_layers",
-           "upsample_cam"]
+__all__ = ["CAMResult", "cam_box", "default_cam_layer", "evaluating", "grad_cam", "grad_cam_raw", "no_evidence",
+           "no_evidence_text", "spatial_layers", "upsample_cam"]
 
 Target = int | Sequence[int] | torch.Tensor | None
 
@@ -187,6 +187,19 @@ def grad_cam(model: VGG, images: torch.Tensor, layer: str | None = None, target:
     """
     result = grad_cam_raw(model, images, layer, target)
     return upsample_cam(result.maps, images.shape[-2:])
+
+
+def no_evidence(cam_map: torch.Tensor | np.ndarray) -> bool:
+    """True when a map holds no positive value: at that layer nothing in the image speaks *for* the class
+    (every position's weighted evidence is against it or nil). Drawn as is, such a map is a blank overlay that
+    looks like a failure to draw, so callers say it in words (:func:`no_evidence_text`)."""
+    m = cam_map.detach() if isinstance(cam_map, torch.Tensor) else torch.as_tensor(np.asarray(cam_map))
+    return not bool((m > 0).any())
+
+
+def no_evidence_text(explained: str | None, layer: str | None) -> str:
+    """The words for an all-zero map: "no positive evidence for CLASS at LAYER"."""
+    return "no positive evidence" + (f" for {explained}" if explained else "") + (f" at {layer}" if layer else "")
 
 
 def cam_box(cam_map: torch.Tensor | np.ndarray, fraction: float = 0.5) -> tuple[int, int, int, int]:

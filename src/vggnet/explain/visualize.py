@@ -23,7 +23,7 @@ from vggnet.errors import UsageError
 from vggnet.models import VGG
 from vggnet.plots import save_figure
 
-from .gradcam import cam_box, evaluating, spatial_layers
+from .gradcam import cam_box, evaluating, no_evidence, no_evidence_text, spatial_layers
 
 __all__ = ["FeatureGrid", "feature_map_grid", "filter_grid", "first_conv", "mosaic", "overlay_figure",
            "save_feature_maps", "save_filter_grid", "save_overlay", "to_display"]
@@ -69,7 +69,8 @@ def overlay_figure(image: np.ndarray, cam: torch.Tensor | np.ndarray, top: Seque
                    explained: str | None = None, layer: str | None = None, box_fraction: float | None = 0.5,
                    alpha: float = 0.5) -> Figure:
     """The input beside the input with the heat map over it; the title carries the top-k labels, so a map can be
-    read against what the network believed (a confident wrong class explains a mistake)."""
+    read against what the network believed (a confident wrong class explains a mistake). An all-zero map gets
+    no box and a caption, "no positive evidence for ``explained`` at ``layer``", instead of a blank overlay."""
     heat = np.asarray(cam.detach().cpu() if isinstance(cam, torch.Tensor) else cam, dtype=np.float64)
     if heat.shape != image.shape[:2]:
         raise ValueError(f"a {heat.shape} map for a {image.shape[:2]} image")
@@ -81,7 +82,12 @@ def overlay_figure(image: np.ndarray, cam: torch.Tensor | np.ndarray, top: Seque
     shown = right.imshow(heat, cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
     label = f"Grad-CAM: {explained}" if explained is not None else "Grad-CAM"
     right.set_title(label + (f" @ {layer}" if layer else ""), fontsize=9)
-    if box_fraction:
+    blank = no_evidence(heat)
+    if blank:
+        right.text(0.5, 0.5, no_evidence_text(explained, layer), transform=right.transAxes, ha="center",
+                   va="center", wrap=True, fontsize=9, color="white",
+                   bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"})
+    if box_fraction and not blank:  # the box of an all-zero map would be the whole image: no region at all
         x0, y0, x1, y1 = cam_box(heat, box_fraction)
         right.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white",
                                   linestyle="--", linewidth=1.2))

@@ -13,7 +13,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
-from vggnet.data import IMAGE_ERRORS
+from vggnet.data import IMAGE_ERRORS, DataError
 from vggnet.data.voc import VOCAnnotation, VOCError, primary_object, read_pixels, read_voc, split_annotations
 from vggnet.errors import UsageError
 from vggnet.infer.images import expand_image_paths
@@ -22,7 +22,7 @@ from vggnet.models import VGG, checkpoint_file, load_checkpoint
 from .draw import draw_boxes, save_png
 from .evaluate import PROTOCOLS, Views, baselines, predict_boxes, score
 from .model import BoxSpec
-from .train import eval_samples
+from .train import eval_samples, eval_target
 
 
 def load_localizer(ckpt: str | os.PathLike) -> tuple[VGG, BoxSpec, Views, dict[str, Any]]:
@@ -35,9 +35,11 @@ def load_localizer(ckpt: str | os.PathLike) -> tuple[VGG, BoxSpec, Views, dict[s
 
 
 def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], protocols: Sequence[str],
-                 scales: Sequence[float] | None = None, split: str = "val", progress: bool = False) -> dict[str, Any]:
+                 scales: Sequence[float] | None = None, split: str = "val", progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Accuracy at IoU 0.5 and mean IoU of each protocol on the run's held-out images (its own split,
-    re-drawn from its seed), beside the three baselines fitted on its training images."""
+    re-drawn from its seed), beside the three baselines fitted on its training images' boxes (no pixels read).
+    An image that cannot be decoded is left out and reported once to ``log``."""
     model, spec, views, meta = load_localizer(ckpt)
     if scales:
         views = Views(views.size, views.mean, views.std, tuple(scales), views.stride)
@@ -47,7 +49,9 @@ def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], 
     cut = meta.get("split") or {"val": 40, "seed": 0}
     train, val = split_annotations(annotations, cut["val"], cut["seed"])
     test = list(annotations) if split == "all" else val
-    samples = eval_samples(test, spec.classes)
+    samples = eval_samples(test, spec.classes, log)
+    if not samples:
+        raise DataError(f"none of the {len(test)} images to score could be read")
     rows: dict[str, dict[str, float]] = {}
     for protocol in protocols:
         preds = []
@@ -55,9 +59,8 @@ def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], 
             preds.append(predict_boxes(model, image, spec, views, protocol, label if spec.per_class else None)[0])
         rows[f"{'PCR' if spec.per_class else 'SCR'}, {protocol}"] = score(torch.stack(preds),
                                                                          [t for _, t, _ in samples])
-    train_samples = eval_samples(train, spec.classes)
-    train_boxes = [t[0] for _, t, _ in train_samples]
-    sizes = [tuple(x.shape[-2:]) for x, _, _ in train_samples]
+    train_boxes = [eval_target(a, spec.classes)[0][0] for a in train]
+    sizes = [(a.height, a.width) for a in train]  # the frame read_pixels returns (the annotation's)
     test_sizes = [tuple(x.shape[-2:]) for x, _, _ in samples]
     rows.update(baselines(train_boxes, sizes, [t for _, t, _ in samples], test_sizes))
     return {"checkpoint": meta["file"], "split": split, "images": len(samples), "protocols": list(protocols),

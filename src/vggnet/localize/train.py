@@ -7,6 +7,7 @@ Runs end with the last epoch's weights (no epoch is chosen on the validation ima
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from vggnet.atomic import write_json
-from vggnet.data import DataError
+from vggnet.data import IMAGE_ERRORS, DataError
 from vggnet.data.voc import (
     VOCAnnotation,
     VOCBoxes,
@@ -36,6 +37,7 @@ from .boxes import encode
 from .evaluate import Views, predict_boxes, score
 from .model import BoxSpec, build_box_model, freeze_features, select_codes
 
+_log = logging.getLogger(__name__)
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LOSSES = ("l2", "smooth_l1")
 
@@ -107,16 +109,28 @@ def evaluate_views(model: VGG, samples: Sequence[tuple[Any, torch.Tensor, int]],
     return score(torch.stack(preds), [boxes for _, boxes, _ in samples])
 
 
-def eval_samples(annotations: Sequence[VOCAnnotation], classes: Sequence[str]
-                 ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(pixels, the true boxes of the image's main class, that class's index) per image: a prediction counts
-    when it matches any non-difficult object of the class (every object when all are difficult)."""
+def eval_target(annotation: VOCAnnotation, classes: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """(the true boxes of the image's main class, that class's index): a prediction counts when it matches any
+    non-difficult object of the class (every object when all are difficult). No pixel is read."""
+    main = primary_object(annotation)
+    same = [o for o in annotation.objects if o.name == main.name]
+    boxes = [o.box for o in same if not o.difficult] or [o.box for o in same]
+    return torch.tensor(boxes, dtype=torch.float32), list(classes).index(main.name)
+
+
+def eval_samples(annotations: Sequence[VOCAnnotation], classes: Sequence[str],
+                 log: Callable[[str], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(pixels, true boxes, class index) per image, see :func:`eval_target`. An image that cannot be decoded
+    (changed since :func:`~vggnet.data.voc.load_voc_folder` checked it) is left out with one line to ``log``
+    (default: a logging warning), so one bad file never stops an evaluation after its other images."""
     out = []
     for ann in annotations:
-        main = primary_object(ann)
-        same = [o for o in ann.objects if o.name == main.name]
-        boxes = [o.box for o in same if not o.difficult] or [o.box for o in same]
-        out.append((read_pixels(ann), torch.tensor(boxes, dtype=torch.float32), list(classes).index(main.name)))
+        try:
+            pixels = read_pixels(ann)
+        except IMAGE_ERRORS as exc:  # VOCError (a size that changed) is a ValueError too
+            (log or _log.warning)(f"skipped {ann.image}: unreadable image ({type(exc).__name__}: {exc})")
+            continue
+        out.append((pixels, *eval_target(ann, classes)))
     return out
 
 
@@ -130,7 +144,7 @@ def train_localizer(settings: LocalizeSettings, train_anns: Sequence[VOCAnnotati
         raise DataError("no training images")
     train_set = VOCBoxes(train_anns, classes, single_object=True, transform=train_box_transform(
         settings.image_size, crop=settings.crop, zoom_out=settings.zoom_out))
-    val_samples = eval_samples(val_anns, classes)
+    val_samples = eval_samples(val_anns, classes, log)
     torch.manual_seed(settings.seed)
     spec = BoxSpec(tuple(classes), settings.per_class)
     model, info = build_box_model(settings.model, spec, width=settings.width, fc_width=settings.fc_width,
