@@ -1,6 +1,7 @@
 """``vggnet predict`` and ``vggnet export`` end to end on a tiny checkpoint and a folder of PNGs."""
 
 import json
+from importlib import resources
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from vggnet.infer import Predictor, load_image
 
 CLASSES = ["red", "green", "blue"]
 META = {"classes": CLASSES, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "image_size": 32}
+DIGITS_META = {"classes": [str(i) for i in range(10)], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+               "image_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,38 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     vggnet.save_checkpoint(model, run / "best.safetensors", META)
     return run
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A run folder of the demo recipe, as far as predict reads one: a 10-class digits checkpoint beside the
+    built-in demo recipe (untrained: where the calibration images come from is tested here, not accuracy)."""
+    torch.manual_seed(0)
+    model = vggnet.create_model("vgg11_bn", num_classes=10, width=0.125, head="gap").eval()
+    run = tmp_path_factory.mktemp("demo")
+    vggnet.save_checkpoint(model, run / "best.safetensors", DIGITS_META)
+    (run / "recipe.yaml").write_text((resources.files("vggnet.recipes") / "demo.yaml").read_text())
+    return run
+
+
+def record_calibration(monkeypatch):
+    """The calibration batch every runtime built in this test is given, in order (the real runtime still builds)."""
+    import vggnet.infer.predictor as predictor
+
+    seen = []
+    build = predictor.make_runtime
+
+    def recording(name, model, prep, calib=None, **options):
+        seen.append(calib)
+        return build(name, model, prep, calib, **options)
+
+    monkeypatch.setattr(predictor, "make_runtime", recording)
+    return seen
+
+
+def rows(batch):
+    """The images of a batch as a set of bytes, to test membership exactly."""
+    return {image.numpy().tobytes() for image in batch}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +124,46 @@ def test_a_calibrated_runtime_uses_calib_data(run_dir, images, capsys):
 def test_calibrated_runtime_without_calib_data_is_an_error(run_dir, images, capsys):
     code, out, err = run_cli(["predict", "--ckpt", str(run_dir), "--runtime", "int8", str(images)], capsys)
     assert code == 2 and "--calib-data" in err and out == ""
+    # run_dir holds a checkpoint and no recipe.yaml: a bare checkpoint, whose training images are unknown
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("vggnet predict: error: --runtime int8 needs calibration images: ")
+    assert f"{run_dir / 'best.safetensors'} has no recipe.yaml beside it" in err
+
+
+def test_int8_on_a_demo_run_calibrates_on_its_training_split_without_calib_data(demo_run, images, capsys,
+                                                                                 monkeypatch):
+    """The rule of every INT8 path: no --calib-data, so the run's own training split (the embedded digits, rebuilt
+    from recipe.yaml as `vggnet eval` does), never its validation split; one stderr line says so."""
+    from vggnet.evaluate import eval_images
+    from vggnet.infer import Preprocessing, preprocess
+
+    seen = record_calibration(monkeypatch)
+    code, report, err = predict_json(["--ckpt", str(demo_run), "--runtime", "int8", str(images)], capsys)
+    assert code == 0, err
+    assert report["runtime"] == "int8" and len(report["predictions"]) == 5 and report["failed"] == 0
+    said = [line for line in err.splitlines() if "calibrat" in line]
+    assert said == [f"vggnet predict: calibrating int8 on 64 images of the training split of "
+                    f"{demo_run / 'recipe.yaml'} (digits)"], err
+    prep = Preprocessing.from_meta({**DIGITS_META, "in_channels": 3, "num_classes": 10})
+    train, val = (rows(preprocess(list(eval_images(demo_run, split=split)[0]), prep)) for split in ("train", "val"))
+    (calib,) = seen
+    assert calib.shape == (64, 3, 32, 32) and len(rows(calib)) == 64
+    assert rows(calib) <= train and not rows(calib) & val
+
+
+def test_calib_data_still_wins_over_the_runs_training_split(demo_run, images, capsys, monkeypatch):
+    from vggnet.capture.calibration import calibration_batch
+    from vggnet.infer import Preprocessing, expand_image_paths, preprocess
+
+    seen = record_calibration(monkeypatch)
+    code, report, err = predict_json(["--ckpt", str(demo_run), "--runtime", "onnx-int8", "--calib-data", str(images),
+                                      str(images)], capsys)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "calibrat" in line] == [
+        f"vggnet predict: calibrating onnx-int8 on 5 images of {images}"]
+    prep = Preprocessing.from_meta({**DIGITS_META, "in_channels": 3, "num_classes": 10})
+    want = calibration_batch(expand_image_paths([images]), 64, lambda batch: preprocess(batch, prep))
+    assert len(seen) == 1 and torch.equal(seen[0], want)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -168,6 +243,21 @@ def test_help_texts_name_the_runtimes_and_formats(capsys):
             parser.parse_args([command, "--help"])
         out = capsys.readouterr().out
         assert all(word in out for word in words), command
+
+
+def test_help_texts_state_one_calibration_rule(capsys):
+    """predict, serve and export say the same: --calib-data when given, else the run's training split (never its
+    validation split), else an error for a checkpoint outside a run folder."""
+    parser = build_parser()
+    for command in ("predict", "serve", "export"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(a folder, glob or file of training images) when given; else the training split of" in text, command
+        assert "recipe.yaml" in text and "the embedded digits for the demo" in text, command
+        assert "never its validation split); else an error" in text and "outside a run folder" in text, command
+        others = [other for other in ("vggnet predict", "vggnet serve", "vggnet export") if other[7:] != command]
+        assert all(other in text for other in others), command
 
 
 def test_int8_dynamic_on_a_conv_head_is_one_line_and_exit_2(images, tmp_path, capsys):

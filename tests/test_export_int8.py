@@ -225,6 +225,44 @@ def test_calib_data_folder_replaces_the_runs_images_and_leftovers_check_without_
         int8_images(bare / "m.safetensors", PREP, calib_data=folder, calib_images=20, check_images=100)
 
 
+def test_predict_and_export_calibrate_by_one_rule(run_dir, tmp_path):
+    """Issue #28 item 5: `predict --runtime int8` and `export --format onnx-int8` pick their calibration images by
+    the same rule, so the same images: the run's training split without --calib-data, --calib-data when given,
+    and for a checkpoint outside a run folder without it, the same one-line error."""
+    from vggnet.capture.calibration import CalibrationError
+    from vggnet.infer import find_calibration, read_calibration
+
+    ckpt = run_dir / "best.safetensors"
+    exported = int8_images(ckpt, PREP, calib_images=100, check_images=64)
+    source = find_calibration(ckpt, needed_by="--runtime int8")
+    assert source.record() == {k: exported.calibration[k] for k in ("source", "path", "dataset", "split")}
+    assert torch.equal(read_calibration(source, 100, PREP), exported.calib)
+    folder = png_folder(tmp_path / "calib", digits("train")[0][:80])
+    exported = int8_images(ckpt, PREP, calib_data=folder, calib_images=8, check_images=64)
+    source = find_calibration(ckpt, folder)  # --calib-data wins over the run's recipe
+    assert source.record() == {"source": "folder", "path": str(folder)}
+    assert torch.equal(read_calibration(source, 8, PREP), exported.calib)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(ckpt, bare / "m.safetensors")
+    for call, who in ((lambda: int8_images(bare / "m.safetensors", PREP), "an INT8 export"),
+                      (lambda: find_calibration(bare / "m.safetensors", needed_by="--runtime int8"), "--runtime int8")):
+        with pytest.raises(CalibrationError) as caught:
+            call()
+        assert str(caught.value) == (f"{who} needs calibration images: {bare / 'm.safetensors'} has no recipe.yaml "
+                                     "beside it (not in a run folder), so the training split of its run is unknown; "
+                                     "pass --calib-data PATH (a folder, glob or file of training images)")
+
+
+def test_export_help_names_the_batch_sizes_the_int8_check_runs(onnx_int8, capsys):
+    """Issue #28 item 2: the help said batch 1, 3 and 8, and the check also ran 4 (what is left of 256 images)."""
+    assert sorted(int(batch) for batch in onnx_int8["max_rel_error"]) == [1, 3, 4, 8]
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(by default batch 1, 3, 8 and 4)" in help_text
+
+
 def test_calibration_reads_what_eval_reads(run_dir, tmp_path, monkeypatch):
     """An image `vggnet eval` (and training) accepts is never skipped in calibration, and becomes the same pixels.
 

@@ -33,17 +33,20 @@ formats:
 Every file is loaded back and checked against the eager fp32 model before it is kept. fp32 formats run at
 batch 1, 3 and 8: max |exported - eager| / max |eager| must be <= 1e-4 (onnx, pt2) or 1e-5 (torchscript).
 INT8 cannot meet that: its top-1 class must agree with eager on >= --min-agreement (default 0.98) of up to
---check-images (default 256; at least 64 unless fewer are asked for) held-out images, run at batch 1, 3 and
-8; the max relative logit error is reported, not bounded. Read a file back in Python with
-vggnet.export.load_exported(path), or predict with it: vggnet predict --ckpt model.onnx IMAGE.
+--check-images (default 256; at least 64 unless fewer are asked for) held-out images, run as one batch of
+1, one of 3, then batches of 8, the last holding what is left (4 images when 256 or 64 are checked), so
+the report names each size run (by default batch 1, 3, 8 and 4); the max relative logit error is
+reported, not bounded. Read a file back in Python with vggnet.export.load_exported(path), or predict with it:
+vggnet predict --ckpt model.onnx IMAGE.
 
-INT8 calibration (--calib-images images, default 256, spread evenly and so deterministic) uses the run's
-own training images: --ckpt's run folder holds recipe.yaml, which names the data (the embedded digits, an
-ImageFolder tree...) and the validation split, which is never calibrated on. --calib-data PATH (a folder,
-glob or file of training images) replaces them, and is needed for a bare .safetensors file without a
-recipe. The images are preprocessed exactly as at prediction (shorter side to the training crop, centre
-crop, mean/std). The check runs on the run's validation images when they can be read, else on the
-training / --calib-data images left over after calibration.
+INT8 calibration images (the same rule as vggnet predict and vggnet serve with --runtime int8, onnx-int8
+or auto): --calib-data PATH (a folder, glob or file of training images) when given; else the training
+split of the run --ckpt belongs to, rebuilt from its recipe.yaml as vggnet eval does (the embedded digits
+for the demo, the ImageFolder tree it names...; never its validation split); else an error: a bare
+.safetensors file outside a run folder needs --calib-data. --calib-images of them (default 256), spread
+evenly and so deterministic, preprocessed exactly as at prediction (shorter side to the test scale,
+centre crop, mean/std). The check runs on the run's validation images when they can be read, else on
+the training / --calib-data images left over after calibration.
 
 examples:
   vggnet export --ckpt runs/cifar10 --format onnx --out exports/cifar10.onnx
@@ -65,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=textwrap.fill(
             "Export a checkpoint for deployment with its preprocessing (mean, std, input size, class names) "
             "inside the file. The file is written under a temporary name, loaded back, compared with the "
-            "eager model and only then renamed to --out. INT8 formats are calibrated now, on the run's own "
-            "training images, so the file needs no calibration data later.", width=100),
+            "eager model and only then renamed to --out. INT8 formats are calibrated now, on --calib-data when "
+            "given, else on the run's own training split, so the file needs no calibration data later.",
+            width=100),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", required=True, metavar="RUN", help="run folder or .safetensors checkpoint")
@@ -76,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--calib-data", metavar="PATH",
                    help="INT8: calibration images (folder, glob or file of training images) instead of the run's "
-                        "own training split from its recipe.yaml")
+                        "own training split from its recipe.yaml; needed for a checkpoint outside a run folder")
     p.add_argument("--calib-images", type=int, default=256, metavar="N",
                    help="INT8: calibration images, spread evenly over the training images (default: 256)")
     p.add_argument("--check-images", type=int, default=256, metavar="N",
@@ -105,6 +109,7 @@ def _mib(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vggnet.capture.calibration import describe
     from vggnet.export import INT8_FORMATS, export_model
 
     fmt = args.format or _format_from_name(args.out)
@@ -132,9 +137,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"top-1 agreement with eager fp32: {100 * report.agreement:.2f} % of {check['images']} "
               f"{check['description']} (required: {100 * report.min_agreement:.2f} %)")
         print(f"max relative logit error vs eager fp32: {errors}")
-        where = (f"the training split of {calib['path']} ({calib['dataset']})" if calib["source"] == "recipe"
-                 else calib["path"])
-        print(f"calibrated on {calib['images']} images of {where}"
+        print(f"calibrated on {calib['images']} images of {describe(calib)}"
               + (f" ({calib['unreadable']} unreadable, skipped)" if calib.get("unreadable") else "")
               + f"; weights {report.quantization['weights']}, activations {report.quantization['activations']}")
     else:

@@ -18,12 +18,18 @@ runtimes (--runtime; all return the same labels up to their precision):
   bf16            bf16 weights and autocast (fast on CPUs with AVX512-BF16 or AMX)
   compile         torch.compile (Inductor), fp32; compiles on the first batch
   compile-bf16    torch.compile with bf16 weights and activations
-  int8            static INT8 (torchao PT2E, X86InductorQuantizer); needs --calib-data
+  int8            static INT8 (torchao PT2E, X86InductorQuantizer); calibrated (see below)
   int8-dynamic    INT8 FC layers with per-batch activation scales (torchao), convs fp32
   onnx            ONNX Runtime, fp32
-  onnx-int8       ONNX Runtime static INT8 (QDQ); needs --calib-data
+  onnx-int8       ONNX Runtime static INT8 (QDQ); calibrated (see below)
   auto            tries them on the calibration images, keeps the fastest whose top-1 agrees with eager
-                  on >= 99 % of them, says which on stderr; needs --calib-data
+                  on >= 99 % of them, says which on stderr; calibrated (see below)
+
+calibration images (int8, onnx-int8, auto; the same rule as vggnet serve and vggnet export's INT8 formats):
+  --calib-data PATH (a folder, glob or file of training images) when given; else the training split of the
+  run --ckpt belongs to, rebuilt from its recipe.yaml as vggnet eval does (the embedded digits for the demo,
+  the ImageFolder tree it names...; never its validation split); else an error: a checkpoint outside a run
+  folder needs --calib-data. --calib-n of them (default 64), spread evenly; one line on stderr says which.
 
 --ckpt may also be a file written by `vggnet export` (.onnx, .pt2, .pt): it runs as exported, on the CPU,
 with the preprocessing stored inside it, and --runtime, --device and --precision do not apply.
@@ -36,6 +42,7 @@ devices (--device, --precision; the eager runtime of a checkpoint):
 examples:
   vggnet predict --ckpt runs/cifar10 photo.jpg
   vggnet predict --ckpt runs/cifar10 --topk 3 --json 'shots/**/*.png' > labels.json
+  vggnet predict --ckpt runs/demo --runtime int8 shots/     # calibrated on the run's own training split
   vggnet predict --ckpt runs/cifar10 --runtime int8 --calib-data data/cifar10/train --calib-n 256 shots/
   vggnet predict --ckpt model.onnx shots/
   vggnet predict --ckpt runs/cifar10 --device cuda --precision bf16 shots/
@@ -71,9 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--calib-data", metavar="PATH",
                    help="calibration images for int8, onnx-int8 and auto: a folder (e.g. the training set), "
-                   "glob or file; use training images, not the ones being predicted")
+                   "glob or file; use training images, not the ones being predicted (default: the training split "
+                   "of --ckpt's run, from its recipe.yaml; needed for a checkpoint outside a run folder)")
     p.add_argument("--calib-n", type=int, default=64, metavar="N",
-                   help="calibration images, spread evenly over --calib-data (default: 64)")
+                   help="calibration images, spread evenly over --calib-data or the run's training split "
+                   "(default: 64)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="report unreadable images and go on, instead of stopping at the first one")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -102,23 +111,22 @@ def check_device(args: argparse.Namespace) -> str:
     return str(placement(args.device, args.precision)[0])
 
 
-def _calibration(args: argparse.Namespace, prep: Any) -> Any:
-    """--calib-n of the --calib-data images, read as `vggnet eval` reads images (vggnet.capture.calibration)."""
-    import functools
+def _calibration_source(args: argparse.Namespace, file: Path, runtime: str) -> Any:
+    """Where a calibrated runtime's images come from (vggnet.capture.calibration's one rule: --calib-data, else the
+    run's training split, else a one-line error), decided before the model loads; None when nothing needs them."""
+    from vggnet.infer import find_calibration
 
-    from vggnet.capture.calibration import calibration_batch
-    from vggnet.infer import expand_image_paths, preprocess
-
+    if runtime not in _CALIBRATED and not args.calib_data:
+        return None
     if args.calib_n < 1:
         raise UsageError(f"--calib-n must be at least 1, got {args.calib_n}")
-    return calibration_batch(expand_image_paths([args.calib_data]), args.calib_n,
-                             functools.partial(preprocess, prep=prep))
+    return find_calibration(file, args.calib_data, needed_by=f"--runtime {runtime}")
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, str]:
     """The predictor and the name of what it runs."""
     from vggnet.export import load_exported
-    from vggnet.infer import Predictor, Preprocessing
+    from vggnet.infer import Predictor, Preprocessing, read_calibration
     from vggnet.models import checkpoint_file, checkpoint_meta, load_checkpoint
 
     ckpt = Path(args.ckpt)
@@ -128,13 +136,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, str]:
         exported = load_exported(ckpt)
         return exported.predictor(max_batch=args.batch_size), f"exported {exported.format}"
     runtime = args.runtime or "eager"
-    if runtime in _CALIBRATED and not args.calib_data:
-        raise UsageError(f"--runtime {runtime} needs calibration images: pass --calib-data PATH "
-                         "(a folder of training images) and optionally --calib-n N")
     file = checkpoint_file(ckpt)  # errors for a missing or foreign checkpoint come before any image work
+    source = _calibration_source(args, file, runtime)
     model, extra = load_checkpoint(file)
     prep = Preprocessing.from_meta(checkpoint_meta(file, model, extra))
-    calib = _calibration(args, prep) if args.calib_data else None
+    calib = None if source is None else read_calibration(source, args.calib_n, prep)
+    if calib is not None and runtime in _CALIBRATED:
+        print(f"vggnet predict: calibrating {runtime} on {len(calib)} images of {source.description}",
+              file=sys.stderr)
     predictor = Predictor(model, prep, runtime, calib=calib, max_batch=args.batch_size, device=args.device,
                           precision=args.precision)
     predictor.source = file

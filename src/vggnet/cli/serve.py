@@ -25,6 +25,13 @@ model repository layout (--model-repo DIR):
   --ckpt RUN serves one checkpoint as model <run folder name>, version 1; --ckpt m.int8.onnx one exported
   file as model m.int8.
 
+calibration images (runtimes int8, onnx-int8, auto; the rule of vggnet predict and vggnet export too):
+  the model's calib_data (in its config.yaml, relative to the model folder) or --calib-data PATH (a folder,
+  glob or file of training images) when given; else the training split of the version's run, rebuilt from
+  its recipe.yaml as vggnet eval does (the embedded digits for the demo, the ImageFolder tree it names...;
+  never its validation split); else an error before the server starts: a checkpoint outside a run folder
+  needs one of them. --calib-n of them (default 64), spread evenly; the log says where they came from.
+
 exported files (vggnet export):
   served as they are, on the CPU, INT8 ones included: the preprocessing, and an INT8 file's calibration, are
   inside the file, so --runtime must stay eager (the default), --device cpu and --precision fp32 (the defaults),
@@ -41,6 +48,7 @@ examples:
   vggnet serve --ckpt runs/cifar10 --port 8000
   curl -s -X POST --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'localhost:8000/predict?topk=3'
   vggnet serve --model-repo models/ --host 0.0.0.0 --max-batch-size 32 --max-delay-ms 10
+  vggnet serve --ckpt runs/demo --runtime int8            # calibrated on the run's own training split
   vggnet serve --ckpt runs/cifar10 --runtime auto --calib-data data/cifar10/train --calib-n 128
   vggnet export --ckpt runs/cifar10 --format onnx-int8 --out models/cifar10/2/model.int8.onnx
   vggnet serve --ckpt models/cifar10/2/model.int8.onnx
@@ -82,8 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="autocast for checkpoints on --device: fp32 (default), bf16, fp16 (CUDA only) or auto")
     p.add_argument("--calib-data", metavar="PATH",
                    help="calibration images (folder, glob or file) for int8, onnx-int8 and auto: training images "
-                   "(not needed for exported INT8 files, calibrated at export)")
-    p.add_argument("--calib-n", type=int, metavar="N", help="calibration images, spread evenly (default: 64)")
+                   "(default: the training split of each checkpoint's run, from its recipe.yaml; needed for a "
+                   "checkpoint outside a run folder; not needed for exported INT8 files, calibrated at export)")
+    p.add_argument("--calib-n", type=int, metavar="N",
+                   help="calibration images, spread evenly over --calib-data or the run's training split "
+                   "(default: 64)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--max-batch-size", type=int, help="rows per forward pass and per request (default: 16)")
@@ -162,9 +173,11 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
 
 def _check_repo(repo: ModelRepository, settings: ServeSettings) -> None:
     """Usage errors now, not a model that never gets ready: a missing GPU, an unknown runtime, an exported file
-    given a runtime, a device or calibration images that would not apply to it, missing calibration images."""
+    given a runtime, a device or calibration images that would not apply to it, a calibrated runtime with no
+    calibration images (neither calib_data nor a run folder: the rule of vggnet.infer.find_calibration)."""
+    from vggnet.infer import find_calibration
     from vggnet.infer.predictor import check_cpu_only, placement
-    from vggnet.serve.versions import check_exported, ensure_runtime
+    from vggnet.serve.versions import CALIB_HINT, check_exported, ensure_runtime
 
     if settings.device is not None or settings.precision is not None:
         placement(settings.device, settings.precision)
@@ -175,9 +188,12 @@ def _check_repo(repo: ModelRepository, settings: ServeSettings) -> None:
             check_cpu_only(f"runtime {runtime} (model {model.name})", settings.device, settings.precision)
         kinds = [check_exported(file, runtime, settings.trust_model_code, settings.device, settings.precision)
                  for file in model.versions.values()]
-        if None in kinds and runtime in _CALIBRATED and not (model.calib_data or settings.calib_data):
-            raise UsageError(f"runtime {runtime} (model {model.name}) needs calibration images: pass --calib-data "
-                             "PATH (a folder of training images) or set calib_data in its config.yaml")
+        if runtime not in _CALIBRATED:
+            continue
+        for file, kind in zip(model.versions.values(), kinds, strict=True):
+            if kind is None:  # a checkpoint: exported INT8 files are calibrated already
+                find_calibration(file, model.calib_data or settings.calib_data, hint=CALIB_HINT,
+                                 needed_by=f"runtime {runtime} (model {model.name})")
 
 
 def _setup_logging(level: str) -> None:

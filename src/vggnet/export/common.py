@@ -8,7 +8,8 @@ the file resizes, crops and normalises exactly as the checkpoint was validated (
 
 An INT8 model cannot meet the fp32 tolerance, so it is checked differently (:func:`check_agreement`): its top-1
 must agree with eager fp32 on held-out images that were not used to calibrate it (:func:`int8_images`, from
-:mod:`vggnet.capture.calibration`, picks both sets).
+:mod:`vggnet.capture.calibration`, picks both sets; the calibration images by the rule ``vggnet predict`` and
+``vggnet serve`` use too).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from vggnet.capture.calibration import CALIB_IMAGES, CHECK_IMAGES, MIN_CHECK_IMA
 from vggnet.capture.graph import example_input
 from vggnet.capture.metadata import EXPORT_FORMAT, METADATA_KEY, export_metadata
 from vggnet.errors import UsageError, VggnetError
-from vggnet.infer.images import expand_image_paths
+from vggnet.infer.calibration import calibration_files
 from vggnet.infer.predictor import Predictor, Preprocessing, Runtime, preprocess
 from vggnet.models import VGG
 
@@ -140,12 +141,7 @@ def int8_images(ckpt: str | os.PathLike, prep: Preprocessing, calib_data: str | 
     :func:`vggnet.capture.calibration.int8_images`); ``calib_data`` is a folder, glob or file of training images
     that replaces the run's own training split."""
     check_counts(calib_images, check_images)
-    paths = None
-    if calib_data is not None:
-        try:
-            paths = expand_image_paths([calib_data])
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"calibration data {calib_data}: {exc}") from exc
+    paths = calibration_files(calib_data) if calib_data is not None else None
     return calibration.int8_images(ckpt, functools.partial(preprocess, prep=prep), prep.classes, calib_paths=paths,
                                    calib_source=calib_data, calib_images=calib_images, check_images=check_images)
 

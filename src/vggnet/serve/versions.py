@@ -18,7 +18,7 @@ import threading
 import torch
 
 from vggnet.errors import UsageError, VggnetError
-from vggnet.infer import Predictor, Preprocessing, preprocess
+from vggnet.infer import CALIBRATED, Predictor, Preprocessing, find_calibration, read_calibration
 from vggnet.infer.predictor import check_cpu_only
 from vggnet.models import checkpoint_meta, load_checkpoint
 
@@ -39,6 +39,8 @@ CODE_KINDS = ("pt2", "torchscript")
 # V2 / Triton ``platform`` of an exported format (Triton's names where it has one); checkpoints are "pytorch".
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"():,/]+/)*([^\s'\"():,/]+)")
+#: what the server's calibration error tells the user to pass
+CALIB_HINT = "pass --calib-data PATH (a folder of training images) or set calib_data in the model's config.yaml"
 
 
 def check_exported(file: str | os.PathLike, runtime: str, trust_model_code: bool, device: str | None = None,
@@ -82,13 +84,13 @@ def ensure_runtime(name: str) -> None:
         raise UsageError(f"unknown runtime {name!r}; available: {', '.join(sorted(RUNTIMES))}")
 
 
-def calibration_batch(source: str | os.PathLike, n: int, prep: Preprocessing) -> torch.Tensor:
-    """``n`` images spread evenly over ``source``, preprocessed as requests are: the same rule as
-    ``vggnet predict --calib-data``, so a served int8 model matches the predicted one."""
-    from vggnet.infer import expand_image_paths, load_images
-    from vggnet.infer.images import evenly_spaced
-
-    return preprocess(load_images(evenly_spaced(expand_image_paths([source]), n)), prep)
+def calibration_batch(source: str | os.PathLike | None, n: int, prep: Preprocessing,
+                      ckpt: str | os.PathLike | None = None) -> torch.Tensor:
+    """``n`` calibration images spread evenly and preprocessed as requests are, from ``source`` (``calib_data``: a
+    folder, glob or file) when given, else from the training split of the run ``ckpt`` belongs to: the rule of
+    ``vggnet predict`` and ``vggnet export`` (:func:`vggnet.infer.find_calibration`), read the same way, so a
+    served int8 model matches the predicted one."""
+    return read_calibration(find_calibration(ckpt, source, needed_by="calibration", hint=CALIB_HINT), n, prep)
 
 
 def without_paths(text: str) -> str:
@@ -188,11 +190,24 @@ class ModelVersion:
         ensure_runtime(self.runtime_name)
         model, extra = load_checkpoint(self.file)
         prep = Preprocessing.from_meta(checkpoint_meta(self.file, model, extra))
-        calib = calibration_batch(self.calib_data, self.calib_n, prep) if self.calib_data else None
+        calib = self._calibration(prep)
         predictor = Predictor(model, prep, self.runtime_name, calib=calib, max_batch=self.max_batch_size,
                               device=self.device, precision=self.precision)
         predictor.source = self.file
         return predictor
+
+    def _calibration(self, prep: Preprocessing) -> torch.Tensor | None:
+        """The calibration batch of a calibrated runtime, by the rule of every INT8 path (``calib_data``, else the
+        run's training split, else an error saying what to pass), logged with where it came from."""
+        if self.runtime_name not in CALIBRATED and not self.calib_data:
+            return None
+        source = find_calibration(self.file, self.calib_data, hint=CALIB_HINT,
+                                  needed_by=f"runtime {self.runtime_name} (model {self.name})")
+        calib = read_calibration(source, self.calib_n, prep)
+        if self.runtime_name in CALIBRATED:
+            log.info("model %s version %s: calibrating %s on %d images of %s", self.name, self.version,
+                     self.runtime_name, len(calib), source.description)
+        return calib
 
     def _load_exported(self) -> Predictor:
         """The exported file behind the Predictor interface the batcher and routes use; an INT8 file carries
