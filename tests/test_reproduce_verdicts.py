@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vggnet.cli import main
+from vggnet.evaluate import eval_images
 from vggnet.reproduce import conclusions
 from vggnet.reproduce.paired import (
     Paired,
@@ -153,13 +154,19 @@ def test_complementary_verdict_combines_d_and_e():
     assert v["Dense and multi-crop evaluation are complementary"] == "contradicted"
 
 
+# (images A gets wrong, images A-LRN gets wrong, the verdict on "LRN does not help", the paired test's text)
+PLANTED = [(12, 0, "contradicted", "Δ -30.00, b/c 0/12"),  # A-LRN significantly better
+           (0, 12, "holds", "Δ +30.00, b/c 12/0"),  # A-LRN significantly worse: it does not help
+           (0, 0, "inconclusive", "Δ +0.00, b/c 0/0")]  # the same predictions: 40 images cannot rule out a gain
+
+
 @pytest.mark.slow
 def test_smoke_study_from_the_cli_keeps_per_image_results_and_gives_verdicts(tmp_path, capsys):
     """`vggnet reproduce` end to end on the digits, two tiny nets (about 30 s of CPU)."""
     out = tmp_path / "study"
-    assert main(["reproduce", "--out", str(out), "--runs", "A,A-LRN", "--epochs", "1", "--width", "0.0625",
-                 "--limit", "40", "--batch-size", "64", "--no-progress",
-                 "--set", "model.fc_width=32", "optim.batch_size=64"]) == 0
+    argv = ["reproduce", "--out", str(out), "--runs", "A,A-LRN", "--epochs", "1", "--width", "0.0625",
+            "--limit", "40", "--batch-size", "64", "--no-progress", "--set", "model.fc_width=32", "optim.batch_size=64"]
+    assert main(argv) == 0
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
     for run in ("A", "A-LRN"):
@@ -169,6 +176,32 @@ def test_smoke_study_from_the_cli_keeps_per_image_results_and_gives_verdicts(tmp
     measured = [c for c in conclusions(results) if c["verdict"] != "not measured"]  # the rest need B..E
     assert [c["conclusion"] for c in measured] == ["LRN does not help (A-LRN is no better than A)"]
     assert measured[0]["verdict"] in OUTCOMES and "b/c" in measured[0]["test"]
+    # the trained nets' verdict is the one their own per-image results give (the direction and flag included)
+    rows = {run: results["evaluations"][run]["table3"] for run in ("A", "A-LRN")}
+    assert measured[0]["verdict"] == verdict(compare(rows["A-LRN"], rows["A"]), expect_no_gain=True)
     report = (out / "results.md").read_text()
     assert "| conclusion | ours (top-1 err %) | paired test (Δ points, b/c, p) | verdict |" in report
     assert "McNemar" in report
+    # planted predictions (the cached probabilities the study reuses): each gives one verdict, and no other
+    labels = np.asarray(eval_images(out / "runs" / "A", limit=40)[1])
+    for a_wrong, lrn_wrong, expected, test in PLANTED:
+        for run, wrong in (("A", a_wrong), ("A-LRN", lrn_wrong)):
+            plant_predictions(out, run, results["evaluations"][run]["table3"]["protocol"], labels, wrong)
+        assert main(argv) == 0
+        capsys.readouterr()
+        planted = {c["conclusion"]: c for c in conclusions(json.loads((out / "results.json").read_text()))}
+        lrn = planted["LRN does not help (A-LRN is no better than A)"]
+        assert lrn["verdict"] == expected and lrn["test"].startswith(test), lrn
+        assert f"| {expected} |" in (out / "results.md").read_text()
+
+
+def plant_predictions(out, run: str, protocol: str, labels: np.ndarray, wrong: int) -> None:
+    """Replace a run's cached class probabilities for ``protocol``: right on every image but the first ``wrong``."""
+    slug = protocol.replace("@", "_at_").replace(",", "_").replace(":", "_").replace("+", "_and_")
+    path = out / "eval" / run / f"{slug}-n{len(labels)}.npy"
+    assert path.is_file(), sorted(p.name for p in path.parent.iterdir())  # the cache's file naming changed?
+    predicted = labels.copy()
+    predicted[:wrong] = (labels[:wrong] + 1) % 10
+    probs = np.full((len(labels), 10), 0.01, np.float32)
+    probs[np.arange(len(labels)), predicted] = 0.91
+    np.save(path, probs)

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import logging
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import vggnet
 from serve_helpers import jpeg_bytes, metric_samples, output, png_header, tiny_checkpoint
 from vggnet.infer import Predictor
 from vggnet.serve import ModelRepository, ServeSettings, create_app
@@ -159,13 +161,58 @@ def test_runtime_from_config_and_calibration_images(tmp_path):
         np.testing.assert_allclose(output(r, "logits"), predictor.logits(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def digits_run(run):
+    """A run folder of the demo recipe, as far as the server reads one: a 10-class digits checkpoint beside the
+    built-in demo recipe (untrained: where the calibration images come from is tested, not accuracy)."""
+    torch.manual_seed(6)
+    model = vggnet.create_model("vgg11_bn", num_classes=10, width=0.125, head="gap").eval()
+    run.mkdir(parents=True)
+    vggnet.save_checkpoint(model, run / "best.safetensors", {"classes": [str(i) for i in range(10)],
+                                                             "mean": [0.5] * 3, "std": [0.5] * 3, "image_size": 32})
+    (run / "recipe.yaml").write_text((resources.files("vggnet.recipes") / "demo.yaml").read_text())
+    return run
+
+
+def test_a_calibrated_runtime_follows_predicts_rule(tmp_path, monkeypatch, caplog):
+    """Issue #28 item 5: a served int8 model is calibrated by the rule of `vggnet predict` (and export): without
+    calib_data on the run's own training split, the same images predict takes, which the CLI accepts where it
+    refuses a bare checkpoint; calib_data still wins; the log says where the images came from."""
+    import vggnet.serve.app
+    from vggnet.cli import main
+    from vggnet.infer import find_calibration, read_calibration
+    from vggnet.serve.versions import calibration_batch
+
+    run = digits_run(tmp_path / "demo")
+    ckpt = run / "best.safetensors"
+    prep = Predictor.from_checkpoint(run).prep
+    assert torch.equal(calibration_batch(None, 16, prep, ckpt=ckpt), read_calibration(find_calibration(ckpt), 16, prep))
+    started = []
+    monkeypatch.setattr(vggnet.serve.app, "run_server", lambda repo, settings, **kw: started.append(settings))
+    assert main(["serve", "--ckpt", str(run), "--runtime", "onnx-int8", "--calib-n", "16"]) == 0 and started
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 36), (60 * i, 20, 200 - 40 * i)).save(calib / f"{i}.png")
+    repo = ModelRepository.from_checkpoints([run])
+    for calib_data, where in ((None, f"the training split of {run / 'recipe.yaml'} (digits)"), (str(calib), calib)):
+        settings = ServeSettings(runtime="onnx-int8", calib_data=calib_data, calib_n=16, load_in_background=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vggnet.serve"), TestClient(create_app(repo, settings)) as c:
+            assert c.get("/v2/health/ready").status_code == 200
+        said = [r.getMessage() for r in caplog.records if "calibrating" in r.getMessage()]
+        assert said == [f"model demo version 1: calibrating onnx-int8 on {16 if calib_data is None else 4} images of "
+                        f"{where}"]
+
+
 def test_cli_refuses_unknown_or_uncalibrated_runtimes(repo_dir, capsys):
     from vggnet.cli import main
 
     assert main(["serve", "--ckpt", str(repo_dir / "cls" / "1"), "--runtime", "nope"]) == 2
     assert "unknown runtime 'nope'" in capsys.readouterr().err
     assert main(["serve", "--ckpt", str(repo_dir / "cls" / "1"), "--runtime", "int8"]) == 2
-    assert "--calib-data" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--calib-data" in err
+    assert len(err.splitlines()) == 1 and "no recipe.yaml" in err and "calib_data in the model's config.yaml" in err
     assert main(["serve", "--model-repo", str(repo_dir / "missing")]) == 2
 
 
@@ -313,3 +360,50 @@ def test_cli_max_explain_jobs_reaches_the_settings(repo_dir, monkeypatch, capsys
     assert seen["settings"].max_explain_jobs == 5
     assert main(["serve", "--ckpt", str(repo_dir / "cls" / "1"), "--max-explain-jobs", "0"]) == 2
     assert "--max-explain-jobs must be positive" in capsys.readouterr().err
+
+
+# colours of 32×32 test images (a square of the opposite colour in each): the images a net must tell apart
+PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (255, 255, 0), (128, 0, 255),
+           (0, 200, 200)]
+
+
+def clear_answer_checkpoint(path):
+    """A tiny net whose last layer is scaled up: its top-1 differs between images and is not a near-tie
+    (an untrained net's three probabilities all lie within a percent of 1/3, where any noise reorders them)."""
+    torch.manual_seed(1)
+    model = vggnet.create_model("vgg11_bn", num_classes=3, width=0.125, head="gap")
+    with torch.no_grad():
+        [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight.mul_(30)
+    return vggnet.save_checkpoint(model.eval(), path, {"classes": ["a", "b", "c"], "mean": [0.5] * 3,
+                                                       "std": [0.25] * 3, "image_size": 32})
+
+
+def test_predict_upload_equals_the_eager_net_on_clear_answers(tmp_path):
+    """/predict against the network computed here by hand, not through Predictor (the code /predict shares):
+    32×32 PNGs need no resize or crop, so the input is the pixels over 255, minus 0.5, over 0.25. A bug in the
+    shared preprocessing or labels shows up here; the images are ones whose top-1 leads by 0.1 or more."""
+    path = clear_answer_checkpoint(tmp_path / "repo" / "clear" / "1" / "best.safetensors")
+    model = vggnet.load_checkpoint(path)[0].eval()
+    cases = []
+    for colour in PALETTE:
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        pixels[:] = colour
+        pixels[8:24, 8:16] = 255 - np.asarray(colour)
+        x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+        with torch.no_grad():
+            probs = model(x[None]).softmax(1)[0]
+        top = probs.sort(descending=True)
+        if top.values[0] - top.values[1] >= 0.1:  # a clear answer
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, "PNG")
+            expected = [("abc"[int(i)], float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+            cases.append((buf.getvalue(), expected))
+    assert len(cases) >= 4 and len({expected[0][0] for _, expected in cases}) >= 2  # the answer depends on the image
+    app = create_app(ModelRepository.from_dir(tmp_path / "repo"), ServeSettings(load_in_background=False))
+    with TestClient(app) as c:
+        for data, expected in cases:
+            r = c.post("/predict?model=clear&topk=3", content=data, headers={"Content-Type": "image/png"})
+            got = r.json()["predictions"]
+            assert [p["label"] for p in got] == [label for label, _ in expected], (got, expected)
+            np.testing.assert_allclose([p["probability"] for p in got], [p for _, p in expected], rtol=1e-4,
+                                       atol=1e-6)

@@ -191,12 +191,34 @@ def test_cli_refuses_unknown_public_groups(tmp_path, capsys, repo_dir):
     assert code == 2 and "unknown group" in capsys.readouterr().err
 
 
-def test_crc_helper_agrees_with_zlib():
-    """The PNG walk reads (type + data) for the CRC, as the PNG spec defines it."""
-    data = image_bytes("PNG")
+def png_with_text_chunk(crc_over: bytes | None = None) -> tuple[bytes, int]:
+    """A PNG with a tEXt chunk after the pixel data (whose CRC PIL never checks) and where that chunk starts; its
+    CRC is taken over ``crc_over``, by default type + data as the PNG spec defines it."""
+    png = image_bytes("PNG")
+    at = png.rfind(b"IEND") - 4
+    payload = b"key\x00value"
+    crc = zlib.crc32(b"tEXt" + payload if crc_over is None else crc_over) & 0xFFFFFFFF
+    return png[:at] + struct.pack(">I", len(payload)) + b"tEXt" + payload + struct.pack(">I", crc) + png[at:], at
+
+
+def test_png_chunk_check_takes_the_crc_over_type_and_data():
+    """vggnet's PNG walk reads (type + data) for the CRC, as the PNG spec defines it: a file written that way passes,
+    one whose CRC covers anything else is refused, naming the chunk (PIL alone accepts all three)."""
+    data = image_bytes("PNG")  # the spec's coverage, as PIL's encoder (zlib) writes it
     start = data.find(b"IHDR")
     (stored,) = struct.unpack(">I", data[start + 17:start + 21])
     assert zlib.crc32(data[start:start + 17]) & 0xFFFFFFFF == stored
+    good, at = png_with_text_chunk()
+    check_integrity(good, "PNG")
+    assert decode_image(good, 10**7).size == (40, 40)
+    payload = b"key\x00value"
+    for crc_over in (payload, struct.pack(">I", len(payload)) + b"tEXt" + payload, b"tEXt" + payload[:-1]):
+        bad, at = png_with_text_chunk(crc_over)
+        with Image.open(io.BytesIO(bad)) as image:
+            image.load()  # PIL reads the chunk and never checks its CRC
+        with pytest.raises(ServeError, match=f"chunk 'tEXt' at byte {at} fails its CRC check") as info:
+            decode_image(bad, 10**7)
+        assert info.value.status == 400
 
 
 # --- admission and the body-read time limit, over a real socket ------------------------------------------------

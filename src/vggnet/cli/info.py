@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vggnet.errors import UsageError
-from vggnet.models import VGGConfig, count_macs, layer_table, list_models, read_checkpoint
+from vggnet.models import list_models
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: the table needs torch (a meta-device model), `--help` does not
+    from vggnet.models import VGGConfig, count_macs, layer_table, read_checkpoint
+
     if args.model.endswith(".safetensors"):
         config = read_checkpoint(args.model)[0]
     else:

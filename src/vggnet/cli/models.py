@@ -6,7 +6,7 @@ import argparse
 import json
 
 from vggnet.errors import UsageError
-from vggnet.models import VGGConfig, count_macs, count_params, list_models, meta_model
+from vggnet.models import list_models
 from vggnet.models.configs import PAPER_TABLE2_MILLIONS
 
 
@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.input_size < 32:
         raise UsageError("input size must be at least 32 pixels (five 2×2 poolings)")
+    # here, not at the top: the counts need torch (a meta-device model, FlopCounterMode), `--help` does not
+    from vggnet.models import VGGConfig, count_macs, count_params, meta_model
+
     rows = []
     # the paper's Table 2 counts (in millions) hold for its own nets only: 1000 classes, full width, no BN, the fc
     # head or its fully-convolutional form (the same weights, reshaped)

@@ -1,31 +1,46 @@
 """The VGG model zoo: every configuration of the paper, with and without batch norm.
 
-Imports nothing of training, data or serving.
+Imports nothing of training, data or serving. The names that need torch are loaded on first use (PEP 562), so
+``vggnet.models.configs``, :func:`list_models` and ``vggnet info --help`` cost no torch import.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .complexity import count_macs, count_params, layer_table, meta_model
 from .configs import CONFIGS, NAME_TO_CONFIG, PAPER_PARAMS, PAPER_WARM_START_LAYERS
-from .init import INIT_SCHEMES, init_from_shallower, init_weights, init_whitening
-from .vgg import VGG, VGGConfig
-from .weights import (
-    CHECKPOINT_NAMES,
-    WeightsError,
-    WeightsNotFoundError,
-    checkpoint_file,
-    checkpoint_meta,
-    detect_format,
-    load_checkpoint,
-    load_weights,
-    read_checkpoint,
-    save_checkpoint,
-)
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ below loads them
+    import torch
+
+    from .complexity import count_macs, count_params, layer_table, meta_model
+    from .init import INIT_SCHEMES, init_from_shallower, init_weights, init_whitening
+    from .vgg import VGG, VGGConfig
+    from .weights import (
+        CHECKPOINT_NAMES,
+        WeightsError,
+        WeightsNotFoundError,
+        checkpoint_file,
+        checkpoint_meta,
+        detect_format,
+        load_checkpoint,
+        load_weights,
+        read_checkpoint,
+        save_checkpoint,
+    )
+
+# name -> the submodule that defines it (each imports torch)
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("count_macs", "count_params", "layer_table", "meta_model"), ".complexity"),
+    **dict.fromkeys(("INIT_SCHEMES", "init_from_shallower", "init_weights", "init_whitening"), ".init"),
+    **dict.fromkeys(("VGG", "VGGConfig"), ".vgg"),
+    **dict.fromkeys(("CHECKPOINT_NAMES", "WeightsError", "WeightsNotFoundError", "checkpoint_file",
+                     "checkpoint_meta", "detect_format", "load_checkpoint", "load_weights", "read_checkpoint",
+                     "save_checkpoint"), ".weights"),
+}
 
 __all__ = [
     "CHECKPOINT_NAMES", "CONFIGS", "INIT_SCHEMES", "NAME_TO_CONFIG", "PAPER_PARAMS", "PAPER_WARM_START_LAYERS", "VGG",
@@ -34,6 +49,21 @@ __all__ = [
     "layer_table", "list_models", "load_checkpoint", "load_weights", "meta_model", "read_checkpoint",
     "save_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a torch-backed name on first access and cache it, so later lookups skip this hook."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, so ``dir()`` and tab completion list them before first use."""
+    return sorted(set(globals()) | set(__all__))
 
 
 def list_models() -> list[str]:
@@ -64,6 +94,10 @@ def create_model(
     ``logit_scale`` multiplies the logits (a fixed temperature some fast recipes train with).
     ``channels`` gives every conv its own width instead of ``width`` (a pruned network's widths).
     """
+    from .init import init_weights
+    from .vgg import VGG, VGGConfig
+    from .weights import load_weights
+
     config = VGGConfig(name=name, num_classes=num_classes, in_channels=in_channels, width=width,
                        head=head, dropout=dropout, fc_width=fc_width, logit_scale=logit_scale,
                        channels=None if channels is None else tuple(channels))
