@@ -39,11 +39,7 @@ def test_help_imports_no_torch(argv):
 
 
 # every other subcommand's --help too: a module that imports torch at its top costs seconds on each call
-@pytest.mark.parametrize("command", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="cli/data.py imports vggnet.data (torch, torchvision) at its top; when that import "
-                            "moves into its run functions, drop this mark")) if name == "data" else name
-    for name in SUBCOMMAND_HELP if name not in ("models", "info")])
+@pytest.mark.parametrize("command", [name for name in SUBCOMMAND_HELP if name not in ("models", "info")])
 def test_subcommand_help_imports_no_torch(command):
     assert heavy_imports(f"from vggnet.cli import main; main([{command!r}, '--help'])") == []
 

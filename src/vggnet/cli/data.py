@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vggnet.data import decode_to_cache, load_image_folder, prepare_archive
 from vggnet.errors import UsageError
 
 if TYPE_CHECKING:
@@ -71,6 +70,8 @@ def _splits(root: Path) -> dict[str, Path]:
 
 def _count(root: Path) -> tuple[list[str], dict[str, Counter[str]]]:
     """Images per class and split, through the same checks (and errors) that training applies."""
+    from vggnet.data import load_image_folder  # torch and torchvision: not for `vggnet data --help`
+
     train, val, classes = load_image_folder(root, val_fraction=0.0)
     splits = {"train" if val is not None else "images": train, **({"val": val} if val is not None else {})}
     return classes, {name: Counter(classes[t] for t in ds.targets) for name, ds in splits.items()}
@@ -119,6 +120,8 @@ def _prepare_voc(voc: Path) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     if args.size is not None and args.size < 1:
         raise UsageError(f"--size must be at least 1, got {args.size}")
+    from vggnet.data import decode_to_cache, prepare_archive
+
     root = prepare_archive(args.archive, args.out)
     voc = _voc_root(root)
     if voc is not None:
