@@ -1,6 +1,7 @@
 """Recipes (YAML + overrides) and learning-rate schedules."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,21 @@ def test_builtin_recipes_exist_and_resolve():
     for name in builtin_recipes():
         recipe = load_recipe(name)
         assert set(recipe) == set(DEFAULTS)
+
+
+def test_train_help_lists_every_packaged_recipe(capsys):
+    """`vggnet train --help` names the built-in recipes from the packaged folder, so a new file shows up there."""
+    import vggnet.recipes
+    from vggnet.cli import main
+
+    packaged = sorted(p.stem for p in Path(vggnet.recipes.__file__).parent.glob("*.yaml"))
+    assert len(packaged) >= 5 and builtin_recipes() == packaged
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"(built-in: {', '.join(packaged)}; or a YAML path)" in text
+    assert f"built-in recipe name ({', '.join(packaged)}) or YAML file" in text
 
 
 def test_paper_recipe_is_the_papers():

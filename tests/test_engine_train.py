@@ -35,6 +35,16 @@ def test_run_folder_has_everything(tmp_path):
     out = tmp_path / "run"
     result = train(recipe("schedule.epochs=2"), out)
     assert result["epoch"] == 2 and 0 <= result["val_top1"] <= 100
+    # val top-1 recomputed here, without the engine's evaluate: epoch 2's weights on the validation split
+    net, _ = load_checkpoint(out / "last.safetensors")
+    hits = seen = 0
+    with torch.no_grad():
+        for images, targets in build_inputs(recipe("schedule.epochs=2"), Dist()).val:
+            hits += int((net.eval()(images).argmax(1) == targets).sum())
+            seen += len(targets)
+    assert seen == 359  # the demo's 20 % of 1,797 digits
+    assert result["val_top1"] == pytest.approx(100 * hits / seen, abs=1e-9)
+    assert result["val_top1"] > 50  # ten classes: chance is 10 %
     for name in ("recipe.yaml", "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "final.json",
                  "last.safetensors", "best.safetensors"):
         assert (out / name).is_file(), name
@@ -47,12 +57,20 @@ def test_run_folder_has_everything(tmp_path):
     assert any((out / "tb").iterdir())
 
 
-def test_two_epochs_equal_one_plus_resume_plus_one(tmp_path):
+def test_two_epochs_equal_one_plus_resume_plus_one(tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(recipe("schedule.epochs=2", "model.dropout=0.3"), straight)
     train(recipe("schedule.epochs=2", "model.dropout=0.3", "train.stop_after_epoch=1"), resumed)
     assert not (resumed / "checkpoints" / "epoch-0002").exists()
+    first = capsys.readouterr()
+    assert "resuming" not in first.out
     train(recipe("schedule.epochs=2", "model.dropout=0.3"), resumed)  # picks up epoch 1's checkpoint
+    second = capsys.readouterr()
+    assert f"resuming {resumed} from epoch 1 of 2 (checkpoints/epoch-0001), continuing with epoch 2\n" in second.out
+    # progress=None (the CLI's default) off a terminal: epochs shorter than 30 s print only their epoch line
+    for captured in (first, second):
+        assert not [line for line in captured.err.splitlines() if line.startswith(("epoch ", "validation "))]
+    assert "epoch 2/2  train loss" in second.out
     a, b = weights(straight, 2), weights(resumed, 2)
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
@@ -117,6 +135,60 @@ def test_missing_data_folder_is_clear(tmp_path):
 
 def _cli(*args, env=None):
     return [sys.executable, "-m", "vggnet", "train", *args]
+
+
+# `vggnet train` ARGS twice in one process, the first time stopping after epoch 1, with the progress interval cut
+# from 30 s to 0 (a line per batch), so that a tiny run shows what a long one prints every 30 s.
+TRAIN_TWICE = """
+import sys
+import vggnet.progress
+from vggnet.engine import evaluation
+vggnet.progress.LOG_INTERVAL_S = evaluation.LOG_INTERVAL_S = 0.0
+from vggnet.cli import main
+if main([*sys.argv[1:], "train.stop_after_epoch=1"]) != 0:
+    sys.exit(1)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_under_a_pipe_progress_comes_as_lines_with_time_left_and_a_resume_says_so(tmp_path):
+    """`vggnet train ... 2>&1 | cat`: the default --progress writes whole lines (no carriage returns) with the
+    epoch's and the whole run's time left, validation included; the resumed run names its epoch and checkpoint."""
+    out = tmp_path / "run"
+    args = ["train", "--recipe", "demo", "--out", str(out), "--set", *FAST, "schedule.epochs=3"]
+    proc = subprocess.run([sys.executable, "-c", TRAIN_TWICE, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    text = proc.stdout
+    assert "\r" not in text
+    lines = text.splitlines()
+    for epoch in (1, 2, 3):
+        bar = [line for line in lines if line.startswith(f"epoch {epoch}/3: ")]
+        assert bar and all(" batch (" in line and " left, " in line for line in bar), (epoch, bar[:3])
+        assert any(line.startswith(f"validation {epoch}/3: ") for line in lines), epoch
+    # the run's estimate beside the epoch's, where later epochs remain (the first call stops after epoch 1)
+    assert any("run_left=" in line for line in lines if line.startswith("epoch 2/3: "))
+    assert not any("run_left=" in line for line in lines if line.startswith(("epoch 1/3: ", "epoch 3/3: ")))
+    resume = [line for line in lines if line.startswith("resuming ")]
+    assert resume == [f"resuming {out} from epoch 1 of 3 (checkpoints/epoch-0001), continuing with epoch 2"]
+    assert lines.index(resume[0]) < min(i for i, line in enumerate(lines) if line.startswith("epoch 2/3"))
+
+
+def test_without_tensorboard_the_run_says_why_and_goes_on(tmp_path, capsys, monkeypatch):
+    """TensorBoard is the default tracker but an optional extra: without it the run prints one line and trains."""
+    from vggnet.engine.artifacts import RunLogger
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "tensorboard" or m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `from torch.utils.tensorboard ...` fails
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    out = tmp_path / "run"
+    result = train(recipe("schedule.epochs=1"), out)
+    assert result["epoch"] == 1 and (out / "last.safetensors").is_file() and not (out / "tb").exists()
+    err = capsys.readouterr().err
+    assert err.count("no tb/: TensorBoard is not installed (pip install 'vggnet[tensorboard]'), or set "
+                     "train.tracking: none\n") == 1, err
+    assert RunLogger(tmp_path / "quiet", tensorboard=False).tensorboard_note is None  # train.tracking: none
 
 
 # `vggnet train` in a child process that SIGKILLs itself as it is about to take global step KILL_AT (argv[1]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -42,6 +43,11 @@ def tiny_study(tmp_path_factory):
 def test_tiny_study_trains_evaluates_and_writes_everything(tiny_study):
     study, out, results, logs, _ = tiny_study
     assert [line.split("]")[1].split(":")[0].strip() for line in logs if line.startswith("[train")] == ["A", "D", "E"]
+    # the study's training time left, at the pace of the runs finished so far (none before the first)
+    train_lines = [line for line in logs if line.startswith("[train")]
+    assert "left" not in train_lines[0]
+    assert re.search(r" \(training: about \d\d:\d\d left for 2 runs\)$", train_lines[1]), train_lines[1]
+    assert train_lines[2].endswith(" left for 1 run)"), train_lines[2]
     for run in ("A", "D", "E"):
         assert (out / "runs" / run / "last.safetensors").is_file()
         assert json.loads((out / "runs" / run / "final.json").read_text())["epoch"] == 1

@@ -1,6 +1,7 @@
 """train.tracking: mlflow on the embedded digits, read back with MLflow's own client; a missing MLflow; resume."""
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -180,3 +181,31 @@ def test_no_password_reaches_the_params_or_the_recipe_artifact(tmp_path):
     sent = " ".join(tracker.client.params + tracker.client.uploaded)
     assert tracker.client.uploaded and "mlflow.example.com" in sent
     assert "s3cret" not in sent and "t0k3n" not in sent
+
+
+def test_a_token_in_the_tracking_uri_reaches_no_store_file_or_log(runs, empty_store, monkeypatch, capsys, caplog):
+    """A real SQLite store reached through a URI that carries a token (SQLite ignores URI parameters it does not
+    know): the parameters, the uploaded recipe.yaml, mlflow.json and the run's output and log show `***`, never
+    the token. The run folder's own recipe.yaml is the user's file and keeps it."""
+    monkeypatch.chdir(runs)  # MLflow puts the artifacts of a store it is given under ./mlruns
+    db = runs / "secret.db"
+    shutil.copyfile(empty_store, db)
+    uri = f"sqlite:///file:{db}?uri=true&token=t0k3n"
+    out = runs / "secret"
+    with caplog.at_level(logging.DEBUG, logger="vggnet"):
+        train(recipe("schedule.epochs=1", f"train.tracking_uri={uri}"), out)
+    printed = capsys.readouterr()
+    saved = json.loads((out / RUN_FILE).read_text())
+    client = MlflowClient(uri)
+    run = client.get_run(saved["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics  # the store really was written through this URI
+    uploaded = Path(client.download_artifacts(run.info.run_id, "recipe.yaml", str(runs / "dl"))).read_text()
+    read_back = {"parameters": json.dumps(run.data.params), "uploaded recipe.yaml": uploaded,
+                 RUN_FILE: (out / RUN_FILE).read_text(), "output": printed.out + printed.err, "log": caplog.text}
+    for where, text in read_back.items():
+        assert "t0k3n" not in text, where
+    assert run.data.params["train.tracking_uri"].endswith("?uri=true&token=***")
+    assert yaml.safe_load(uploaded)["train"]["tracking_uri"].endswith("?uri=true&token=***")
+    assert saved["tracking_uri"].endswith("?uri=true&token=***")
+    assert f"mlflow: started run {run.info.run_id} in " in printed.out and "token=***" in printed.out
+    assert "t0k3n" in (out / "recipe.yaml").read_text()

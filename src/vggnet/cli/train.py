@@ -7,15 +7,18 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vggnet.recipes import names as recipe_names
+
 if TYPE_CHECKING:
     from vggnet.engine.recipe import Recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    builtin = ", ".join(recipe_names())  # read from the packaged recipes folder, so the help cannot drift from it
     p = sub.add_parser(
         "train",
         help="train a VGG from a recipe (paper, cifar10, demo, finetune or a YAML file)",
-        description="Train a VGG network. Settings come from a recipe (built-in: paper, cifar10, demo; or a YAML "
+        description=f"Train a VGG network. Settings come from a recipe (built-in: {builtin}; or a YAML "
         "path), then any --set section.key=value overrides, then the flags below (a flag wins over --set). The "
         "resolved recipe, "
         "metrics (jsonl/csv), curves.png, confusion.png and checkpoints go to --out; running again with the "
@@ -27,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "slows parts of the network.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--recipe", default="demo", help="built-in recipe name or YAML file")
+    p.add_argument("--recipe", default="demo", help=f"built-in recipe name ({builtin}) or YAML file")
     p.add_argument("--data", help="dataset folder (ImageFolder tree: class folders, or train/ and val/)")
     p.add_argument("--model", help="model name, e.g. vgg16_bn (see `vggnet models`)")
     p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (created; resumed when it holds checkpoints) "
@@ -43,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="recipe overrides, e.g. optim.name=adamw train.ema=0.999")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: only when stderr is a terminal)")
+                   help="progress: a bar when stderr is a terminal, otherwise (a log, a pipe) a line every 30 s "
+                   "with the time left (the default, shown as %(default)s); --no-progress: neither")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=run)
 

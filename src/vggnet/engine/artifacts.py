@@ -25,8 +25,8 @@ from vggnet.metrics import confusion_matrix, topk_correct
 from vggnet.plots import plot_confusion
 from vggnet.plots import save_figure as _save
 
-__all__ = ["RunLogger", "confusion_matrix", "format_epoch_line", "plot_confusion", "plot_curves",
-           "topk_correct"]
+__all__ = ["TENSORBOARD_MISSING", "RunLogger", "confusion_matrix", "format_epoch_line", "plot_confusion",
+           "plot_curves", "tensorboard_missing", "topk_correct"]
 
 # Not scalars worth a TensorBoard curve: the x axis itself, a constant and a wall-clock timestamp.
 _NOT_SCALARS = ("epoch", "epochs", "time")
@@ -45,15 +45,32 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+TENSORBOARD_MISSING = ("no tb/: TensorBoard is not installed (pip install 'vggnet[tensorboard]'), "
+                       "or set train.tracking: none")
+
+
+def tensorboard_missing() -> str | None:
+    """Why ``tb/`` cannot be written (one line for the user), or None. TensorBoard is an optional extra while
+    ``train.tracking: tensorboard`` is the default, so a plain ``pip install vggnet`` must hear why it has no tb/."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return TENSORBOARD_MISSING
+    return None
+
+
 class RunLogger:
-    """Epoch records to ``metrics.jsonl`` + ``metrics.csv`` (+ TensorBoard under ``tb/`` when it imports)."""
+    """Epoch records to ``metrics.jsonl`` + ``metrics.csv`` (+ TensorBoard under ``tb/`` when it imports;
+    ``tensorboard_note`` says why not when it does not)."""
 
     def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.jsonl, self.csv = self.out / "metrics.jsonl", self.out / "metrics.csv"
         self._records: list[dict[str, Any]] = []
-        self._tensorboard, self._writer, self._purge_step = tensorboard, None, None
+        self.tensorboard_note = tensorboard_missing() if tensorboard else None
+        self._tensorboard = tensorboard and self.tensorboard_note is None
+        self._writer, self._purge_step = None, None
         if self.jsonl.is_file():
             text = self.jsonl.read_text()
             for line in text.splitlines():

@@ -21,6 +21,7 @@ import yaml
 
 from vggnet.atomic import write_text
 from vggnet.models import list_models
+from vggnet.recipes import names as recipe_names
 
 from .typed import Length, OneOf, Range, RecipeError, from_dict
 
@@ -222,8 +223,7 @@ RETIRED = {"train.record_shards": (False, "it was a test-only hook; a test can r
 
 
 def builtin_recipes() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("vggnet.recipes").iterdir()
-                  if p.name.endswith(".yaml"))
+    return recipe_names()
 
 
 def _read(name_or_path: str | Path) -> tuple[str, str]:

@@ -5,7 +5,8 @@ Read top-down: :func:`train` → :func:`_setup` (checks, data, model, optimizer;
 :func:`_end_epoch` (evaluate, log, checkpoint) → :func:`_finish`. The state they share is one :class:`Run`.
 :class:`~vggnet.engine.hooks.TrainHooks` change the loss or the module trained (distillation, QAT).
 Losses and accuracies are summed on the device; the host reads them every ``SYNC_EVERY`` steps (and when the
-progress bar redraws), not every step.
+progress bar redraws), not every step. Progress (:func:`~vggnet.engine.evaluation.loop_bar`): a bar on a terminal;
+off one, a line every 30 s with the epoch's and the run's time left, so a log shows a long run is alive.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from vggnet.models import VGG, create_model, init_from_shallower, init_whitening
 from . import distributed
 from .artifacts import RunLogger, format_epoch_line, plot_confusion, plot_curves
 from .checkpoint import list_checkpoints, load_training_state, rng_state, save_training_checkpoint, set_rng_state
-from .evaluation import evaluate, to_device
+from .evaluation import evaluate, loop_bar, to_device
 from .finetune import Pretrained, freeze, load_pretrained, resolve_recipe
 from .hooks import LossFn, TrainHooks
 from .inputs import Inputs, build_inputs
@@ -79,12 +80,14 @@ class Run:
     ema: Any = None  # torch.optim.swa_utils.AveragedModel
     lookahead: Lookahead | None = None
     frozen_bn: list[str] = field(default_factory=list)  # names of BN layers kept in eval mode
-    progress: bool = False
+    progress: bool = True  # False: no bar, no progress lines (epoch lines still print)
     started_from: dict[str, str] | None = None  # the weights file a fine-tuning run started from
     net: nn.Module | None = None  # ``module`` as called: under DDP and / or compiled
     start_epoch: int = 1
+    resumed_from: Path | None = None  # the checkpoint folder a resumed run continues
     best: float = -math.inf
     step: int = 0
+    clock: tuple[float, int] = (0.0, 0)  # (time, step) when this process began training: the run's pace
     logger: RunLogger | None = None
     tracker: Tracker = field(default_factory=Tracker)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -99,8 +102,9 @@ def train(recipe: Recipe | Mapping[str, Any], out_dir: str | Path, resume: bool 
     """Train according to ``recipe``, writing everything into ``out_dir``; returns the final metrics.
 
     With ``resume`` (the default) an existing run folder continues from its newest complete checkpoint: model,
-    optimizer, schedule, scaler, EMA, lookahead, epoch, RNG and data order are restored. ``hooks``: see
-    :mod:`vggnet.engine.hooks`.
+    optimizer, schedule, scaler, EMA, lookahead, epoch, RNG and data order are restored, and a line says so.
+    ``progress``: None or True, a bar on a terminal and otherwise a line every 30 s (only once a loop has run
+    that long); False, none. ``hooks``: see :mod:`vggnet.engine.hooks`.
     """
     recipe = Recipe.of(recipe)  # checked again: a caller may have changed fields since loading
     env = distributed.setup()
@@ -109,8 +113,7 @@ def train(recipe: Recipe | Mapping[str, Any], out_dir: str | Path, resume: bool 
         ckpts = list_checkpoints(out) if resume else []
         if not resume and any(out.glob("checkpoints/*")):
             raise ResumeError(f"{out} already holds checkpoints; pass a new --out or resume it")
-        run = _setup(recipe, out, ckpts, env, hooks or TrainHooks(),
-                     sys.stderr.isatty() if progress is None else progress)
+        run = _setup(recipe, out, ckpts, env, hooks or TrainHooks(), progress is not False)
         if ckpts:
             _restore(run, ckpts[-1])
         _distribute(run)
@@ -232,6 +235,7 @@ def _restore(run: Run, folder: Path) -> None:
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     run.start_epoch, run.best = state["epoch"] + 1, state["best"]
     run.step = (run.start_epoch - 1) * len(run.inputs.train)
+    run.resumed_from = folder
 
 
 def _distribute(run: Run) -> None:
@@ -264,6 +268,8 @@ def _open_run_folder(run: Run, resuming: bool) -> None:
         run.out.mkdir(parents=True, exist_ok=True)
         save_recipe(run.recipe, run.out / "recipe.yaml")
         run.logger = RunLogger(run.out, tensorboard=run.recipe.train.tracking == "tensorboard")
+        if run.logger.tensorboard_note:  # the default tracker without its optional package: say so, go on
+            print(run.logger.tensorboard_note, file=sys.stderr, flush=True)
         run.logger.truncate(run.start_epoch - 1)
         run.tracker = open_tracker(run.recipe, run.out, resuming=resuming)
 
@@ -273,6 +279,10 @@ def _loop(run: Run) -> dict[str, Any]:
     stop = min(epochs, run.recipe.train.stop_after_epoch or epochs)
     if run.start_epoch > stop and run.env.main:
         print(f"{run.out}: already trained to epoch {run.start_epoch - 1} of {epochs}; nothing to do", flush=True)
+    elif run.resumed_from is not None and run.env.main:
+        print(f"resuming {run.out} from epoch {run.start_epoch - 1} of {epochs} "
+              f"({run.resumed_from.relative_to(run.out)}), continuing with epoch {run.start_epoch}", flush=True)
+    run.clock = (time.perf_counter(), run.step)
     last: dict[str, Any] = {}
     try:
         for epoch in range(run.start_epoch, stop + 1):
@@ -298,9 +308,10 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     train_data.set_epoch(epoch)
     _set_mode(run, True)
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss x n, top-1 hits, n
-    bar = tqdm(total=len(train_data), desc=f"epoch {epoch}/{run.recipe.schedule.epochs}",
-               disable=not (run.progress and env.main), leave=False, dynamic_ncols=True)
-    t0, wait, lr, shown, steps = time.perf_counter(), 0.0, None, 0.0, 0
+    bar = loop_bar(len(train_data), f"epoch {epoch}/{run.recipe.schedule.epochs}", run.progress and env.main)
+    t0, wait, lr, steps = time.perf_counter(), 0.0, None, 0
+    # when the bar prints next (tqdm's clock); the host reads the loss for it at most once per interval
+    due = math.inf if bar.disable else bar.start_t + max(bar.delay, bar.mininterval)
     batches = iter(train_data)
     while True:
         tw = time.perf_counter()
@@ -313,12 +324,12 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         if images is not None:  # None: every file of the batch was unreadable (skipped and counted by the dataset)
             lr = _step(run, images, targets, sums)
             steps += 1
-            redraw = not bar.disable and time.monotonic() - shown >= bar.mininterval
+            redraw = time.time() >= due
             if redraw or steps % SYNC_EVERY == 0:  # the host reads the running sums only here
                 mean_loss = _checked_loss(sums, epoch)
                 if redraw:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2g}", refresh=False)
-                    shown = time.monotonic()
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2g}", **_run_left(run, epoch), refresh=False)
+                    due = time.time() + bar.mininterval
         bar.update()
     bar.close()
     sums = distributed.all_sum(sums, env)
@@ -328,6 +339,18 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     return {"epoch": epoch, "epochs": run.recipe.schedule.epochs, "train_loss": sums[0].item() / n,
             "train_top1": 100 * sums[1].item() / n, "lr": lr if lr is not None else run.schedule.lr_at(run.step),
             "img_per_s": n / elapsed, "data_wait_frac": wait / elapsed, "epoch_time": elapsed}
+
+
+def _run_left(run: Run, epoch: int) -> dict[str, str]:
+    """The whole run's time left at the pace of this process so far (evaluations and checkpoints included), for
+    the bar: its own estimate covers only the epoch. Nothing when this is the last epoch."""
+    stop = min(run.recipe.schedule.epochs, run.recipe.train.stop_after_epoch or run.recipe.schedule.epochs)
+    since, first_step = run.clock
+    done = run.step - first_step
+    if epoch >= stop or done <= 0:
+        return {}
+    left = (stop * len(run.inputs.train) - run.step) * (time.perf_counter() - since) / done
+    return {"run_left": tqdm.format_interval(left)}
 
 
 def _step(run: Run, images: torch.Tensor, targets: torch.Tensor, sums: torch.Tensor) -> float:
@@ -379,7 +402,8 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
     confusion = None
     if inputs.val is not None and (epoch % t.eval_every == 0 or is_last):
         metrics = evaluate(run.ema.module if run.ema is not None else run.module, inputs.val, len(inputs.classes),
-                           env, run.amp, t.channels_last, flip=t.eval_flip, set_mode=run.hooks.set_mode)
+                           env, run.amp, t.channels_last, flip=t.eval_flip, set_mode=run.hooks.set_mode,
+                           progress=run.progress and env.main, desc=f"validation {epoch}/{run.recipe.schedule.epochs}")
         confusion = metrics.pop("confusion")
         record.update(metrics)
     # best = highest validation top-1 (training top-1 only for runs without validation data); epochs

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
 
 from vggnet.atomic import atomic_path, write_json
 from vggnet.engine.recipe import Recipe
@@ -130,7 +131,8 @@ def run_study(study: Study, out: str | Path, data: str | None, *, recipe: str = 
             continue
         r = run_recipe(study, run, base, data, bn)
         log(f"[train {i}/{len(study.runs)}] {run}: {r.model.name} width {r.model.width}, "
-            f"S = {study.train_scales[study.runs[run]['scale']]} x crop, {epochs} epochs -> {run_dir}")
+            f"S = {study.train_scales[study.runs[run]['scale']]} x crop, {epochs} epochs -> {run_dir}"
+            f"{_training_left(study, out, epochs, timings)}")
         start = time.perf_counter()
         try:
             train(r, run_dir, resume=True, progress=progress)
@@ -146,6 +148,18 @@ def run_study(study: Study, out: str | Path, data: str | None, *, recipe: str = 
                "eval_seconds": sum(v for k, v in timings.items() if k.startswith("eval/"))}
     write_json(out / "results.json", results)
     return results
+
+
+def _training_left(study: Study, out: Path, epochs: int, timings: dict[str, float]) -> str:
+    """The study's training time left at the mean pace of its finished runs (deeper nets take longer, so a
+    rough figure); the engine's lines estimate each run's own. Empty before any run has finished."""
+    done = [timings[f"train/{r}"] for r in study.runs
+            if f"train/{r}" in timings and _finished(out / "runs" / r, epochs)]
+    left = sum(not _finished(out / "runs" / r, epochs) for r in study.runs)
+    if not done or not left:
+        return ""
+    runs = f"{left} run{'s' if left > 1 else ''}"
+    return f" (training: about {tqdm.format_interval(left * sum(done) / len(done))} left for {runs})"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
