@@ -1,5 +1,7 @@
 """Appendix B descriptors (`vggnet features`): dense, flip-averaged, L2-normalised, averaged or stacked."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,17 +150,21 @@ def test_cli_default_layer_is_relu7_or_block5_pool_for_the_gap_head(folder, tmp_
     assert "block5_pool" in capsys.readouterr().out
 
 
-@pytest.fixture
-def folder(tmp_path):
-    root = tmp_path / "photos"
-    g = torch.Generator().manual_seed(0)
+def class_folder(root, per_class=6, seed=0):
+    """One folder per class, no train/ or val/: each class tinted by its own colour channel."""
+    g = torch.Generator().manual_seed(seed)
     for c, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True)
-        for i in range(6):
-            pixels = torch.randint(0, 80, (40 + 4 * i, 48, 3), generator=g, dtype=torch.uint8)
+        for i in range(per_class):
+            pixels = torch.randint(0, 80, (40 + 4 * (i % 6), 48, 3), generator=g, dtype=torch.uint8)
             pixels[..., c] += 150
             Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return class_folder(tmp_path / "photos")
 
 
 def test_cli_with_torchvision_weights_on_a_folder(folder, tmp_path, capsys):
@@ -215,3 +221,45 @@ def test_feature_images_keep_the_folder_split(folder):
     assert isinstance(imgs, FolderImages) and imgs.paths == paths  # lazy: decoded only when described
     only_val = feature_images(str(folder.parent / "split"), None, split="val")
     assert set(only_val[4]) == {"val"} and len(only_val[0]) == 18
+
+
+def probe_table(out):
+    """The Markdown table `vggnet probe` prints, as {header: cell} per model."""
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    return {cells[0]: dict(zip(rows[0], cells, strict=True)) for cells in rows[1:]}
+
+
+def test_probe_tests_every_row_of_a_plain_test_folder(folder, tmp_path, capsys):
+    """Issue #34: features of a folder without train/ and val/ carry the default 10 % val split; given as
+    --test they are scored on every row, and the table says so; --test-split restricts them."""
+    ckpt = vggnet.save_checkpoint(tiny(), tmp_path / "net.safetensors",
+                                  {"classes": CLASSES, "mean": MEAN, "std": STD, "image_size": 32})
+    test_folder = class_folder(tmp_path / "test_photos", per_class=10, seed=1)
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for data, out in ((folder, a), (test_folder, b)):
+        assert main(["features", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out)]) == 0
+    train_ff, test_ff = load_features(a), load_features(b)
+    n_fit, n_val = int((train_ff.split == "train").sum()), int((test_ff.split == "val").sum())
+    assert len(test_ff.labels) == 30 and 0 < n_val < 30  # the default split did mark some test rows val
+    capsys.readouterr()
+
+    assert main(["probe", "--train", str(a), "--test", str(b), "--model", "svm", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert f"{n_fit} train rows of 18" in out.splitlines()[0] and "all 30 rows" in out.splitlines()[0]
+    row = probe_table(out)["linear SVM"]
+    assert row["n test (all rows)"] == "30" and row["n train (train rows)"] == str(n_fit)
+    report = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert (report["n_test"], report["test_split"], report["test_rows"]) == (30, "all", "all 30 rows")
+    assert (report["n_train"], report["train_split"]) == (n_fit, "train")
+    assert np.sum(report["results"]["svm"]["confusion"]) == 30  # every test row was scored
+    md = (tmp_path / "p" / "probe.md").read_text()
+    assert "all 30 rows" in md and "| n test (all rows) |" in md
+
+    for split, n in (("val", n_val), ("train", 30 - n_val)):
+        assert main(["probe", "--train", str(a), "--test", str(b), "--model", "svm", "--test-split", split,
+                     "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["n_test"], report["test_split"]) == (n, split)
+        assert report["test_rows"] == f"{n} {split} rows of 30"
+        assert np.sum(report["results"]["svm"]["confusion"]) == n

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from vggnet.cli import main
-from vggnet.transfer.probe import DEFAULT_C_GRID, probe, probe_files
+from vggnet.errors import UsageError
+from vggnet.transfer.probe import DEFAULT_C_GRID, TEST_SPLITS, probe, probe_files
 from vggnet.transfer.store import FeatureFile, FeatureFileError, load_features, save_features
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -161,6 +162,55 @@ def test_train_and_test_files_take_their_own_splits(tmp_path):
     assert (report["n_train"], report["n_test"]) == (30, 12)
 
 
+def test_a_test_file_is_tested_whole_unless_restricted(tmp_path):
+    """Issue #34: --test FILE scores every row of FILE, whatever split it carries; test_split picks some."""
+    train = save_features(both_splits(10), tmp_path / "train.npz")
+    x, y = blobs(8, seed=3)
+    split = np.where(np.arange(len(y)) % 4 == 0, "val", "train")  # 6 val rows of 24, like a default split
+    test = save_features(feature_file(x, y, split=split), tmp_path / "test.npz")
+    report, _, tested = probe_files(train, test, models=["svm"])
+    assert (report["n_train"], report["n_test"], len(tested.labels)) == (30, 24, 24)
+    assert (report["train_split"], report["test_split"]) == ("train", "all")
+    assert (report["train_rows"], report["test_rows"]) == ("30 train rows of 60", "all 24 rows")
+    assert np.sum(report["results"]["svm"]["confusion"]) == 24
+    for name, n in (("val", 6), ("train", 18), ("all", 24)):
+        report, _, tested = probe_files(train, test, name, models=["svm"])
+        expected = {"train", "val"} if name == "all" else {name}
+        assert (report["n_test"], report["test_split"], set(tested.split)) == (n, name, expected)
+        assert np.sum(report["results"]["svm"]["confusion"]) == n
+
+
+def test_test_split_errors(tmp_path):
+    both = save_features(both_splits(10), tmp_path / "both.npz")
+    train_only = save_features(feature_file(*blobs(4, seed=3)), tmp_path / "train_only.npz")
+    val_only = save_features(feature_file(*blobs(4, seed=3), split="val"), tmp_path / "val_only.npz")
+    with pytest.raises(FeatureFileError, match=r"no val rows \(it holds 12 train, 0 val\).*--test-split all"):
+        probe_files(both, train_only, "val")
+    with pytest.raises(UsageError, match="test split must be one of all, train, val"):
+        probe_files(both, train_only, "test")
+    for test_path in (None, both):  # one file: anything but its val rows would test on the fitted images
+        for name in ("all", "train"):
+            with pytest.raises(UsageError, match=f"--test-split {name} would test on the images --train fits"):
+                probe_files(both, test_path, name)
+        assert probe_files(both, test_path, "val", models=["svm"])[0]["n_test"] == 30
+    with pytest.raises(FeatureFileError, match="no train rows, so --train and --test would be the same images"):
+        probe_files(val_only, val_only)
+    assert TEST_SPLITS == ("all", "train", "val")
+
+
+def test_cli_warns_when_tested_images_were_trained_on(tmp_path, capsys):
+    """A --test file holding both splits of the folder --train came from: its train rows are training images."""
+    ff = both_splits(10)
+    train, copy = save_features(ff, tmp_path / "a.npz"), save_features(ff, tmp_path / "b.npz")
+    assert main(["probe", "--train", str(train), "--test", str(copy), "--model", "svm"]) == 0
+    captured = capsys.readouterr()
+    assert "all 60 rows" in captured.out and "| 60 |" in captured.out
+    assert "warning: 30 tested images are also training images" in captured.err
+    assert main(["probe", "--train", str(train), "--test", str(copy), "--model", "svm", "--test-split", "val"]) == 0
+    captured = capsys.readouterr()
+    assert "30 val rows of 60" in captured.out and "also training images" not in captured.err
+
+
 def test_cli_error_exits_2_with_message(tmp_path, capsys):
     x, y = blobs(10)
     a = save_features(feature_file(x, y), tmp_path / "a.npz")
@@ -199,8 +249,15 @@ def test_cli_help_explains_the_protocol(capsys):
     with pytest.raises(SystemExit):
         main(["probe", "--help"])
     text = capsys.readouterr().out
-    for phrase in ("vggnet features", "cross-validation", "mAP", "--train runs/demo/feats.npz"):
+    for phrase in ("vggnet features", "cross-validation", "mAP", "--train runs/demo/feats.npz", "--test-split",
+                   "EVERY row of the test file"):
         assert phrase in text
+
+
+def test_cli_test_split_choices_match_the_library():
+    from vggnet.cli import probe as cli_probe
+
+    assert cli_probe.TEST_SPLITS == TEST_SPLITS
 
 
 def test_write_report_writes_nothing_when_a_plot_fails(tmp_path, monkeypatch):

@@ -21,12 +21,15 @@ layer names: vggnet's (block3_conv3, block5_pool, fc7, relu7), style-transfer / 
   Caffe's in-place ReLU left in its fc7 blob, and what the paper's features were).
 
 output (.npz, loads with allow_pickle=False): features (N x D), labels, classes, paths, split (train/val per
-  image), layer, scales, stack, model, source. Unreadable images are skipped and counted.
+  image), layer, scales, stack, model, source. Unreadable images are skipped and counted. A file given to
+  `vggnet probe --test` is tested on every row, whatever its split (--test-split val restricts it).
 
 examples:
   vggnet features --ckpt runs/demo --out runs/demo/feats.npz                    # the demo run's digits
   vggnet probe --train runs/demo/feats.npz --out runs/demo/probe                  # linear SVM on them
   vggnet features --weights vgg16-397923af.pth --data photos/ --layer relu7 --scales 256,384,512 --out f.npz
+  vggnet features --weights vgg16-397923af.pth --data test_photos/ --layer relu7 --scales 256,384,512 --out t.npz
+  vggnet probe --train f.npz --test t.npz                                        # f's train rows vs all of t
   vggnet features --ckpt runs/cifar10 --data data/other --layer block5_pool --scales 1,1.5 --stack --out g.npz
 """
 

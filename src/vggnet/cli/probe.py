@@ -7,13 +7,20 @@ import json
 import sys
 import textwrap
 
+TEST_SPLITS = ("all", "train", "val")  # vggnet.transfer.probe.TEST_SPLITS, spelled out: --help imports no numpy
+
 EPILOG = """\
 files:
   A features file is the .npz written by `vggnet features`: one L2-normalised descriptor per image, its
   label, the class names, a train/val split per image and the extraction settings (network, layer,
   scales). One file with both splits is enough: train rows fit the model, val rows test it. With --test,
-  the train file's train rows (all rows if it has none) fit and the test file's val rows (all rows if it
-  has none) test. Both files must come from the same network, layer, scales and class list.
+  the train file's train rows (all rows if it has none) fit and EVERY row of the test file is tested,
+  whatever train/val split `vggnet features` gave it (a plain test folder gets a 10 % val split by
+  default, which means nothing here). --test-split val (or train) scores only those rows of the test
+  file, e.g. when it holds both splits of a folder whose train images also went into --train; a file
+  given as both --train and --test is always train rows vs val rows. The table, probe.json and probe.md
+  say how many rows of which split were fitted and tested. Both files must come from the same network,
+  layer, scales and class list.
 
 protocol (the paper's Appendix B):
   a linear SVM (scikit-learn LinearSVC) on the descriptors, its C chosen by stratified k-fold
@@ -29,7 +36,8 @@ reported (percent):
 examples:
   vggnet features --ckpt runs/demo --out runs/demo/feats.npz
   vggnet probe --train runs/demo/feats.npz --out runs/demo/probe
-  vggnet probe --train voc_train.npz --test voc_test.npz --model svm --folds 3 --json
+  vggnet probe --train voc_train.npz --test voc_test.npz --model svm --folds 3 --json   # all of voc_test
+  vggnet probe --train photos.npz --test more.npz --test-split val        # only the val rows of more.npz
 """
 
 
@@ -53,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--train", required=True, metavar="NPZ", help="features file to fit on (`vggnet features`)")
-    p.add_argument("--test", metavar="NPZ", help="features file to test on (default: the val rows of --train)")
+    p.add_argument("--test", metavar="NPZ",
+                   help="features file to test on, every row of it (default: the val rows of --train)")
+    p.add_argument("--test-split", choices=TEST_SPLITS, default=None,
+                   help="rows of --test to score: all, or only those `vggnet features` marked train or val "
+                        "(default: all; without --test, the val rows of --train)")
     p.add_argument("--model", choices=("svm", "logreg", "both"), default="both",
                    help="linear SVM, logistic regression or both (default: both)")
     p.add_argument("--folds", type=int, default=5,
@@ -70,16 +82,20 @@ def run(args: argparse.Namespace) -> int:
     from vggnet.transfer.probe import MODELS, markdown_table, probe_files, write_report
 
     models = MODELS if args.model == "both" else (args.model,)
-    report, _, _ = probe_files(args.train, args.test, models=models, c_grid=args.c_grid, folds=args.folds,
-                               seed=args.seed)
+    report, _, _ = probe_files(args.train, args.test, args.test_split, models=models, c_grid=args.c_grid,
+                               folds=args.folds, seed=args.seed)
     if args.out:  # before printing: output piped into `head` must not cost the files
         write_report(report, args.out)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"features: {report['features']}, {len(report['classes'])} classes (train: {report['train_file']} "
-              f"{report['train_rows']}; test: {report['test_file']} {report['test_rows']})\n")
+        print(f"features: {report['features']}, {len(report['classes'])} classes (train: {report['train_file']}, "
+              f"{report['train_rows']}; test: {report['test_file']}, {report['test_rows']})\n")
         print(markdown_table(report))
+    if report["shared_paths"]:  # likely the same images on both sides: say so rather than refuse a deliberate run
+        print(f"vggnet probe: warning: {report['shared_paths']} tested images are also training images (same file "
+              f"paths); the scores are not on held-out images (--test-split val tests only the val rows of --test)",
+              file=sys.stderr)
     for r in report["results"].values():
         for note in r["warnings"]:
             print(f"vggnet probe: warning: {r['model']}: {note}", file=sys.stderr)

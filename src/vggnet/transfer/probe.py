@@ -23,13 +23,14 @@ import numpy as np
 from vggnet.atomic import write_bytes
 from vggnet.errors import UsageError
 
-from .store import FeatureFile, FeatureFileError, load_features
+from .store import SPLITS, FeatureFile, FeatureFileError, load_features
 
 MODELS = ("svm", "logreg")
 MODEL_NAMES = {"svm": "linear SVM", "logreg": "logistic regression"}
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-3, 3, 7))  # unit-length features often want a large C
+TEST_SPLITS = ("all", *SPLITS)  # rows of a --test file to score; "all" by default
 
-__all__ = ["DEFAULT_C_GRID", "MODELS", "markdown_table", "probe", "probe_files", "write_report"]
+__all__ = ["DEFAULT_C_GRID", "MODELS", "TEST_SPLITS", "markdown_table", "probe", "probe_files", "write_report"]
 
 
 def _check_compatible(train: FeatureFile, test: FeatureFile) -> None:
@@ -147,37 +148,61 @@ def probe(train: FeatureFile, test: FeatureFile, *, models: Sequence[str] = MODE
     }
 
 
-def _rows(ff: FeatureFile, split: str) -> FeatureFile:
-    """The rows of ``split`` when the file marks any, else the whole file (features extracted from one split)."""
-    return ff.subset(split) if (ff.split == split).any() else ff
+def _rows_text(split: str, part: FeatureFile, whole: FeatureFile) -> str:
+    """How many rows of which split, out of the file's: so a restricted test (500 of 5,000) cannot pass unseen."""
+    total = len(whole.labels)
+    return f"all {total} rows" if split == "all" else f"{len(part.labels)} {split} rows of {total}"
 
 
-def _which(ff: FeatureFile) -> str:
-    kinds = sorted(set(ff.split.tolist()))
-    return f"{kinds[0]} rows" if len(kinds) == 1 else "all rows"
+def _same_file_rows(ff: FeatureFile, path: str | os.PathLike, named_test: bool,
+                    test_split: str | None) -> tuple[str, str]:
+    """One file both fits and tests: its train rows fit, its val rows test, and nothing else is allowed,
+    because any other choice would score the model on images it was fitted on."""
+    if test_split not in (None, "val"):
+        raise UsageError(f"--test-split {test_split} would test on the images --train fits on ({path} is both); "
+                         f"{'pass a separate --test file' if named_test else 'pass --test FILE'}, or leave "
+                         f"--test-split at val")
+    for name in ("train", "val"):
+        if not (ff.split == name).any():
+            if named_test:
+                raise FeatureFileError(f"{path} has no {name} rows, so --train and --test would be the same "
+                                       f"images; pass a separate --test file")
+            raise FeatureFileError(f"{path} has no {name} rows; pass --test with a second features file, or "
+                                   f"extract with both splits (train and val)")
+    return "train", "val"
 
 
 def probe_files(train_path: str | os.PathLike, test_path: str | os.PathLike | None = None,
-                **kwargs: Any) -> tuple[dict[str, Any], FeatureFile, FeatureFile]:
-    """:func:`probe` on files from ``vggnet features``; one file alone must carry both a train and a val split."""
+                test_split: str | None = None, **kwargs: Any) -> tuple[dict[str, Any], FeatureFile, FeatureFile]:
+    """:func:`probe` on files from ``vggnet features``.
+
+    Alone, the file's train rows fit and its val rows test. With ``test_path`` the train file's train rows
+    (all when it marks none) fit, and every row of the test file is tested: a test file is usually the
+    features of a test folder, whose default 10 % val split means nothing here. ``test_split`` ("val" or
+    "train") restricts the test file to the rows ``vggnet features`` marked so; "all" is the default.
+    """
+    if test_split is not None and test_split not in TEST_SPLITS:
+        raise UsageError(f"test split must be one of {', '.join(TEST_SPLITS)}, got {test_split!r}")
     train_ff = load_features(train_path)
-    if test_path is None:
-        train, test = train_ff.subset("train"), train_ff.subset("val")
-        for name, part in (("train", train), ("val", test)):
-            if len(part.labels) == 0:
-                raise FeatureFileError(f"{train_path} has no {name} rows; pass --test with a second features "
-                                       f"file, or extract with both splits (train and val)")
+    if test_path is None or Path(train_path).resolve() == Path(test_path).resolve():
+        test_ff = train_ff
+        train_split, test_split = _same_file_rows(train_ff, train_path, test_path is not None, test_split)
     else:
         test_ff = load_features(test_path)
-        train, test = _rows(train_ff, "train"), _rows(test_ff, "val")
-        if Path(train_path).resolve() == Path(test_path).resolve() and not (train_ff.split == "val").any():
-            raise FeatureFileError(f"{train_path} has no val rows, so --train and --test would be the same "
-                                   f"images; pass a separate --test file")
+        train_split = "train" if (train_ff.split == "train").any() else "all"
+        test_split = test_split or "all"
+        if test_split != "all" and not (test_ff.split == test_split).any():
+            held = ", ".join(f"{int((test_ff.split == s).sum())} {s}" for s in SPLITS)
+            raise FeatureFileError(f"{test_path} has no {test_split} rows (it holds {held}); "
+                                   f"--test-split all tests every row")
+    train = train_ff if train_split == "all" else train_ff.subset(train_split)
+    test = test_ff if test_split == "all" else test_ff.subset(test_split)
     report = probe(train, test, **kwargs)
-    rows = {"train_file": str(train_path), "train_rows": _which(train), "test_file": str(test_path or train_path),
-            "test_rows": _which(test)}
-    report = {**rows, **report}
-    return report, train, test
+    rows = {"train_file": str(train_path), "train_split": train_split,
+            "train_rows": _rows_text(train_split, train, train_ff), "test_file": str(test_path or train_path),
+            "test_split": test_split, "test_rows": _rows_text(test_split, test, test_ff),
+            "shared_paths": len(set(train.paths) & set(test.paths))}
+    return {**rows, **report}, train, test
 
 
 def _fmt(value: float | None) -> str:
@@ -185,12 +210,20 @@ def _fmt(value: float | None) -> str:
 
 
 def _source(report: dict[str, Any], part: str) -> str:
-    where = f"{report[part + '_file']}, {report[part + '_rows']}, " if part + "_file" in report else ""
-    return f"{where}{report['n_' + part]} images"
+    if part + "_file" in report:
+        return f"{report[part + '_file']}, {report[part + '_rows']}"
+    return f"{report['n_' + part]} images"
+
+
+def _count_header(report: dict[str, Any], part: str) -> str:
+    """``n test (val rows)``: the table itself says which rows were counted, wherever it is pasted."""
+    split = report.get(part + "_split")
+    return f"n {part}" if split is None else f"n {part} ({split} rows)"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    lines = ["| model | C | CV acc (%) | test acc (%) | mAP (%) | n train | n test |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| model | C | CV acc (%) | test acc (%) | mAP (%) | {_count_header(report, 'train')} "
+             f"| {_count_header(report, 'test')} |", "|---|---|---|---|---|---|---|"]
     for r in report["results"].values():
         lines.append(f"| {r['model']} | {r['C']:g} | {_fmt(r['cv_accuracy'])} | {_fmt(r['accuracy'])} "
                      f"| {_fmt(r['mAP'])} | {report['n_train']} | {report['n_test']} |")
