@@ -30,7 +30,7 @@ from vggnet.engine.inputs import build_inputs
 from vggnet.engine.recipe import load_recipe
 from vggnet.engine.trainer import train
 from vggnet.infer import top1_agreement
-from vggnet.models import load_checkpoint
+from vggnet.models import WeightsNotFoundError, checkpoint_file, load_checkpoint
 
 FAST = ["model.width=0.125", "data.image_size=32", "optim.batch_size=64", "train.threads=1",
         "train.deterministic=true", "train.precision=fp32", "train.channels_last=false", "schedule.epochs=3"]
@@ -97,6 +97,8 @@ def test_finished_run_reports_fp32_ptq_and_qat(qat_run, run):
     assert [h["epoch"] for h in metrics["history"]] == [1]
     assert sorted(p.name for p in (qat_run / "checkpoints").iterdir()) == ["epoch-0001"]
     assert not list(qat_run.glob(".*"))  # no temporary file left behind
+    with pytest.raises(WeightsNotFoundError):  # the folder offers no fp32 weights as its model (eval, export ...)
+        checkpoint_file(qat_run)
 
 
 def test_resume_trains_only_the_new_epoch(qat_run, run, tmp_path):
@@ -107,10 +109,11 @@ def test_resume_trains_only_the_new_epoch(qat_run, run, tmp_path):
     assert result["trained_epochs"] == [2]
     assert [h["epoch"] for h in result["history"]] == [1, 2] and result["epochs"] == 2
     assert (out / "checkpoints" / "epoch-0001" / "state.pt").read_bytes() == first  # epoch 1 was not redone
-    one = torch.load(out / "checkpoints" / "epoch-0001" / "state.pt", weights_only=True)
-    two = torch.load(out / "checkpoints" / "epoch-0002" / "state.pt", weights_only=True)
+    # QAT's part of the training loop's checkpoints: the prepared graph and the baseline
+    one = torch.load(out / "checkpoints" / "epoch-0001" / "state.pt", weights_only=True)["module"]
+    two = torch.load(out / "checkpoints" / "epoch-0002" / "state.pt", weights_only=True)["module"]
     assert one["baseline"] == two["baseline"]  # fp32 and PTQ measured once, carried over
-    assert any(not torch.equal(one["model"][k], two["model"][k]) for k in one["model"] if k.endswith("weight"))
+    assert any(not torch.equal(one["graph"][k], two["graph"][k]) for k in one["graph"] if k.endswith("weight"))
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
     again = qat_finetune(run, out, epochs=2, calib_images=CALIB, compile=False, progress=False)
     assert again["trained_epochs"] == []
@@ -123,24 +126,46 @@ def test_interrupted_runs_leave_nothing_that_looks_finished(qat_run, run, tmp_pa
 
     out = tmp_path / "qat"
     shutil.copytree(qat_run, out)
+    finished = {p.name for p in qat_run.iterdir()}  # the training loop's run folder, qat.json, and the results
+    assert {"checkpoints", "qat.json", "qat.pt2", "metrics.json"} <= finished
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
+    def killed_training(module, train):  # the loop switches the graph to training form as an epoch starts
+        if train:
+            raise KeyboardInterrupt
+        set_qat_mode(module, train)
+
+    def unfinished() -> None:  # everything of the run folder but the results, and no temporary file
+        assert {p.name for p in out.iterdir()} == finished - {"qat.pt2", "metrics.json"}
+
     with monkeypatch.context() as m:  # killed while training epoch 2: the 1-epoch result is superseded, gone
-        m.setattr(qat, "_train_epoch", killed)
+        m.setattr(qat, "set_qat_mode", killed_training)
         with pytest.raises(KeyboardInterrupt):
             qat_finetune(run, out, epochs=2, calib_images=CALIB, compile=False, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    unfinished()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001"]
     with monkeypatch.context() as m:  # killed while measuring the saved INT8 model: no qat.pt2 without metrics
         m.setattr(qat, "load_qat", killed)
         with pytest.raises(KeyboardInterrupt):
             qat_finetune(run, out, epochs=2, calib_images=CALIB, compile=False, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    unfinished()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     result = qat_finetune(run, out, epochs=2, calib_images=CALIB, compile=False, progress=False)
     assert result["trained_epochs"] == [] and (out / "qat.pt2").is_file() and result["epochs"] == 2
+
+    # and the killed run's result is the one a run never killed gets: graph, observers and RNG all resumed
+    straight = tmp_path / "straight"
+    shutil.copytree(qat_run, straight)
+    expected = qat_finetune(run, straight, epochs=2, calib_images=CALIB, compile=False, progress=False)
+    graphs = [torch.load(folder / "checkpoints" / "epoch-0002" / "state.pt", weights_only=True)["module"]["graph"]
+              for folder in (out, straight)]
+    assert graphs[0].keys() == graphs[1].keys()
+    assert all(torch.equal(graphs[0][k], graphs[1][k]) for k in graphs[0])
+    assert result["history"] == [{**h, "epoch_time": r["epoch_time"]}
+                                 for h, r in zip(expected["history"], result["history"], strict=True)]
+    assert result["qat"]["top1"] == expected["qat"]["top1"]
 
 
 def test_quantized_or_exported_inputs_are_refused(qat_run, run, tmp_path):

@@ -17,7 +17,8 @@ what it does:
   2. torch.export of the network (batch norm folded into the convs unless --no-fold-bn), torchao
      prepare_qat_pt2e: fake INT8 quantizers where the x86 quantizer puts INT8 ops, ranges initialised on the
      same --calib images
-  3. --epochs of fine-tuning on the run's training data (its recipe.yaml): SGD, momentum 0.9, cosine from --lr
+  3. --epochs of fine-tuning through the training loop (`vggnet train`'s) on the run's training data (its
+     recipe.yaml): SGD, momentum 0.9, cosine from --lr, fp32
   4. convert_pt2e, saved as an ExportedProgram and evaluated like the PTQ model (Inductor INT8 kernels)
 
 what it writes (--out):
@@ -26,8 +27,11 @@ what it writes (--out):
                         import torch.ao.quantization.fx._decomposed   # registers the quantized ops
                         program = torch.export.load(path, extra_files={"vggnet.json": ""})
   metrics.json        fp32 / PTQ / QAT top-1, agreement with fp32, per-epoch history; written last
-  checkpoints/        one folder per finished epoch: rerunning the same command resumes after the last one, and
-                      a larger --epochs continues training (other settings on the same --out are refused)
+  qat.json            the settings; other settings on the same --out are refused (only --epochs may grow)
+  checkpoints/        the training loop's, one folder per finished epoch: rerunning the same command resumes after
+                      the last one, and a larger --epochs continues training
+  recipe.yaml, ...    the rest of a `vggnet train` run folder: metrics.jsonl (val_top1 is the fake-quantized
+                      graph's), curves.png; no best/last.safetensors (the fp32 source is not this folder's model)
 
 A quantized or exported model (qat.pt2, an .onnx / INT8 file, a QAT output folder) cannot be trained: pass the
 fp32 run folder or .safetensors checkpoint it came from.

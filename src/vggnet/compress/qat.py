@@ -4,8 +4,11 @@ Post-training quantization (the ``int8`` runtime) picks INT8 scales for a networ
 lets the weights adapt to it. The PT2E steps (capture in training form, fake quantizers where
 ``X86InductorQuantizer`` puts INT8 ops, mode switching, observer calibration, convert) are
 :mod:`vggnet.capture.pt2e`'s, shared with the PTQ runtime, so both end in the same q/dq graph and the same oneDNN
-INT8 kernels. This module fine-tunes (SGD with momentum, cosine decay), measures fp32 / PTQ / QAT on the run's own
-validation split, and saves.
+INT8 kernels. The fine-tuning is :func:`vggnet.engine.train`'s loop, as distillation's is: the source run's recipe
+(its data, split and augmentation) with QAT's settings (SGD with momentum, cosine decay, fp32, no EMA, lookahead,
+compile or channels_last), and :class:`~vggnet.engine.hooks.TrainHooks` that train the prepared graph instead of
+the VGG (:class:`_QATHooks`). This module adds what QAT has on top: fp32 / PTQ / QAT measured on the run's own
+validation split, and the INT8 result.
 
 Batch norm is folded into the convolutions first by default (``fold_bn``): its statistics are frozen during
 fine-tuning, the usual end state of QAT (Krishnamoorthi 2018), and the q/dq graph is the one PTQ quantizes;
@@ -13,8 +16,13 @@ fine-tuning, the usual end state of QAT (Krishnamoorthi 2018), and the q/dq grap
 
 What ``out_dir`` holds (every file written through :mod:`vggnet.atomic`):
 
-* ``checkpoints/epoch-NNNN/state.pt``: prepared graph, optimizer, RNG, settings, baseline; a rerun continues after
-  the last finished epoch (``epochs`` may grow).
+* the training loop's run folder: ``recipe.yaml`` (the QAT recipe), ``metrics.jsonl`` / ``metrics.csv`` (the
+  per-epoch record, ``val_top1`` being the fake-quantized graph's), ``curves.png``, ``final.json`` and
+  ``checkpoints/epoch-NNNN/``, whose ``state.pt`` holds under ``module`` the prepared graph and the fp32 / PTQ
+  baseline; a rerun continues after the last finished epoch (``epochs`` may grow). The loop also checkpoints the
+  VGG it was given, the unchanged fp32 source, as ``model.safetensors``, but links no ``best`` / ``last.safetensors``
+  to it (``TrainHooks.model_is_result=False``), so no tool takes the fp32 source for this folder's model.
+* ``qat.json``: the :class:`QATSettings` a rerun must match; it marks the folder as QAT's.
 * ``qat.pt2``: the INT8 model (``torch.export.save``, preprocessing in its ``vggnet.json``); :func:`load_qat` reads
   it. Inductor's INT8 kernels (``compile=True``) need torchao imported, which registers their lowering passes.
 * ``metrics.json``: fp32, PTQ and QAT top-1, written last: its presence means the run finished.
@@ -29,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -38,11 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from vggnet.atomic import atomic_dir, atomic_path, write_json
+from vggnet.atomic import atomic_path, write_json
 from vggnet.capture.graph import export_program
 from vggnet.capture.metadata import METADATA_FILE, export_metadata
 from vggnet.capture.pt2e import (
@@ -54,24 +59,26 @@ from vggnet.capture.pt2e import (
     set_qat_mode,
 )
 from vggnet.capture.quiet import quiet_torchao
-from vggnet.engine import TrainingDiverged
-from vggnet.engine.checkpoint import list_checkpoints, rng_state, set_rng_state
-from vggnet.engine.distributed import Dist
-from vggnet.engine.inputs import Inputs, build_inputs
-from vggnet.engine.recipe import load_recipe
+from vggnet.engine import Recipe, TrainHooks, train
+from vggnet.engine.checkpoint import list_checkpoints
+from vggnet.engine.inputs import Inputs
+from vggnet.engine.recipe import ScheduleConfig, TrainConfig
 from vggnet.errors import UsageError, VggnetError
+from vggnet.evaluate import find_recipe
 from vggnet.infer import Predictor, Preprocessing, make_runtime, top1_agreement
 from vggnet.infer.runtimes import TorchRuntime
-from vggnet.models import VGG, checkpoint_file, checkpoint_meta, count_macs, count_params, load_checkpoint
+from vggnet.models import VGG, VGGConfig, checkpoint_file, checkpoint_meta, count_macs, count_params, load_checkpoint
 
 __all__ = ["QATResult", "QATSettings", "QuantizedModelError", "calibrate_qat", "convert_qat", "export_for_qat",
            "load_qat", "prepare_qat", "qat_finetune", "refuse_quantized", "set_qat_mode"]
 
-RESULT_NAME, METRICS_NAME = "qat.pt2", "metrics.json"
+RESULT_NAME, METRICS_NAME, SETTINGS_NAME = "qat.pt2", "metrics.json", "qat.json"
+ENGINE_LOG = "metrics.jsonl"  # the training loop's per-epoch records (vggnet.engine.artifacts.RunLogger)
+SOURCE_LINKS = ("best.safetensors", "last.safetensors")  # what the loop links to the VGG it holds: QAT's source
 SCHEME = ("static INT8, x86 Inductor: weights int8 symmetric per output channel, activations uint8 affine per "
           "tensor; fake-quantized fine-tuning (torchao PT2E QAT)")
 TMP_PREFIX = ".qat."  # temporary results (atomic_path's ".qat.pt2.*.pt2"): hidden, never named like the result
-STATE_KIND = "vggnet-qat"  # marks our epoch states, so a training run's folder is never taken for one
+STATE_KIND = "vggnet-qat"  # marks qat.json and QAT's part of a checkpoint, so a training run's folder is never one
 KEEP = 2  # epoch checkpoints kept (a VGG-16's state with momentum is ~1 GB)
 # What torch.export.load raises for an archive that is not a saved program.
 _LOAD_ERRORS = (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile)
@@ -154,13 +161,7 @@ def refuse_quantized(path: str | os.PathLike) -> None:
     """
     path = Path(path)
     if path.is_dir():
-        if not any((path / name).is_file() for name in ("best.safetensors", "last.safetensors")):
-            metrics = path / METRICS_NAME
-            if (path / RESULT_NAME).is_file() or (path / "checkpoints").is_dir() and metrics.is_file():
-                origin = None
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    origin = json.loads(metrics.read_text()).get("source")
-                raise _not_trainable(path, "a QAT output folder (its model is INT8)", origin)
+        _refuse_qat_folder(path)
         return
     if not path.is_file():
         return  # checkpoint_file gives the not-found error
@@ -187,6 +188,22 @@ def refuse_quantized(path: str | os.PathLike) -> None:
         raise _not_trainable(path, _EXPORT_SUFFIXES[suffix])
 
 
+def _refuse_qat_folder(path: Path) -> None:
+    """A QAT output folder is marked by its ``qat.pt2`` or ``qat.json``, whatever else is in it (a killed run may
+    still hold the loop's links to the fp32 source); one written before QAT trained through the loop, by its
+    checkpoints and ``metrics.json`` without ``best`` / ``last.safetensors``."""
+    metrics, record = path / METRICS_NAME, path / SETTINGS_NAME
+    older = (path / "checkpoints").is_dir() and metrics.is_file() and \
+        not any((path / name).is_file() for name in SOURCE_LINKS)
+    if not ((path / RESULT_NAME).is_file() or record.is_file() or older):
+        return
+    origin = None
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+        origin = json.loads(metrics.read_text()).get("source") if metrics.is_file() else \
+            json.loads(record.read_text())["settings"]["source"]
+    raise _not_trainable(path, "a QAT output folder (its model is INT8)", origin)
+
+
 def _refuse_quantized_safetensors(path: Path) -> None:
     """An integer weight or a scale/zero-point tensor: someone's quantized state dict, not a vggnet fp32 one."""
     from safetensors import SafetensorError, safe_open
@@ -207,45 +224,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _find_recipe(file: Path, recipe: str | os.PathLike | None) -> dict[str, Any]:
-    """The recipe the checkpoint was trained with: its run folder's recipe.yaml (beside the file, or two levels up
-    for ``checkpoints/epoch-NNNN/model.safetensors``), unless one is given."""
-    if recipe is not None:
-        return load_recipe(recipe)
-    for folder in (file.parent, file.parent.parent.parent):
-        if (folder / "recipe.yaml").is_file():
-            return load_recipe(folder / "recipe.yaml")
-    raise UsageError(f"no recipe.yaml beside {file}: QAT rebuilds the training data from the run's recipe; "
-                     "pass the run folder, or recipe= (--recipe NAME_OR_YAML) naming the recipe it was trained with")
-
-
-def _load_source(ckpt: str | os.PathLike, recipe: str | os.PathLike | None,
-                 batch_size: int | None) -> tuple[Path, VGG, Preprocessing, Inputs]:
-    """Model, preprocessing and the run's own data, checked against each other."""
-    refuse_quantized(ckpt)
-    file = checkpoint_file(ckpt)
-    model, extra = load_checkpoint(file)
-    prep = Preprocessing.from_meta(checkpoint_meta(file, model, extra))
-    cfg = copy.deepcopy(_find_recipe(file, recipe))
-    if batch_size is not None:
-        cfg["optim"]["batch_size"] = int(batch_size)
-    inputs = build_inputs(cfg, Dist())
-    if prep.classes is not None and list(prep.classes) != list(inputs.classes):
-        raise UsageError(f"{file} was trained on classes {list(prep.classes)[:10]}, the recipe's data has "
-                         f"{inputs.classes[:10]}: pass the run folder it was trained in, or the matching --recipe")
-    if len(inputs.classes) != model.config.num_classes:
-        raise UsageError(f"{file} has {model.config.num_classes} outputs, the recipe's data {len(inputs.classes)} "
-                         "classes")
-    if prep.image_size != inputs.image_size or list(prep.mean) != list(inputs.mean) or \
-            list(prep.std) != list(inputs.std):
-        raise UsageError(f"{file} expects {prep.image_size}px inputs normalised with mean {list(prep.mean)}, std "
-                         f"{list(prep.std)}; the recipe gives {inputs.image_size}px, {inputs.mean}, {inputs.std}")
-    if inputs.val is None:
-        raise UsageError("the recipe has no validation split (data.val_fraction = 0 and no val/ folder): QAT's "
-                         "result is its validation accuracy against fp32 and PTQ, so it needs one")
-    return file, model, prep, inputs
 
 
 def _training_images(inputs: Inputs, n: int) -> torch.Tensor:
@@ -428,85 +406,224 @@ def _save_result(converted: torch.fx.GraphModule, example: torch.Tensor, tmp: Pa
 
 # -------------------------------------------------------------------------------------------------- training
 
-def _save_epoch(out: Path, epoch: int, state: dict[str, Any]) -> Path:
-    """``checkpoints/epoch-NNNN/state.pt``, whole or absent; only the newest :data:`KEEP` epochs stay."""
-    final = out / "checkpoints" / f"epoch-{epoch:04d}"
-    with atomic_dir(final) as tmp:
-        torch.save(state, tmp / "state.pt")
-    for old in list_checkpoints(out)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def _read_source(ckpt: str | os.PathLike) -> tuple[Path, VGGConfig, Preprocessing]:
+    """The source checkpoint's file, architecture and preprocessing (its weights are the loop's to load)."""
+    file = checkpoint_file(ckpt)
+    model, extra = load_checkpoint(file)
+    return file, model.config, Preprocessing.from_meta(checkpoint_meta(file, model, extra))
 
 
-def _optimizer(prepared: nn.Module, settings: QATSettings) -> torch.optim.Optimizer:
-    """SGD with momentum; decay (if any) on weights only, as in training."""
-    params = [p for p in prepared.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": settings.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=settings.lr, momentum=settings.momentum)
+def _source_recipe(file: Path, recipe: str | os.PathLike | None) -> Recipe:
+    """The recipe the checkpoint was trained with: its run folder's ``recipe.yaml`` (found as eval finds it),
+    unless one is given."""
+    found = recipe if recipe is not None else find_recipe(file)
+    if found is None:
+        raise UsageError(f"no recipe.yaml beside {file}: QAT rebuilds the training data from the run's recipe; "
+                         "pass the run folder, or recipe= (--recipe NAME_OR_YAML) naming the recipe it was trained "
+                         "with")
+    return Recipe.load(found)
 
 
-def _cosine(settings: QATSettings, step: int, total: int) -> float:
-    return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+def _qat_recipe(base: Recipe, file: Path, config: VGGConfig, settings: QATSettings) -> Recipe:
+    """``base`` (the source run's recipe: its data, split and augmentation) with QAT in place of its training:
+    the source checkpoint's weights and architecture, SGD with momentum from ``settings`` decayed by a cosine to
+    0, plain cross-entropy, fp32, no EMA, lookahead, compile or channels_last (the loop refuses them with a
+    wrapped module), no tracker; every other training setting at its default, as QAT's own loop had them."""
+    recipe = copy.deepcopy(base)
+    m, o = recipe.model, recipe.optim
+    m.weights, m.init_from, m.whiten, m.freeze, m.freeze_bn = str(file), None, False, None, False
+    m.name, m.width, m.head, m.fc_width = config.name, config.width, config.head, config.fc_width
+    m.dropout, m.logit_scale = config.dropout, config.logit_scale
+    m.channels = None if config.channels is None else list(config.channels)
+    o.name, o.lr, o.momentum, o.weight_decay = "sgd", settings.lr, settings.momentum, settings.weight_decay
+    o.batch_size, o.label_smoothing, o.grad_clip = settings.batch_size, 0.0, 0.0
+    o.bias_lr_scale, o.decay_biases, o.lr_mult = 1.0, False, None
+    recipe.schedule = ScheduleConfig(name="cosine", epochs=settings.epochs)  # no warm-up, down to 0
+    recipe.train = TrainConfig(precision="fp32", channels_last=False, seed=settings.seed, keep=KEEP,
+                               tracking="none")
+    return Recipe.of(recipe)
 
 
-def _train_epoch(prepared: nn.Module, optimizer: torch.optim.Optimizer, inputs: Inputs, settings: QATSettings,
-                 epoch: int, progress: bool) -> dict[str, float]:
-    steps = len(inputs.train)
-    total, step = settings.epochs * steps, (epoch - 1) * steps
-    inputs.train.set_epoch(epoch)
-    set_qat_mode(prepared, train=True)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"qat epoch {epoch}/{settings.epochs}", disable=not progress, leave=False,
-               dynamic_ncols=True)
-    lr = settings.lr
-    for batch in inputs.train:
-        bar.update()
-        if batch is None:  # every file of the batch was unreadable
-            continue
-        images, targets = batch
-        lr = _cosine(settings, step, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logits = prepared(images.float().contiguous())
-        loss = F.cross_entropy(logits, targets)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"QAT loss became {loss.item()} at epoch {epoch}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        n = targets.numel()
-        sums += torch.tensor([loss.item() * n, float((logits.detach().argmax(1) == targets).sum()), n],
-                             dtype=torch.float64)
-        bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.3f}", lr=f"{lr:.2g}", refresh=False)
-    bar.close()
-    count = max(1.0, sums[2].item())
-    return {"epoch": epoch, "train_loss": sums[0].item() / count, "train_top1": 100 * sums[1].item() / count,
-            "lr": lr, "epoch_time": time.perf_counter() - t0}
-
-
-def _resume(out: Path, settings: QATSettings) -> dict[str, Any] | None:
-    """The newest finished epoch's state, checked against ``settings``; None for a fresh folder."""
-    ckpts = list_checkpoints(out)
-    if not ckpts:
-        return None
-    state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
-        raise UsageError(f"{out} holds checkpoints of another kind of run (a training run?); QAT writes its own "
-                         "folder: choose a new --out")
-    saved = state["settings"]
-    mine = settings.must_match()
-    differ = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+def _epochs_done(out: Path, settings: QATSettings) -> int:
+    """How many epochs an earlier run in ``out`` finished (0: a fresh folder), its settings checked against
+    ``settings`` before anything is built: the loop would otherwise continue it with other ones."""
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        return 0
+    record: Any = None
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((out / SETTINGS_NAME).read_text())
+    saved = record.get("settings") if isinstance(record, dict) and record.get("kind") == STATE_KIND else None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{out} holds checkpoints of another kind of run (a training run, or QAT from an older "
+                         "vggnet); QAT writes its own folder: choose a new --out")
+    differ = {k: (saved.get(k), v) for k, v in settings.must_match().items() if saved.get(k) != v}
     if differ:
         shown = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
         raise UsageError(f"{out} holds a QAT run with other settings ({shown}); rerun with the same settings "
                          "(only --epochs may grow) or choose a new --out")
-    if state["epoch"] > settings.epochs:
-        raise UsageError(f"{out} is already fine-tuned for {state['epoch']} epochs, more than the {settings.epochs} "
+    done = int(checkpoints[-1].name.removeprefix("epoch-"))
+    if done > settings.epochs:
+        raise UsageError(f"{out} is already fine-tuned for {done} epochs, more than the {settings.epochs} "
                          "asked for; pass --epochs >= that, or a new --out")
-    return state
+    return done
+
+
+def _finished(out: Path, epochs: int) -> dict[str, Any] | None:
+    """The metrics of a run in ``out`` that finished ``epochs`` epochs (its qat.pt2 beside them), else None."""
+    with contextlib.suppress(OSError, ValueError):
+        done = json.loads((out / METRICS_NAME).read_text())
+        if isinstance(done, dict) and done.get("epochs") == epochs and (out / RESULT_NAME).is_file():
+            return done
+    return None
+
+
+def _history(out: Path) -> list[dict[str, Any]]:
+    """Every epoch's record from the loop's ``metrics.jsonl``, in the keys QAT's history has always had (the
+    loop's validation top-1 is the fake-quantized graph's: it evaluates the prepared graph in eval form)."""
+    records = []
+    for line in (out / ENGINE_LOG).read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    keys = ("epoch", "train_loss", "train_top1", "lr", "epoch_time")
+    return [{**{k: r.get(k) for k in keys}, "val_top1_fake_quant": r.get("val_top1")} for r in records]
+
+
+def _on_cpu(model: VGG) -> VGG:
+    """``model``, or a CPU copy: the PTQ runtime, the eager baseline and the saved INT8 model are x86 CPU ones."""
+    return model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
+
+
+class _QATHooks:
+    """QAT's part of :func:`vggnet.engine.train` (its :class:`~vggnet.engine.hooks.TrainHooks`): the loop trains
+    the prepared graph that :meth:`wrap_model` makes of the source VGG, switches it with :func:`set_qat_mode`,
+    checkpoints it with the fp32 / PTQ baseline (measured once, on a fresh run) and, once the last epoch is
+    done, :meth:`finish` converts, saves and measures it."""
+
+    def __init__(self, out: Path, config: VGGConfig, prep: Preprocessing, settings: QATSettings, done: int,
+                 compile: bool) -> None:
+        self.out, self.config, self.prep, self.settings, self.compile = out, config, prep, settings, compile
+        self.fresh, self.trains = done == 0, done < settings.epochs
+        self.model: VGG | None = None
+        self.calib = torch.empty(0)
+        self.baseline: dict[str, Any] = {}
+        self.reference = torch.empty(0, dtype=torch.long)  # fp32's top-1 class per validation image
+        self.metrics: dict[str, Any] = {}
+
+    def hooks(self) -> TrainHooks:
+        return TrainHooks(check_inputs=self.check_inputs, wrap_model=self.wrap_model, set_mode=self.set_mode,
+                          state_dict=self.state_dict, load_state_dict=self.load_state_dict, finish=self.finish,
+                          model_is_result=False)
+
+    def check_inputs(self, inputs: Inputs) -> None:
+        """The recipe's data must be what the checkpoint was trained on, with a validation split to measure on."""
+        prep, file = self.prep, self.settings.source
+        if prep.classes is not None and list(prep.classes) != list(inputs.classes):
+            raise UsageError(f"{file} was trained on classes {list(prep.classes)[:10]}, the recipe's data has "
+                             f"{inputs.classes[:10]}: pass the run folder it was trained in, or the matching --recipe")
+        if len(inputs.classes) != self.config.num_classes:
+            raise UsageError(f"{file} has {self.config.num_classes} outputs, the recipe's data "
+                             f"{len(inputs.classes)} classes")
+        if prep.image_size != inputs.image_size or list(prep.mean) != list(inputs.mean) or \
+                list(prep.std) != list(inputs.std):
+            raise UsageError(f"{file} expects {prep.image_size}px inputs normalised with mean {list(prep.mean)}, "
+                             f"std {list(prep.std)}; the recipe gives {inputs.image_size}px, {inputs.mean}, "
+                             f"{inputs.std}")
+        if inputs.val is None:
+            raise UsageError("the recipe has no validation split (data.val_fraction = 0 and no val/ folder): QAT's "
+                             "result is its validation accuracy against fp32 and PTQ, so it needs one")
+
+    def wrap_model(self, model: VGG, inputs: Inputs) -> nn.Module:
+        """Export + prepare_qat; on a fresh run the fp32 / PTQ baseline and the observers' initial ranges, both
+        from the same calibration images (a resumed run's come from its checkpoint)."""
+        if model.config != self.config:
+            raise UsageError(f"the recipe builds {model.config}, the checkpoint {self.settings.source} holds "
+                             f"{self.config}")
+        self.model = model
+        if self.fresh:  # as before QAT used the loop: calibration draw and dropout masks follow from the seed alone
+            torch.manual_seed(self.settings.seed)
+        self.calib = _training_images(inputs, self.settings.calib_images)
+        device = next(model.parameters()).device
+        prepared = prepare_qat(model, self.calib.to(device), self.settings.fold_bn)
+        if self.fresh:
+            self.baseline = _baseline(_on_cpu(model), self.prep, self.calib, inputs.val)
+            self.reference = self.baseline.pop("_reference")
+            calibrate_qat(prepared, self.calib.to(device))
+        self._open_folder()
+        return prepared
+
+    def _open_folder(self) -> None:
+        """Before the loop writes: a killed run's temporary result goes, and so do the results of fewer epochs
+        when more are trained (before they could mislead); then qat.json, the settings a rerun must match."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(f"{TMP_PREFIX}*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        if self.trains:
+            for name in (METRICS_NAME, RESULT_NAME):
+                (self.out / name).unlink(missing_ok=True)
+        write_json(self.out / SETTINGS_NAME, {"kind": STATE_KIND, "settings": asdict(self.settings)})
+
+    def set_mode(self, module: nn.Module, training: bool) -> None:
+        set_qat_mode(module, train=training)
+
+    def state_dict(self, module: nn.Module) -> dict[str, Any]:
+        return {"kind": STATE_KIND, "graph": module.state_dict(), "baseline": self.baseline,
+                "reference": self.reference}
+
+    def load_state_dict(self, module: nn.Module, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
+            raise UsageError(f"{self.out} holds checkpoints of another kind of run; QAT writes its own folder: "
+                             "choose a new --out")
+        module.load_state_dict(state["graph"])
+        self.baseline, self.reference = state["baseline"], state["reference"]
+
+    def finish(self, module: nn.Module, out_dir: Path, inputs: Inputs) -> dict[str, Any]:
+        """Convert, save ``qat.pt2`` (named so only once it is loaded back and measured) and write ``metrics.json``
+        last: its presence marks a finished run."""
+        assert self.model is not None  # wrap_model ran
+        converted = convert_qat(self._cpu_graph(module))
+        val_batch = next(b for b in inputs.val if b is not None)[0].float()
+        result_file = out_dir / RESULT_NAME
+        with atomic_path(result_file, suffix=".pt2") as tmp:  # torch.export.load wants the .pt2 suffix
+            metadata = _metadata(self.model, self.prep, self.settings, self.settings.epochs)
+            _save_result(converted, self.calib, tmp, metadata, val_batch[:8])
+            t0 = time.perf_counter()
+            qat_logits, labels = _predictions(load_qat(tmp, compile=self.compile).runtime, inputs.val)
+            eval_s = time.perf_counter() - t0
+        self.metrics = self._metrics(result_file, qat_logits, labels, eval_s)
+        write_json(out_dir / METRICS_NAME, self.metrics)
+        return self.metrics
+
+    def _cpu_graph(self, prepared: nn.Module) -> nn.Module:
+        """The prepared graph on the CPU, where x86 INT8 lives: a graph the loop trained on a GPU is prepared
+        again from a CPU copy of the source and given the trained state (its recorded devices stay the GPU's)."""
+        if all(t.device.type == "cpu" for t in (*prepared.parameters(), *prepared.buffers())):
+            return prepared
+        assert self.model is not None
+        graph = prepare_qat(_on_cpu(self.model), self.calib, self.settings.fold_bn)
+        graph.load_state_dict({k: v.cpu() for k, v in prepared.state_dict().items()})
+        return graph
+
+    def _metrics(self, result_file: Path, qat_logits: torch.Tensor, labels: torch.Tensor,
+                 eval_s: float) -> dict[str, Any]:
+        assert self.model is not None
+        baseline, settings = self.baseline, self.settings
+        return {
+            "method": "qat", "source": settings.source, "epochs": settings.epochs, "result": str(result_file),
+            "top1": _top1(qat_logits, labels),  # the QAT INT8 model's: what this folder holds
+            "fp32": baseline["fp32"], "ptq": baseline["ptq"],
+            "qat": {"top1": _top1(qat_logits, labels),
+                    "agreement_with_fp32": float((qat_logits.argmax(1) == self.reference).float().mean()),
+                    "runtime": "inductor int8" if self.compile else "eager q/dq (fp32 reference arithmetic)",
+                    "eval_s": round(eval_s, 1)},
+            "val_images": baseline["val_images"], "calib_images": len(self.calib),
+            "params": count_params(self.model), "macs": count_macs(self.model.config, self.prep.image_size),
+            "file_bytes": result_file.stat().st_size, "settings": asdict(settings), "history": _history(self.out),
+            "preprocessing": self.prep.to_dict(),
+        }
 
 
 def qat_finetune(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, epochs: int = 2, lr: float = 1e-3,
@@ -521,102 +638,31 @@ def qat_finetune(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, epochs:
     as the PTQ runtime always is; False runs its q/dq graph eagerly (fp32 reference arithmetic, no compile).
 
     The training and validation data are the run's own (its ``recipe.yaml``; ``recipe`` for a checkpoint
-    without one). ``batch_size`` defaults to the recipe's. A rerun on the same ``out_dir`` resumes after the last
-    finished epoch; with results already there for ``epochs`` it returns them without recomputing.
+    without one), trained through :func:`vggnet.engine.train`. ``batch_size`` defaults to the recipe's. A rerun on
+    the same ``out_dir`` resumes after the last finished epoch; with results already there for ``epochs`` it
+    returns them without recomputing. ``trained_epochs`` (returned only) lists the epochs this call trained.
     """
     out = Path(out_dir)
     refuse_quantized(ckpt)
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    settings = QATSettings(source="", source_sha256="", epochs=epochs, lr=lr, momentum=momentum,
-                           weight_decay=weight_decay, batch_size=batch_size or 1, calib_images=calib_images,
-                           fold_bn=fold_bn, seed=seed)  # argument errors before any file is read
+    QATSettings(source="", source_sha256="", epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                batch_size=batch_size or 1, calib_images=calib_images, fold_bn=fold_bn,
+                seed=seed)  # argument errors before any file is read
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; QAT writes a folder")
     if Path(ckpt).resolve() == out.resolve():
         raise UsageError(f"--out {out} is the source run folder; QAT writes a folder of its own")
-    progress = sys.stderr.isatty() if progress is None else progress
-    file, model, prep, inputs = _load_source(ckpt, recipe, batch_size)
+    file, config, prep = _read_source(ckpt)
+    base = _source_recipe(file, recipe)
     settings = QATSettings(source=str(file), source_sha256=_sha256(file), epochs=epochs, lr=lr, momentum=momentum,
-                           weight_decay=weight_decay, batch_size=int(batch_size or inputs.train.batch_size),
+                           weight_decay=weight_decay, batch_size=int(batch_size or base.optim.batch_size),
                            calib_images=calib_images, fold_bn=fold_bn, seed=seed)
-    state = _resume(out, settings)
-    metrics_file = out / METRICS_NAME
-    if state is not None and state["epoch"] == settings.epochs and metrics_file.is_file():
-        done = json.loads(metrics_file.read_text())
-        if done.get("epochs") == settings.epochs and (out / RESULT_NAME).is_file():
-            print(f"{out}: already fine-tuned for {settings.epochs} epoch(s); results in {metrics_file}", flush=True)
-            return {**done, "trained_epochs": []}
-
-    torch.manual_seed(seed)
-    calib = _training_images(inputs, settings.calib_images)
-    prepared = prepare_qat(model, calib, settings.fold_bn)
-    optimizer = _optimizer(prepared, settings)
-    if state is None:
-        baseline = _baseline(model, prep, calib, inputs.val)
-        reference = baseline.pop("_reference")
-        calibrate_qat(prepared, calib)
-        history: list[dict[str, Any]] = []
-        start = 1
-    else:
-        prepared.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        baseline, reference, history = state["baseline"], state["reference"], list(state["history"])
-        start = state["epoch"] + 1
-        print(f"{out}: resuming QAT after epoch {state['epoch']}", flush=True)
-
-    trained: list[int] = []
-    for stale in out.glob(f"{TMP_PREFIX}*") if out.is_dir() else []:  # a killed run's temporary result
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    if start <= settings.epochs:  # results of fewer epochs are superseded: gone before they could mislead
-        for name in (METRICS_NAME, RESULT_NAME):
-            (out / name).unlink(missing_ok=True)
-    for epoch in range(start, settings.epochs + 1):
-        record = _train_epoch(prepared, optimizer, inputs, settings, epoch, progress)
-        record["val_top1_fake_quant"] = _fake_quant_top1(prepared, inputs.val)
-        history.append(record)
-        _save_epoch(out, epoch, {"kind": STATE_KIND, "epoch": epoch, "model": prepared.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "settings": asdict(settings),
-                                 "rng": rng_state(), "baseline": baseline, "reference": reference,
-                                 "history": history})
-        trained.append(epoch)
-        print(f"qat epoch {epoch}/{settings.epochs}: train loss {record['train_loss']:.4f}, fake-quant val top-1 "
-              f"{record['val_top1_fake_quant']:.2f} % ({record['epoch_time']:.1f} s)", flush=True)
-
-    metrics = _finish(out, model, prep, settings, prepared, calib, inputs, compile,
-                      {"baseline": baseline, "reference": reference, "history": history})
-    return {**metrics, "trained_epochs": trained}
-
-
-def _finish(out: Path, model: VGG, prep: Preprocessing, settings: QATSettings, prepared: nn.Module,
-            calib: torch.Tensor, inputs: Inputs, compile: bool, run: dict[str, Any]) -> dict[str, Any]:
-    """Convert, save ``qat.pt2`` (named so only once it is loaded back and measured) and write ``metrics.json``
-    last: its presence marks a finished run. ``run`` holds the baseline, the fp32 reference and the history."""
-    converted = convert_qat(prepared)
-    val_batch = next(b for b in inputs.val if b is not None)[0].float()
-    result_file = out / RESULT_NAME
-    with atomic_path(result_file, suffix=".pt2") as tmp:  # torch.export.load wants the .pt2 suffix
-        _save_result(converted, calib, tmp, _metadata(model, prep, settings, settings.epochs), val_batch[:8])
-        t0 = time.perf_counter()
-        qat_logits, labels = _predictions(load_qat(tmp, compile=compile).runtime, inputs.val)
-        eval_s = time.perf_counter() - t0
-    baseline = run["baseline"]
-    metrics = {
-        "method": "qat", "source": settings.source, "epochs": settings.epochs, "result": str(result_file),
-        "top1": _top1(qat_logits, labels),  # the QAT INT8 model's: what this folder holds
-        "fp32": baseline["fp32"], "ptq": baseline["ptq"],
-        "qat": {"top1": _top1(qat_logits, labels),
-                "agreement_with_fp32": float((qat_logits.argmax(1) == run["reference"]).float().mean()),
-                "runtime": "inductor int8" if compile else "eager q/dq (fp32 reference arithmetic)",
-                "eval_s": round(eval_s, 1)},
-        "val_images": baseline["val_images"], "calib_images": len(calib),
-        "params": count_params(model), "macs": count_macs(model.config, prep.image_size),
-        "file_bytes": result_file.stat().st_size, "settings": asdict(settings), "history": run["history"],
-        "preprocessing": prep.to_dict(),
-    }
-    write_json(out / METRICS_NAME, metrics)
-    return metrics
+    done = _epochs_done(out, settings)
+    finished = _finished(out, settings.epochs) if done == settings.epochs else None
+    if finished is not None:
+        print(f"{out}: already fine-tuned for {settings.epochs} epoch(s); results in {out / METRICS_NAME}", flush=True)
+        return {**finished, "trained_epochs": []}
+    hooks = _QATHooks(out, config, prep, settings, done, compile)
+    train(_qat_recipe(base, file, config, settings), out, progress=progress, hooks=hooks.hooks())
+    return {**hooks.metrics, "trained_epochs": list(range(done + 1, settings.epochs + 1))}

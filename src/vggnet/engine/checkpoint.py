@@ -55,8 +55,9 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def save_training_checkpoint(run_dir: Path, epoch: int, model: VGG, ema: VGG | None, state: dict[str, Any],
-                             metadata: dict[str, Any], is_best: bool, keep: int) -> Path | None:
-    """Write epoch ``epoch``; returns its folder, or None (with a warning) when the disk refused."""
+                             metadata: dict[str, Any], is_best: bool, keep: int, link: bool = True) -> Path | None:
+    """Write epoch ``epoch``; returns its folder, or None (with a warning) when the disk refused. ``link``: also
+    point ``last`` (and, if ``is_best``, ``best``) ``.safetensors`` at its weights."""
     final = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
     try:
         with atomic_dir(final) as tmp:
@@ -65,8 +66,9 @@ def save_training_checkpoint(run_dir: Path, epoch: int, model: VGG, ema: VGG | N
                 save_checkpoint(ema, tmp / "ema.safetensors", {**metadata, "epoch": epoch, "ema": True})
             torch.save(state, tmp / "state.pt")
         weights = final / ("ema.safetensors" if ema is not None else "model.safetensors")
-        _link(weights, run_dir / "last.safetensors")
-        if is_best:
+        if link:
+            _link(weights, run_dir / "last.safetensors")
+        if link and is_best:
             _link(weights, run_dir / "best.safetensors")
     except OSError as exc:
         warnings.warn(f"could not save the epoch {epoch} checkpoint ({exc}); the previous one is intact",

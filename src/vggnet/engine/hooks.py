@@ -13,6 +13,9 @@ loop does, so a caller sets only what it changes:
 * ``state_dict(module)`` / ``load_state_dict(module, state)``: a wrapped module's part of every epoch checkpoint.
 * ``finish(module, out_dir, inputs) -> dict``: on rank 0 once the run has trained its last epoch (also when a rerun
   finds it complete); the dict is merged into the metrics :func:`~vggnet.engine.train` returns.
+* ``model_is_result``: False when the wrapped module trains a copy of the VGG (QAT's prepared graph), so the VGG
+  stays the unchanged source: it is still checkpointed (a resume needs it), but no ``best`` / ``last.safetensors``
+  links to it, or the folder would offer the source's fp32 weights as its result.
 """
 
 from __future__ import annotations
@@ -70,3 +73,4 @@ class TrainHooks:
     state_dict: Callable[[nn.Module], dict[str, Any]] = _state_dict
     load_state_dict: Callable[[nn.Module, dict[str, Any]], None] = _load_state_dict
     finish: Callable[[nn.Module, Path, Inputs], dict[str, Any]] = _nothing
+    model_is_result: bool = True  # False: no best/last.safetensors (the VGG is only the wrapped module's source)

@@ -138,6 +138,9 @@ def _setup(recipe: Recipe, out: Path, ckpts: list[Path], env: distributed.Dist, 
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     inputs = build_inputs(recipe, env)
+    recipe = inputs.recipe or recipe  # with the values that depend on the data resolved
+    if inputs.notes and env.main:
+        print("fitted to the data (--set a key to choose it yourself):\n  " + "\n  ".join(inputs.notes), flush=True)
     hooks.check_inputs(inputs)
     model, frozen_bn = _build_model(recipe, inputs, pretrained, env)
     module = hooks.wrap_model(model, inputs)
@@ -411,8 +414,11 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
     score = record.get("val_top1", record["train_top1"] if inputs.val is None else -math.inf)
     if run.schedule.epoch_end(record.get("val_top1")):
         record["lr_drop"] = run.schedule.drops
-    is_best = score > run.best
-    run.best = max(run.best, score)
+    if inputs.val is None and inputs.keep_last:  # a folder too small to hold out images: the last epoch is kept
+        is_best, run.best = True, score
+    else:
+        is_best = score > run.best
+        run.best = max(run.best, score)
     state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
              "scaler": run.scaler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
              "epoch": epoch, "best": run.best,
@@ -435,7 +441,8 @@ def _save_epoch(run: Run, epoch: int, record: dict[str, Any], state: dict[str, A
     run.tracker.log_epoch(record)
     metrics = {k: v for k, v in record.items() if k != "time"}
     save_training_checkpoint(run.out, epoch, run.model, run.ema.module if run.ema is not None else None, state,
-                             {**run.meta, "metrics": metrics}, is_best, run.recipe.train.keep)
+                             {**run.meta, "metrics": metrics}, is_best, run.recipe.train.keep,
+                             link=run.hooks.model_is_result)
     plot_curves(run.logger.records, run.out / "curves.png", title=f"{run.model.config.name} — {run.out.name}")
     if confusion is not None and is_best:
         plot_confusion(confusion, run.inputs.classes, run.out / "confusion.png", title=f"epoch {epoch}")
