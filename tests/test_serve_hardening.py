@@ -228,7 +228,7 @@ def _held_upload(url: str, sent: int = 16, declared: int = 200_000) -> socket.so
     """A client that announces a body of ``declared`` bytes, sends ``sent`` of them and keeps the socket open."""
     host, port = url.removeprefix("http://").split(":")
     conn = socket.create_connection((host, int(port)))
-    conn.sendall(f"POST /predict?model=cls HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+    conn.sendall(f"POST /predict?model=cls HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
                  f"Content-Length: {declared}\r\n\r\n".encode() + b"\xff" * sent)
     return conn
 

@@ -41,6 +41,7 @@ def test_create_app_wires_every_route_once(repo_dir):
     routes = sorted(route for route in _routes(app.routes) if not route[1].startswith(("/docs", "/redoc", "/openapi")))
     assert routes == sorted([
         ("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/{name}/load"), ("POST", "/v2/repository/models/{name}/unload"),
         ("GET", "/v2/models/{name}"), ("GET", "/v2/models/{name}/versions/{version}"),
         ("GET", "/v2/models/{name}/ready"), ("GET", "/v2/models/{name}/versions/{version}/ready"),
         ("GET", "/v2/models/{name}/config"), ("GET", "/v2/models/{name}/versions/{version}/config"),

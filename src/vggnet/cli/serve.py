@@ -40,14 +40,18 @@ exported files (vggnet export):
 
 routes:
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME[/versions/V][/ready|/config], /metrics
-  POST /v2/models/NAME[/versions/V]/infer   V2 JSON (or binary) tensors: input FP32 [N,C,S,S], normalised
+  POST /v2/models/NAME[/versions/V]/infer   V2 JSON (or binary) tensors: input FP32 [N,C,S,S], normalised,
+                                            or UINT8 image pixels [N,H,W,C] / [N,C,H,W], preprocessed by the server
   POST /v2/repository/index                 the models and versions, with their state
+  POST /v2/repository/models/NAME/load|unload   reload a model from disk / stop serving it (needs the API key
+                                            when --api-key-file is set; refused from another site's web page)
   POST /predict?model=NAME&topk=5           an image (multipart or raw body) -> top-k labels
 
 examples:
   vggnet serve --ckpt runs/cifar10 --port 8000
   curl -s -X POST --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'localhost:8000/predict?topk=3'
   vggnet serve --model-repo models/ --host 0.0.0.0 --max-batch-size 32 --max-delay-ms 10
+  vggnet serve --model-repo models/ --host 0.0.0.0 --allowed-hosts models.example.com,10.0.0.5 --api-key-file keys
   vggnet serve --ckpt runs/demo --runtime int8            # calibrated on the run's own training split
   vggnet serve --ckpt runs/cifar10 --runtime auto --calib-data data/cifar10/train --calib-n 128
   vggnet export --ckpt runs/cifar10 --format onnx-int8 --out models/cifar10/2/model.int8.onnx
@@ -96,6 +100,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration images, spread evenly over --calib-data or the run's training split "
                    "(default: 64)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--allowed-hosts", metavar="HOSTS",
+                   help="Host header values answered besides --host's own (a loopback --host adds localhost, "
+                   "127.0.0.1 and [::1]): names or addresses, *.example.com patterns, comma-separated; others get "
+                   "400 (stops DNS rebinding). '*': any host. Default: --host's own names; with --host 0.0.0.0 "
+                   "or :: any host, with a warning")
+    p.add_argument("--docs", action="store_true", default=None,
+                   help="serve FastAPI's /docs (Swagger UI) and /redoc: off by default because their scripts load "
+                   "from a CDN (cdn.jsdelivr.net) and run with this server's origin; /openapi.json is always served")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--max-batch-size", type=int, help="rows per forward pass and per request (default: 16)")
     p.add_argument("--max-delay-ms", type=float, help="how long a request waits for others to batch with (default: 5)")
@@ -157,7 +169,15 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log,
         max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout, decode_threads=args.decode_threads,
         calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code,
-        device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs)
+        device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs, docs=args.docs)
+    from vggnet.serve.hosts import allowed_hosts_for, parse_allowed_hosts
+
+    listed = None if args.allowed_hosts is None else parse_allowed_hosts(args.allowed_hosts)
+    if listed == ():
+        raise UsageError("--allowed-hosts names no host; give names, or '*' for any")
+    hosts = allowed_hosts_for(args.host, listed)  # checks --host as well
+    if listed is not None:  # else run_server derives the same list, and warns when it accepts any host
+        settings = with_overrides(settings, allowed_hosts=hosts)
     if args.api_key_file:
         from vggnet.serve.auth import PUBLIC_GROUPS, read_api_keys
 

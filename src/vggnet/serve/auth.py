@@ -7,6 +7,10 @@ Health probes and Prometheus scrapes usually come from inside the cluster withou
 unless ``public`` says otherwise. The web page's files (the same bytes for every server) are always public: a
 browser cannot attach a token to a page load, and every call the page makes carries the key its visitor enters.
 A token travels in clear text: put TLS in front whenever the network is not trusted.
+
+Requests that change the server's state (loading and unloading models) need the key whenever keys are set,
+whatever ``public`` says; without keys they are refused when a browser says they come from another site
+(:func:`cross_site`), so a web page cannot drive them through its visitor's browser.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vggnet.errors import UsageError
 
-__all__ = ["PUBLIC_GROUPS", "AuthMiddleware", "read_api_keys"]
+__all__ = ["PUBLIC_GROUPS", "AuthMiddleware", "cross_site", "read_api_keys"]
 
 #: endpoint groups that may be left public: health probes, Prometheus, model metadata (never inference)
 PUBLIC_GROUPS = ("health", "metrics", "metadata")
@@ -51,6 +57,20 @@ def _is_public(path: str, public: tuple[str, ...]) -> bool:
         return True
     return (("health" in public and path.startswith("/v2/health/")) or ("metrics" in public and path == "/metrics")
             or ("metadata" in public and metadata))
+
+
+def cross_site(headers: Mapping[str, str]) -> bool:
+    """True when a browser sent the request from another origin: ``Sec-Fetch-Site`` says so, or ``Origin`` names
+    another host than ``Host`` (``null`` included: a sandboxed or opaque origin). A cross-site ``POST`` without
+    custom headers needs no CORS preflight, so the browser sends it even though the page cannot read the answer;
+    clients other than browsers send neither header."""
+    if headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+        return True
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    origin = origin.strip().lower()
+    return origin == "null" or urlsplit(origin).netloc != headers.get("host", "").lower()
 
 
 class AuthMiddleware:

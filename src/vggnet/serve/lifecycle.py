@@ -1,7 +1,8 @@
 """The models of one server process over their life: loaded in the app's lifespan (in a background thread by
-default, so liveness probes are answered while a big model loads), routed to while they serve, drained at
-shutdown (SIGTERM under uvicorn: it stops accepting connections and waits for in-flight requests, then each
-model's queue is finished before its worker stops).
+default, so liveness probes are answered while a big model loads), routed to while they serve, unloaded and
+loaded again on request (Triton's model repository extension: :meth:`ModelServer.unload_model`,
+:meth:`ModelServer.load_model`), drained at shutdown (SIGTERM under uvicorn: it stops accepting connections and
+waits for in-flight requests, then each model's queue is finished before its worker stops).
 
 :class:`ModelServer` is what the routes reach through ``app.state.server`` (see :mod:`vggnet.serve.deps`).
 """
@@ -22,13 +23,15 @@ import torch
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from vggnet.errors import VggnetError
+
 from .batcher import Batcher, BatcherClosed, BatchInfo, QueueFull
 from .errors import ServeError, bad_request, not_found, unavailable
 from .metrics import ServeMetrics
 from .middleware import Admission
 from .repository import ModelConfig, ModelRepository, VersionRouter
 from .settings import ServeSettings
-from .versions import ModelVersion
+from .versions import ModelVersion, without_paths
 
 __all__ = ["ModelServer", "ServedModel", "lifespan"]
 
@@ -51,6 +54,8 @@ class ServedModel:
         self.config = config
         self.versions = {v: ModelVersion(config, v, settings) for v in config.ordered_versions}
         self.router = VersionRouter(config.default_version, config.ab)
+        #: unloaded on request: it no longer counts towards the server's readiness
+        self.unloaded = False
 
     @property
     def routed_versions(self) -> list[str]:
@@ -78,6 +83,7 @@ class ModelServer:
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, threads), thread_name_prefix="vggnet-decode", initializer=_lower_priority)
         self._loader: threading.Thread | None = None
+        self._control = threading.Lock()  # one load or unload at a time, and none during shutdown
         for mv in self.all_versions():
             metrics.set_state(mv.name, mv.version, mv.state)
 
@@ -105,16 +111,91 @@ class ModelServer:
     @property
     def ready(self) -> bool:
         """Ready = not shutting down and every configured version loaded: a broken version keeps the pod out
-        of the load balancer instead of answering 503 to a share of the traffic."""
-        return not self.closing and all(mv.ready for mv in self.all_versions())
+        of the load balancer instead of answering 503 to a share of the traffic. A model unloaded on request
+        does not count (Triton's rule: the server is ready when the models it should serve are)."""
+        return not self.closing and all(mv.ready for model in self.models.values() if not model.unloaded
+                                        for mv in model.versions.values())
 
     def close(self) -> None:
         """Refuse new requests, let loading stop, drain every version's queue, stop the decoders."""
         self.closing = True
         self.wait_loaded(self.settings.drain_timeout_s)
+        if self._control.acquire(timeout=self.settings.drain_timeout_s):  # a load in progress finishes first
+            self._control.release()
         for mv in self.all_versions():
             mv.close(self.metrics, self.settings.drain_timeout_s)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- model control: Triton's model repository extension ---------------------------------------------------
+
+    def _controlled(self) -> contextlib.AbstractContextManager[bool]:
+        """The control lock, once the startup loading is over (503 before: it would race the loader)."""
+        if self.closing:
+            raise unavailable("the server is shutting down")
+        if self._loader is not None and self._loader.is_alive():
+            raise unavailable("the models are still loading; retry once /v2/health/ready answers", retry_after_s=5)
+        return self._control
+
+    def unload_model(self, name: str) -> None:
+        """Stop serving ``name``: new requests get 503 at once, queued ones are answered, then its weights are
+        dropped. Blocking (up to ``drain_timeout_s`` per version): call it from a worker thread."""
+        with self._controlled():
+            model = self.model(name)
+            model.unloaded = True
+            for mv in model.versions.values():
+                mv.close(self.metrics, self.settings.drain_timeout_s, reason="unloaded", release=True)
+            log.info("model %s unloaded", name)
+
+    def load_model(self, name: str) -> None:
+        """Serve ``name`` afresh: its folder (versions, ``config.yaml``) and files are read again and every version
+        is loaded beside the running ones, which keep answering until the new ones are all READY and take over.
+        A version that fails to load leaves the model as it was: 400 with the reasons. A model folder that was not
+        served yet (``root/name``) is served from now on. Blocking: call it from a worker thread."""
+        with self._controlled():
+            old = self.models.get(name)
+            new = ServedModel(self._read_config(name, old), self.settings)
+            for mv in new.versions.values():
+                mv.load(self.metrics, self.compute_lock, self.settings.warmup)
+            failed = [mv for mv in new.versions.values() if not mv.ready]
+            if failed:
+                reasons = "; ".join(f"version {mv.version}: {mv.reason}" for mv in failed)
+                for mv in new.versions.values():
+                    mv.close(self.metrics, self.settings.drain_timeout_s, reason="load failed", release=True)
+                self._publish_states(old)
+                kept = "the model stays as it was" if old is not None else "nothing is served under that name"
+                raise bad_request(f"model {name!r} not loaded ({kept}): {reasons}")
+            # a new dict rather than an item assignment: the event loop may be iterating the old one
+            self.models = {**self.models, name: new}
+            if old is not None:
+                for mv in old.versions.values():
+                    mv.close(self.metrics, self.settings.drain_timeout_s, reason="replaced by a new load",
+                             release=True)
+            self._publish_states(new)
+            log.info("model %s loaded (versions %s)", name, ", ".join(new.versions))
+
+    def _read_config(self, name: str, old: ServedModel | None) -> ModelConfig:
+        """The model's configuration as it is on disk now: its folder read again, its file for a --ckpt model,
+        ``root/name`` for a model not served yet; a mistake in them is 400 (paths cut to file names)."""
+        folder = old.config.folder if old is not None else self.repo.new_model_folder(name)
+        if old is not None and folder is None:
+            return old.config
+        if folder is None:
+            raise not_found(f"unknown model {name!r}; served: {', '.join(sorted(self.models))}"
+                            + ("; a new model is loaded from the repository folder of its name" if self.repo.root
+                               else ""))
+        try:
+            config = ModelConfig.from_dir(folder)
+        except (VggnetError, OSError) as exc:
+            raise bad_request(f"model {name!r} not loaded: {without_paths(str(exc))}") from None
+        if config.name != name:
+            raise bad_request(f"model {name!r} not loaded: its config.yaml names it {config.name!r}; a renamed model "
+                              "is served under its new name after a restart")
+        return config
+
+    def _publish_states(self, model: ServedModel | None) -> None:
+        """``vggnet_model_state`` of ``model``'s versions again: a closed load shares their labels."""
+        for mv in (model.versions.values() if model is not None else ()):
+            self.metrics.set_state(mv.name, mv.version, mv.state)
 
     # --- routing a request --------------------------------------------------------------------------------
 

@@ -27,15 +27,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ServeError, unavailable
 from .metrics import ServeMetrics
 
-__all__ = ["Admission", "ObservabilityMiddleware", "error_response", "install_error_handlers", "note"]
+__all__ = ["NOSNIFF", "Admission", "ObservabilityMiddleware", "error_response", "install_error_handlers", "note"]
 
 log = logging.getLogger(__name__)
 #: one JSON line per request; the CLI sends it to stdout, apart from the service's log
 access_log = logging.getLogger("vggnet.serve.access")
 
 
+#: sent with every response: a browser must not guess a type (an error body read as HTML, a tensor as script)
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
 class ObservabilityMiddleware:
-    """Request id, in-flight gauge, per-route counters and latency, and one JSON access-log line per request.
+    """Request id, ``X-Content-Type-Options: nosniff``, in-flight gauge, per-route counters and latency, and one
+    JSON access-log line per request.
 
     Plain ASGI rather than ``BaseHTTPMiddleware``: no extra task or body copy per request. The route is
     read from ``scope["route"]`` after routing, so metrics are labelled by template.
@@ -60,8 +65,10 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                if not any(name.lower() == NOSNIFF[0] for name, _ in headers):  # the web page's files carry it
+                    headers.append(NOSNIFF)
+                message["headers"] = headers
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -120,9 +127,11 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def _internal(request: Request) -> JSONResponse:
     """A 500 says nothing of what failed (exception text can hold paths, code or data): only a request id
-    that finds the logged details."""
+    that finds the logged details. Sent by Starlette's outermost middleware, around the observability one, so
+    it carries its own ``nosniff``."""
     request_id = request.scope.get("vggnet.request_id", "")
-    return JSONResponse({"error": "internal error", "request_id": request_id}, status_code=500)
+    return JSONResponse({"error": "internal error", "request_id": request_id}, status_code=500,
+                        headers={NOSNIFF[0].decode(): NOSNIFF[1].decode()})
 
 
 async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:

@@ -149,6 +149,8 @@ class ModelConfig:
     max_queue: int | None = None
     runtime: str | None = None
     calib_data: Path | None = None
+    #: the model folder it was read from (None for a --ckpt model): a load through the API reads it again
+    folder: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
@@ -211,7 +213,7 @@ class ModelConfig:
             config["calib_data"] = folder / str(config["calib_data"])  # relative paths: to the model folder
         default = config.pop("default_version", None)
         default = str(default) if default is not None else sort_versions(versions)[-1]
-        return cls(name=name, versions=versions, default_version=default, ab=ab, **config)
+        return cls(name=name, versions=versions, default_version=default, ab=ab, folder=folder, **config)
 
     @classmethod
     def single(cls, checkpoint: str | os.PathLike, name: str | None = None, version: str = "1",
@@ -234,6 +236,13 @@ class ModelRepository:
     def __post_init__(self) -> None:
         if not self.models:
             raise UsageError(f"{self.root or 'repository'}: no models")
+
+    def new_model_folder(self, name: str) -> Path | None:
+        """The folder ``root/name`` of a model that is not served yet (a load through the API serves it), or
+        None: no repository folder, a name that is not a model folder's (checked first: it comes from a URL)."""
+        if self.root is None or not _NAME.match(name) or not (self.root / name).is_dir():
+            return None
+        return self.root / name
 
     @classmethod
     def from_dir(cls, root: str | os.PathLike) -> ModelRepository:

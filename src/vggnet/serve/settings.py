@@ -56,6 +56,13 @@ class ServeSettings:
     #: (fp32, bf16, fp16, auto; None: fp32); exported files and the other runtimes run on the CPU and refuse both
     device: str | None = None
     precision: str | None = None
+    #: Host header values the server answers (DNS-rebinding defence, see vggnet.serve.hosts): names or
+    #: ``*.domain`` patterns, ``*`` for any. None: ``run_server`` derives them from the address it binds (``*``
+    #: for 0.0.0.0 / ::, with a warning); ``create_app`` alone accepts the loopback names and TestClient's host
+    allowed_hosts: tuple[str, ...] | None = None
+    #: FastAPI's /docs (Swagger UI) and /redoc: off, because their scripts come from a CDN (cdn.jsdelivr.net)
+    #: and would run with this origin's rights; /openapi.json, which loads nothing, is always served
+    docs: bool = False
 
 
 def with_overrides(settings: ServeSettings, **changes: Any) -> ServeSettings:

@@ -1,9 +1,12 @@
 """The Open Inference Protocol (KServe V2 / Triton HTTP) for a VGG classifier: request parsing, input
 checks, response encoding — pure functions, no web framework, so they are tested on bytes.
 
-Tensors. One input, ``input``: FP32 ``[N, C, S, S]``, already normalised with the model's mean/std (the
-model metadata carries them as ``parameters.preprocessing``). Outputs: ``logits`` and ``probabilities``,
-FP32 ``[N, classes]``. Unnamed ``outputs`` returns both.
+Tensors. One input, ``input``, in either of two datatypes: FP32 ``[N, C, S, S]``, already normalised with the
+model's mean/std (the model metadata carries them as ``parameters.preprocessing``), or UINT8 image pixels 0-255,
+``[N, H, W, C]`` or ``[N, C, H, W]`` of any size, as Triton's image clients send them, which the server resizes,
+crops and normalises exactly as ``POST /predict`` does an upload. The metadata's ``inputs`` names the FP32 form
+(clients that read it keep working); ``parameters.accepted_inputs`` lists all three. Outputs: ``logits`` and
+``probabilities``, FP32 ``[N, classes]``. Unnamed ``outputs`` returns both.
 
 Conventions honoured (Triton's, which tritonclient relies on):
 
@@ -32,14 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from vggnet.infer import Preprocessing
+from vggnet.infer import Preprocessing, preprocess
 
 from .errors import ServeError, bad_request
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "InferRequest", "OutputSpec", "encode_response", "input_tensor",
-           "model_config", "model_metadata", "parse_request", "requested_outputs"]
+__all__ = ["DATATYPES", "INPUT_NAME", "OUTPUT_NAMES", "InferRequest", "OutputSpec", "accepted_inputs",
+           "encode_response", "input_tensor", "model_config", "model_metadata", "parse_request", "requested_outputs",
+           "uint8_images", "uint8_layout"]
 
 INPUT_NAME = "input"
+#: V2 datatype of an input -> (bytes per value, little-endian numpy type of the binary tensor extension)
+DATATYPES = {"FP32": (4, np.dtype("<f4")), "UINT8": (1, np.dtype("u1"))}
 OUTPUT_NAMES = ("logits", "probabilities")
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -104,9 +110,8 @@ def _expected_shape(prep: Preprocessing) -> tuple[int, int, int]:
     return prep.in_channels, prep.image_size, prep.image_size
 
 
-def input_tensor(request: InferRequest, prep: Preprocessing, max_batch_size: int) -> torch.Tensor:
-    """The checked input batch: one FP32 tensor named ``input`` of shape [N, C, S, S], 1 <= N <=
-    ``max_batch_size``, every value finite. Binary data must be exactly N·C·S·S·4 bytes."""
+def _input_spec(request: InferRequest) -> dict[str, Any]:
+    """The one input object of the request, with its name checked."""
     inputs = request.header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad_request(f"'inputs' must be a non-empty list; this model takes one input named {INPUT_NAME!r}")
@@ -118,46 +123,99 @@ def input_tensor(request: InferRequest, prep: Preprocessing, max_batch_size: int
     name = spec.get("name")
     if name != INPUT_NAME:
         raise bad_request(f"unknown input {name!r}; this model's input is {INPUT_NAME!r}")
-    if spec.get("datatype") != "FP32":
-        raise bad_request(f"input datatype {spec.get('datatype')!r}; expected 'FP32'")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise bad_request(f"input shape must be a list of integers, got {shape!r}")
-    c, s, _ = _expected_shape(prep)
-    if len(shape) != 4 or tuple(shape[1:]) != (c, s, s):
-        raise bad_request(f"input shape {shape}; expected [N, {c}, {s}, {s}] (N images, normalised)")
-    n = shape[0]
-    if not 1 <= n <= max_batch_size:
-        raise bad_request(f"batch of {n}; this model takes 1 to {max_batch_size} images per request")
-    count = n * c * s * s
+    return spec
+
+
+def _values(spec: dict[str, Any], request: InferRequest, count: int, datatype: str) -> np.ndarray:
+    """The input's ``count`` values, flat, from its binary part or its JSON ``data``, as ``datatype``'s numpy
+    type; JSON UINT8 data must be integers 0-255 (a float or a wider integer would be cut silently)."""
+    size_of, dtype = DATATYPES[datatype]
     params = spec.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad_request("input parameters must be a JSON object")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if not isinstance(size, int) or size != count * 4 or size != len(request.binary):
-            raise bad_request(f"binary input of {size!r} bytes declared, {len(request.binary)} sent; shape {shape} "
-                              f"in FP32 needs {count * 4}")
+        if not isinstance(size, int) or size != count * size_of or size != len(request.binary):
+            raise bad_request(f"binary input of {size!r} bytes declared, {len(request.binary)} sent; shape "
+                              f"{spec['shape']} in {datatype} needs {count * size_of}")
         if "data" in spec:
             raise bad_request("an input has both 'data' and binary_data_size")
-        array = np.frombuffer(request.binary, dtype="<f4").astype(np.float32, copy=True)
-    else:
-        if request.binary:
-            raise bad_request("binary data after the JSON header but no input declares binary_data_size")
-        data = spec.get("data")
-        if not isinstance(data, list):
-            raise bad_request("input 'data' must be a list of numbers (row-major, flat or nested)")
-        try:
-            array = np.asarray(data)
-        except (ValueError, TypeError) as exc:  # ragged nesting
-            raise bad_request(f"input 'data' is not a regular array: {exc}") from None
-        if array.dtype.kind not in "iuf" or array.size != count:
-            kind = "numbers" if array.dtype.kind in "iuf" else f"values of type {array.dtype}"
-            raise bad_request(f"input 'data' holds {array.size} {kind}; shape {shape} needs {count} numbers")
-        array = array.astype(np.float32)
+        return np.frombuffer(request.binary, dtype=dtype).astype(dtype.newbyteorder("="), copy=True)
+    if request.binary:
+        raise bad_request("binary data after the JSON header but no input declares binary_data_size")
+    data = spec.get("data")
+    if not isinstance(data, list):
+        raise bad_request("input 'data' must be a list of numbers (row-major, flat or nested)")
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError) as exc:  # ragged nesting
+        raise bad_request(f"input 'data' is not a regular array: {exc}") from None
+    if array.dtype.kind not in "iuf" or array.size != count:
+        kind = "numbers" if array.dtype.kind in "iuf" else f"values of type {array.dtype}"
+        raise bad_request(f"input 'data' holds {array.size} {kind}; shape {spec['shape']} needs {count} numbers")
+    if datatype == "UINT8" and (array.dtype.kind == "f" or (array.size and (array.min() < 0 or array.max() > 255))):
+        raise bad_request("UINT8 input 'data' must be integers from 0 to 255 (image pixels)")
+    return array.astype(dtype.newbyteorder("=")).reshape(-1)
+
+
+def _batch_size(n: int, max_batch_size: int) -> None:
+    if not 1 <= n <= max_batch_size:
+        raise bad_request(f"batch of {n}; this model takes 1 to {max_batch_size} images per request")
+
+
+def input_tensor(request: InferRequest, prep: Preprocessing, max_batch_size: int,
+                 max_pixels: int = 36_000_000) -> torch.Tensor:
+    """The checked, normalised input batch [N, C, S, S], 1 <= N <= ``max_batch_size``: an FP32 ``input`` of that
+    shape, every value finite, as it is; or a UINT8 one of pixels (:func:`uint8_images`), preprocessed here as
+    ``POST /predict`` preprocesses a decoded upload. Binary data must be exactly the shape's bytes."""
+    spec = _input_spec(request)
+    datatype, shape = spec.get("datatype"), spec["shape"]
+    if datatype == "UINT8":
+        return uint8_images(spec, request, prep, max_batch_size, max_pixels)
+    if datatype != "FP32":
+        raise bad_request(f"input datatype {datatype!r}; expected 'FP32' (normalised [N, C, S, S]) or 'UINT8' "
+                          "(image pixels, N×H×W×C or N×C×H×W)")
+    c, s, _ = _expected_shape(prep)
+    if len(shape) != 4 or tuple(shape[1:]) != (c, s, s):
+        raise bad_request(f"input shape {shape}; expected [N, {c}, {s}, {s}] (N images, normalised)")
+    n = shape[0]
+    _batch_size(n, max_batch_size)
+    array = _values(spec, request, n * c * s * s, "FP32")
     if not np.isfinite(array).all():
         raise bad_request("input contains NaN or infinite values")
     return torch.from_numpy(array.reshape(n, c, s, s))
+
+
+def uint8_layout(shape: list[int], channels: int) -> str:
+    """``"NHWC"`` or ``"NCHW"`` for a UINT8 image batch: the layout whose channel axis holds ``channels``; NHWC
+    (the layout of decoded images, and of Triton's image clients by default) when both could."""
+    if len(shape) == 4 and shape[3] == channels:
+        return "NHWC"
+    if len(shape) == 4 and shape[1] == channels:
+        return "NCHW"
+    raise bad_request(f"UINT8 input shape {shape}; expected images as [N, H, W, {channels}] or [N, {channels}, H, W]")
+
+
+def uint8_images(spec: dict[str, Any], request: InferRequest, prep: Preprocessing, max_batch_size: int,
+                 max_pixels: int) -> torch.Tensor:
+    """A UINT8 batch of N images of any one size, pixels 0-255 as Triton's image clients send them, resized,
+    centre-cropped and normalised by the model's own preprocessing (:func:`vggnet.infer.preprocess`, which
+    ``POST /predict`` runs on a decoded upload: the same pixels give the same input). Each image's pixels are
+    capped as an upload's are (413)."""
+    shape = spec["shape"]
+    layout = uint8_layout(shape, prep.in_channels)
+    n, (h, w) = shape[0], ((shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3]))
+    _batch_size(n, max_batch_size)
+    if h < 1 or w < 1:
+        raise bad_request(f"UINT8 input shape {shape}: images of {h}×{w} pixels")
+    if h * w > max_pixels:
+        raise ServeError(413, f"image of {w}×{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} pixels")
+    pixels = torch.from_numpy(_values(spec, request, n * h * w * prep.in_channels, "UINT8").reshape(shape))
+    chw = pixels.permute(0, 3, 1, 2) if layout == "NHWC" else pixels
+    return preprocess(list(chw.contiguous()), prep)
 
 
 def requested_outputs(request: InferRequest, prep: Preprocessing) -> list[OutputSpec]:
@@ -247,7 +305,8 @@ def encode_response(logits: torch.Tensor, outputs: list[OutputSpec], prep: Prepr
 def model_metadata(name: str, versions: list[str], prep: Preprocessing, *, platform: str = "pytorch",
                    parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The V2 model metadata object; ``-1`` marks the batch dimension. ``parameters.preprocessing`` tells a
-    client how to build ``input`` from an image (mean, std, image_size, classes)."""
+    client how to build ``input`` from an image (mean, std, image_size, classes); ``parameters.accepted_inputs``
+    lists every accepted form of ``input`` (:func:`accepted_inputs`)."""
     c, s, _ = _expected_shape(prep)
     meta: dict[str, Any] = {
         "name": name,
@@ -256,9 +315,23 @@ def model_metadata(name: str, versions: list[str], prep: Preprocessing, *, platf
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, c, s, s]}],
         "outputs": [{"name": out, "datatype": "FP32", "shape": [-1, prep.num_classes]} for out in OUTPUT_NAMES],
     }
-    params = {"preprocessing": prep.to_dict(), **(parameters or {})}
+    params = {"preprocessing": prep.to_dict(), "accepted_inputs": accepted_inputs(prep), **(parameters or {})}
     meta["parameters"] = params
     return meta
+
+
+def accepted_inputs(prep: Preprocessing) -> list[dict[str, Any]]:
+    """Every form ``input`` may take, for the metadata: the FP32 tensor the standard ``inputs`` entry describes,
+    and UINT8 pixels in either layout (``-1``: any size), preprocessed by the server."""
+    c, s, _ = _expected_shape(prep)
+    pixels = (f"image pixels 0-255, any size: resized to {prep.test_scale} on the shorter side, centre-cropped to "
+              f"{s}x{s} and normalised by the server, as POST /predict does an upload")
+    return [
+        {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, c, s, s], "layout": "NCHW",
+         "values": "normalised: (pixel / 255 - mean) / std, resized and cropped by the client"},
+        {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, -1, -1, c], "layout": "NHWC", "values": pixels},
+        {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, c, -1, -1], "layout": "NCHW", "values": pixels},
+    ]
 
 
 def model_config(name: str, prep: Preprocessing, *, max_batch_size: int, max_delay_ms: float, batching: bool,

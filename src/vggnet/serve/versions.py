@@ -222,12 +222,18 @@ class ModelVersion:
         self.format = exported.format
         return exported.predictor(max_batch=self.max_batch_size)
 
-    def close(self, metrics: ServeMetrics, timeout: float) -> None:
-        """Drain the queue (up to ``timeout``), then mark the version UNAVAILABLE."""
+    def close(self, metrics: ServeMetrics, timeout: float, reason: str = "server shut down",
+              release: bool = False) -> None:
+        """Drain the queue (up to ``timeout``), then mark the version UNAVAILABLE with ``reason``; ``release``
+        drops the model too (an unload: its memory is freed, and requests get 503 saying why)."""
         if self.batcher is not None:
+            if self.state == "READY":  # new requests are refused from now on, queued ones are still answered
+                self.state = "UNLOADING"
             metrics.set_state(self.name, self.version, "UNLOADING")
             if not self.batcher.close(timeout):
                 log.warning("model %s version %s: queue not drained after %.0f s", self.name, self.version, timeout)
         self.state = "UNAVAILABLE"
-        self.reason = "server shut down"
+        self.reason = reason
+        if release:
+            self.predictor, self.batcher = None, None
         metrics.set_state(self.name, self.version, self.state)

@@ -1,5 +1,12 @@
 """The Open Inference Protocol (V2) that Triton and KServe clients speak: server and model metadata, health,
-readiness, Triton's model configuration and repository index, and inference (JSON or binary tensors)."""
+readiness, Triton's model configuration, its model repository extension (index, load, unload), and inference
+(JSON or binary tensors; FP32 tensors or UINT8 images).
+
+Where this differs from the protocol's text, on purpose: a not-ready server or model answers its readiness probe
+503 (the protocol says "a 4xx status"), and inference on a model that is loading, unloaded or draining is 503 with
+``Retry-After`` (the protocol says "usually 400"): the condition is the server's, temporary, and 503 is what load
+balancers and retrying clients act on (Kubernetes fails a probe on either; ``tritonclient`` reads any non-200 as not
+ready and raises the ``{"error": ...}`` body, which is the protocol's)."""
 
 from __future__ import annotations
 
@@ -9,13 +16,15 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 import vggnet
 from vggnet.infer import Preprocessing
 
 from .. import v2
+from ..auth import cross_site
 from ..deps import Server
-from ..errors import bad_request
+from ..errors import ServeError, bad_request
 from ..lifecycle import ModelServer
 from ..limits import decompress, media_type, read_body
 from ..middleware import note
@@ -42,20 +51,64 @@ async def ready(server: Server) -> JSONResponse:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
+async def _options(request: Request, what: str, example: str = '{"parameters": {}}') -> dict[str, Any]:
+    """A repository request's optional JSON object body ({} when empty)."""
+    body = await read_body(request, 64 * 1024)
+    if not body.strip():
+        return {}
+    try:
+        options = json.loads(body)
+    except ValueError as exc:
+        raise bad_request(f"{what} body is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise bad_request(f"{what} body must be a JSON object, e.g. {example}")
+    return options
+
+
+def _index(server: ModelServer, name: str | None = None, only_ready: bool = False) -> list[dict[str, str]]:
+    return [{"name": mv.name, "version": mv.version, "state": mv.state, "reason": mv.reason}
+            for mv in server.all_versions() if (mv.ready or not only_ready) and name in (None, mv.name)]
+
+
 @router.post("/v2/repository/index")
 async def repository_index(request: Request, server: Server) -> list[dict[str, str]]:
-    body = await read_body(request, 64 * 1024)
-    only_ready = False
-    if body.strip():
-        try:
-            options = json.loads(body)
-        except ValueError as exc:
-            raise bad_request(f"repository index body is not valid JSON: {exc}") from None
-        if not isinstance(options, dict):
-            raise bad_request("repository index body must be a JSON object, e.g. {\"ready\": true}")
-        only_ready = bool(options.get("ready", False))
-    return [{"name": mv.name, "version": mv.version, "state": mv.state, "reason": mv.reason}
-            for mv in server.all_versions() if mv.ready or not only_ready]
+    options = await _options(request, "repository index", '{"ready": true}')
+    return _index(server, only_ready=bool(options.get("ready", False)))
+
+
+async def _control_options(request: Request, what: str) -> dict[str, Any]:
+    """The body of a load / unload, from a client allowed to change the server's state: with API keys the
+    AuthMiddleware has checked its key already (these paths are never public); a browser request from another
+    site is refused either way (403), since without keys nothing else would stop a web page from sending it."""
+    if cross_site(request.headers):
+        raise ServeError(403, f"{what} refused: a browser sent it from another site")
+    options = await _options(request, what)
+    params = options.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise bad_request(f"{what} parameters must be a JSON object")
+    return params
+
+
+@router.post("/v2/repository/models/{name}/load")
+async def load_model(request: Request, name: str, server: Server) -> list[dict[str, str]]:
+    """Triton's load: read the model's folder and files again and serve them once every version is READY (the
+    running versions answer meanwhile); a model folder not served yet is served from now on. Answers the model's
+    versions with their state, like the index."""
+    params = await _control_options(request, "model load")
+    if "config" in params or any(str(key).startswith("file:") for key in params):
+        raise bad_request("model load takes no config or file overrides: models are read from the server's "
+                          "repository only")
+    await run_in_threadpool(server.load_model, name)
+    return _index(server, name)
+
+
+@router.post("/v2/repository/models/{name}/unload")
+async def unload_model(request: Request, name: str, server: Server) -> list[dict[str, str]]:
+    """Triton's unload: the model's requests get 503 from now on, its queued ones are answered, its weights are
+    freed; it no longer counts towards /v2/health/ready. ``unload_dependents`` is accepted (there are none)."""
+    await _control_options(request, "model unload")
+    await run_in_threadpool(server.unload_model, name)
+    return _index(server, name)
 
 
 def _metadata(server: ModelServer, name: str, version: str | None) -> dict[str, Any]:
@@ -113,10 +166,11 @@ async def model_version_config(name: str, version: str, server: Server) -> dict[
 
 
 def _parse_infer(body: bytes, encoding: str | None, header_length: str | None, prep: Preprocessing,
-                 max_batch: int, limit: int) -> tuple[v2.InferRequest, torch.Tensor, list[v2.OutputSpec]]:
+                 max_batch: int, limit: int, max_pixels: int) -> tuple[v2.InferRequest, torch.Tensor,
+                                                                       list[v2.OutputSpec]]:
     """A V2 infer body -> (parsed request, input tensor, requested outputs), checked; run in a worker thread."""
     parsed = v2.parse_request(decompress(body, encoding, limit), header_length)
-    return parsed, v2.input_tensor(parsed, prep, max_batch), v2.requested_outputs(parsed, prep)
+    return parsed, v2.input_tensor(parsed, prep, max_batch, max_pixels), v2.requested_outputs(parsed, prep)
 
 
 async def _infer(request: Request, server: ModelServer, name: str, version: str | None) -> Response:
@@ -132,7 +186,7 @@ async def _infer(request: Request, server: ModelServer, name: str, version: str 
         # does not stall other connections (health probes included)
         parsed, x, outputs = await server.offload(
             _parse_infer, body, request.headers.get("content-encoding"), header_length, prep, mv.max_batch_size,
-            settings.max_body_bytes)
+            settings.max_body_bytes, settings.max_image_pixels)
         future = server.submit(mv, x)
     logits, info = await server.result(mv, future)
     note(request, rows=int(x.shape[0]), batch=info.batch_rows, queue_ms=round(info.queue_s * 1000, 2),
