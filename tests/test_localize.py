@@ -378,3 +378,34 @@ def test_box_pictures_carry_a_legend():
     assert PRED in alone and TRUE not in alone  # no truth drawn, none named
     thumb = draw_boxes(torch.full((3, 48, 64), 128, dtype=torch.uint8), torch.tensor([30.0, 5.0, 60.0, 20.0]))
     assert (0, 0, 0) not in {thumb.getpixel((x, y)) for x in range(64) for y in range(48)}  # too small: no legend
+
+
+def test_localize_logs_progress_and_time_left_off_a_terminal(tmp_path, capsys, monkeypatch):
+    """Issue #28: off a terminal (pytest's stderr is not one), training ends each epoch with the run's time left and
+    logs its batches, the folder read and the evaluation their images, every LOG_INTERVAL_S (cut to 0 here): whole
+    lines, no carriage return."""
+    import vggnet.progress as vprogress
+
+    monkeypatch.setattr(vprogress, "LOG_INTERVAL_S", 0.0)
+    data = make_voc(tmp_path / "voc", n=8)
+    run = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("fc_width: 32\nscales: [1.0]\n")
+    assert main(["localize", "train", "--data", str(data), "--out", str(run), "--recipe", str(recipe), "--model",
+                 "vgg11", "--width", "0.125", "--image-size", "32", "--epochs", "2", "--batch-size", "2",
+                 "--val", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    reading = [line for line in lines if line.startswith(f"reading {data / 'annotations'}: ")]
+    assert reading and reading[-1].startswith(f"reading {data / 'annotations'}: 8/8 image (100%)")
+    epochs = [line for line in lines if line.startswith(("epoch 1 ", "epoch 2 "))]
+    assert len(epochs) == 2 and epochs[0].endswith(" left") and "left" not in epochs[1]  # none after the last
+    batches = [line for line in lines if line.startswith("epoch 1/2: ")]  # 6 training images, 2 a batch
+    assert len(batches) >= 3 and batches[-1].startswith("epoch 1/2: 3/3 batch (100%)")
+    assert all(" left, " in line for line in batches + reading)
+    assert main(["localize", "eval", "--ckpt", str(run), "--data", str(data), "--protocol", "whole"]) == 0
+    out, err = capsys.readouterr()
+    scored = [line for line in err.splitlines() if line.startswith("whole: ")]
+    assert "\r" not in err and len(scored) >= 2 and scored[-1].startswith("whole: 2/2 img (100%)")
+    assert all(" left, " in line for line in scored) and "| SCR, whole |" in out

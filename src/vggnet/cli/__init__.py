@@ -21,7 +21,7 @@ from vggnet.errors import VggnetError
 # register() passes (tests/test_startup.py checks they agree): the top-level help prints it without importing any
 # subcommand module, one of which (``data``) imports torch at its top.
 SUBCOMMAND_HELP: dict[str, str] = {
-    "train": "train a VGG from a recipe (paper, cifar10, demo, finetune or a YAML file)",
+    "train": "train a VGG from a recipe (a built-in one or a YAML file)",
     "eval": "test-time evaluation: single crop, dense, multi-crop, multi-scale, ensembles (the paper's Sec. 4)",
     "reproduce": "the paper's ablations: train A..E, evaluate every protocol, table beside the paper's",
     "features": "image descriptors for linear models: dense multi-scale features, flip-averaged, L2-normalised",

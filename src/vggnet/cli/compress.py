@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--recipe", help="recipe to fine-tune with when the checkpoint has no recipe.yaml beside it")
     pr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for fine-tuning")
     pr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                    help="progress bars (default: only when stderr is a terminal)")
+                    help="progress on stderr: a bar on a terminal, otherwise (a log, a pipe) a line every 30 s with "
+                    "the time left, once a loop has run 30 s (the default); --no-progress: neither")
     pr.set_defaults(func=run_prune)
 
     kd = csub.add_parser(
@@ -84,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kd.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     kd.add_argument("--out", required=True, help="the student's run folder (resumed when it holds checkpoints)")
     kd.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                    help="progress bars (default: only when stderr is a terminal)")
+                    help="progress on stderr: a bar on a terminal, otherwise (a log, a pipe) a line every 30 s with "
+                    "the time left, once a loop has run 30 s (the default); --no-progress: neither")
     kd.set_defaults(func=run_distill)
 
     from vggnet.cli import compress_qat  # a module of its own: the QAT flags and table

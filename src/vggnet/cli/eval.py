@@ -79,7 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: where the hardware runs it natively)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: only when stderr is a terminal)")
+                   help="progress on stderr: a bar on a terminal, otherwise (a log, a pipe) a line every 30 s with the "
+                   "time left (by default from 30 s into each protocol, with --progress from its start); "
+                   "--no-progress: neither")
     p.set_defaults(func=run)
 
 

@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most feature maps per grid; the most active are kept (default: 64)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cpu)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: when stderr is a terminal and there are over 4 images)")
+                   help="progress on stderr: a bar on a terminal (by default only for over 4 images), otherwise "
+                   "(a log, a pipe) a line every 30 s with the time left (by default from 30 s into the run, with "
+                   "--progress from its start); --no-progress: neither")
     p.set_defaults(func=run)
 
 
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    import vggnet.progress as vprogress
     from vggnet.explain import default_cam_layer, save_filter_grid, spatial_layers
     from vggnet.infer.images import ImageLoadError, expand_image_paths, iter_images
 
@@ -180,11 +183,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.filters:
         print(f"filters -> {save_filter_grid(model, out / 'filters.png')}")
-    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and len(paths) > 4)
+    tty = sys.stderr.isatty()  # off a terminal: lines, by default the first after LOG_INTERVAL_S (a quick run: none)
+    show = args.progress if args.progress is not None else (None if not tty or len(paths) > 4 else False)
     explained = skipped = 0
     images = iter_images(paths, skip_unreadable=True)
-    for (path, image), stem in tqdm(zip(images, output_stems(paths), strict=True), total=len(paths), unit="img",
-                                    disable=not progress, file=sys.stderr, desc="explain"):
+    for (path, image), stem in vprogress.progress_bar(zip(images, output_stems(paths), strict=True), total=len(paths),
+                                                      desc="explain", unit="img", progress=show,
+                                                      delay=vprogress.LOG_INTERVAL_S if show is None and not tty
+                                                      else 0.0):
         if isinstance(image, ImageLoadError):
             skipped += 1
             tqdm.write(f"vggnet explain: skipped {path}: {image.reason}", file=sys.stderr)

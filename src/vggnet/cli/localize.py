@@ -157,7 +157,7 @@ def run_eval(args: argparse.Namespace) -> int:
     annotations, _ = _load_data(args.data)
     report = evaluate_run(args.ckpt, annotations,
                           ["whole", "centre", "dense"] if args.protocol == "all" else [args.protocol],
-                          scales=args.scales, split=args.split, progress=sys.stderr.isatty(),
+                          scales=args.scales, split=args.split, progress=None,
                           log=lambda line: print(line, file=sys.stderr))
     if args.out:
         write_json(args.out, report)

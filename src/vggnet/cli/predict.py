@@ -86,7 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="report unreadable images and go on, instead of stopping at the first one")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: when stderr is a terminal and there are many images)")
+                   help="progress on stderr: a bar on a terminal (by default only for more than --batch-size "
+                   "images), otherwise (a log, a pipe) a line every 30 s with the time left (by default from 30 s "
+                   "into the run, with --progress from its start); --no-progress: neither")
     p.set_defaults(func=run)
 
 
@@ -163,9 +165,19 @@ def _table(rows: list[dict[str, Any]], topk: int) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _progress(args: argparse.Namespace, images: int) -> Any:
+    """The images' progress: a bar on a terminal (by default only when there are many), lines elsewhere; off a
+    terminal the first line comes after ``LOG_INTERVAL_S`` unless --progress asks, so a quick run prints nothing
+    extra."""
+    import vggnet.progress as vprogress
 
+    tty = sys.stderr.isatty()
+    show = args.progress if args.progress is not None else (None if not tty or images > args.batch_size else False)
+    return vprogress.progress_bar(total=images, desc="predict", unit="img", progress=show,
+                                  delay=vprogress.LOG_INTERVAL_S if show is None and not tty else 0.0)
+
+
+def run(args: argparse.Namespace) -> int:
     from vggnet.infer import ImageLoadError, expand_image_paths, preprocess
     from vggnet.infer.images import iter_images
 
@@ -178,11 +190,10 @@ def run(args: argparse.Namespace) -> int:
     predictor, runtime = _load(args)
     if hasattr(predictor.runtime, "summary"):  # auto: say what was measured and picked
         print(f"runtime auto picked {predictor.runtime.chosen.name}:\n{predictor.runtime.summary()}", file=sys.stderr)
-    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and len(paths) > args.batch_size)
     topk = min(args.topk, predictor.prep.num_classes)
     rows: list[dict[str, Any]] = []
     images = iter_images(paths, skip_unreadable=args.skip_unreadable)
-    with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr, desc="predict") as bar:
+    with _progress(args, len(paths)) as bar:
         while True:
             batch = [next(images, None) for _ in range(args.batch_size)]
             batch = [item for item in batch if item is not None]

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides (as in train)")
     p.add_argument("--batch-size", type=int, default=128, help="network inputs per forward pass when evaluating")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: only when stderr is a terminal)")
+                   help="progress on stderr: a bar on a terminal, otherwise (a log, a pipe) a line every 30 s with the "
+                   "time left, once a loop has run 30 s (the default); --no-progress: neither")
     p.set_defaults(func=run)
 
 

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     builtin = ", ".join(recipe_names())  # read from the packaged recipes folder, so the help cannot drift from it
     p = sub.add_parser(
         "train",
-        help="train a VGG from a recipe (paper, cifar10, demo, finetune or a YAML file)",
+        help="train a VGG from a recipe (a built-in one or a YAML file)",
         description=f"Train a VGG network. Settings come from a recipe (built-in: {builtin}; or a YAML "
         "path), then any --set section.key=value overrides, then the flags below (a flag wins over --set). The "
         "resolved recipe, "

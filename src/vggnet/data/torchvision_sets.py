@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
+from vggnet import progress as vprogress
 from vggnet.atomic import atomic_dir
 
 from .folder import DataError
@@ -22,8 +21,10 @@ from .prepare import MARKER
 BUILTIN = ("cifar10", "fashion_mnist")
 
 
-def download_builtin(kind: str, root: str | Path, download: bool = False) -> Path:
-    """``root/<kind>`` holding ``train/`` and ``val/`` (the official test split), built on first use."""
+def download_builtin(kind: str, root: str | Path, download: bool = False, *, progress: bool | None = None) -> Path:
+    """``root/<kind>`` holding ``train/`` and ``val/`` (the official test split), built on first use. Writing
+    60,000 PNGs takes minutes, so ``progress`` None or True reports it: a bar on a terminal, a line every 30 s with
+    the time left elsewhere; False, nothing."""
     from torchvision import datasets
 
     if kind not in BUILTIN:
@@ -48,7 +49,9 @@ def download_builtin(kind: str, root: str | Path, download: bool = False) -> Pat
             names = [c.replace("/", "-") for c in dataset.classes]  # Fashion-MNIST has "T-shirt/top"
             for name in names:
                 (tmp / split / name).mkdir(parents=True)
-            bar = tqdm(dataset, desc=f"{kind} {split}", disable=not sys.stderr.isatty())
+            quiet_start = vprogress.LOG_INTERVAL_S if progress is None and not sys.stderr.isatty() else 0.0
+            bar = vprogress.progress_bar(dataset, total=len(dataset), desc=f"writing {kind} {split}", unit="img",
+                                         progress=progress, delay=quiet_start)
             for i, (image, label) in enumerate(bar):
                 image.save(tmp / split / names[label] / f"{i:05d}.png")
         (tmp / MARKER).write_text(json.dumps({"source": f"torchvision.datasets.{cls.__name__}", "root": "."}))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size  # what v2's own crops use to read (H, W)
 
+from vggnet import progress as vprogress
 from vggnet.atomic import atomic_path
 from vggnet.errors import UsageError
 
@@ -401,8 +403,8 @@ def _no_xml_error(root: Path) -> VOCError:
                           f"(any case){hint}")
 
 
-def load_voc_folder(root: str | os.PathLike, images_dir: str | os.PathLike | None = None
-                    ) -> tuple[list[VOCAnnotation], list[tuple[Path, str]]]:
+def load_voc_folder(root: str | os.PathLike, images_dir: str | os.PathLike | None = None, *,
+                    progress: bool | None = None) -> tuple[list[VOCAnnotation], list[tuple[Path, str]]]:
     """(annotations, skips) for every ``root/annotations/*.xml`` (or another of :data:`ANNOTATION_DIRS`, or
     ``root/*.xml``), sorted.
 
@@ -410,6 +412,8 @@ def load_voc_folder(root: str | os.PathLike, images_dir: str | os.PathLike | Non
     unreadable, truncated or of another size than annotated, become ``(xml_path, reason)`` skips. They are
     returned, not logged as warnings, so a command shows each once (logged at INFO for library users who
     configure logging). A folder with no XML at all is an error, since that is a wrong path, not a bad file.
+    Decoding every photo takes a minute for a full PASCAL VOC year, so ``progress`` (None or True) reports it: a
+    bar on a terminal, elsewhere a line every 30 s with the time left once it has run that long; False: nothing.
     """
     root = Path(root)
     if not root.is_dir():
@@ -420,7 +424,10 @@ def load_voc_folder(root: str | os.PathLike, images_dir: str | os.PathLike | Non
         raise _no_xml_error(root)
     annotations: list[VOCAnnotation] = []
     skips: list[tuple[Path, str]] = []
-    for path in _xml_files(xml_dir):
+    files = _xml_files(xml_dir)
+    quiet_start = vprogress.LOG_INTERVAL_S if progress is None and not sys.stderr.isatty() else 0.0
+    for path in vprogress.progress_bar(files, total=len(files), desc=f"reading {xml_dir}", unit="image",
+                                       progress=progress, leave=False, delay=quiet_start):
         try:
             annotation = read_voc(path, images_dir)
             _check_image(annotation)

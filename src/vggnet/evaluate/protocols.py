@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
+from vggnet import progress as vprogress
 from vggnet.data import eval_transform
 from vggnet.data.transforms import RELATIVE_BELOW, scale_pixels
 from vggnet.errors import UsageError
@@ -348,8 +348,10 @@ def predict_proba(
     any and varying sizes; an item that is ``None`` (an unreadable file) gives a row of NaN. ``crop``,
     ``mean`` and ``std`` are the training crop size and normalisation (checkpoint metadata). The callers'
     models are not modified (each is copied; the copy for dense evaluation gets the conv head).
-    ``amp_bf16=None`` uses bf16 autocast where the hardware runs it natively; ``progress=None`` shows a
-    bar only when stderr is a terminal.
+    ``amp_bf16=None`` uses bf16 autocast where the hardware runs it natively. ``progress``: None, a bar on a
+    terminal and otherwise (a log, a pipe) a line every 30 s with the time left, the first once the run has taken
+    that long (so a long ``vggnet eval`` under ``nohup`` is not silent, and a short one says nothing); True, the
+    same from the first image; False, nothing.
     """
     models = [models] if isinstance(models, nn.Module) else list(models)
     if not models:
@@ -374,9 +376,9 @@ def predict_proba(
     transforms = {q: eval_transform(q, None, mean=list(mean), std=list(std)) for q in set(qs)}
     n, channels = len(images), len(mean)
     acc = _Accumulator(nets, n, num_classes, batch_size, device, bf16, channels_last)
-    show = sys.stderr.isatty() if progress is None else progress
-    with torch.inference_mode(), tqdm(total=n, desc=str(protocol), unit="img", disable=not show,
-                                      mininterval=0.5) as bar:
+    quiet_start = vprogress.LOG_INTERVAL_S if progress is None and not sys.stderr.isatty() else 0.0
+    with torch.inference_mode(), vprogress.progress_bar(total=n, desc=str(protocol), unit="img", progress=progress,
+                                                        mininterval=0.5, delay=quiet_start) as bar:
         for start in range(0, n, batch_size):  # a window of images: dense views of equal size batch together
             window = [(i, image_tensor(images[i], channels)) for i in range(start, min(n, start + batch_size))]
             window = [(i, image) for i, image in window if image is not None]

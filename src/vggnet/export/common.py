@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from vggnet import progress as vprogress
 from vggnet.capture import calibration
 from vggnet.capture.calibration import CALIB_IMAGES, CHECK_IMAGES, MIN_CHECK_IMAGES, Int8Images, check_counts
 from vggnet.capture.graph import example_input
@@ -96,9 +98,18 @@ def check_against(model: VGG, runtime: Runtime, prep: Preprocessing, tolerance: 
     return errors
 
 
+def _check_bar(total: int, desc: str, progress: bool | None) -> Any:
+    """The held-out images run so far: 256 at 224² through a VGG-16 take minutes on a small CPU. Off a terminal a
+    line every 30 s with the time left, the first once the pass has run that long unless ``progress`` is True (a tiny
+    model's check is quiet)."""
+    tty = sys.stderr.isatty()
+    return vprogress.progress_bar(total=total, desc=desc, unit="img", progress=progress, leave=not tty,
+                                  delay=vprogress.LOG_INTERVAL_S if progress is None and not tty else 0.0)
+
+
 def check_agreement(model: VGG, runtime: Runtime, images: torch.Tensor, min_agreement: float,
-                    batches: tuple[int, ...] = CHECK_BATCHES,
-                    what: str = "int8 export") -> tuple[dict[int, float], float]:
+                    batches: tuple[int, ...] = CHECK_BATCHES, what: str = "int8 export",
+                    progress: bool | None = None) -> tuple[dict[int, float], float]:
     """Compare a quantized ``runtime`` with eager fp32 on preprocessed held-out ``images``: (max relative logit
     error per batch size, top-1 agreement); an :class:`ExportError` when the agreement is below ``min_agreement``
     or a logit is not finite.
@@ -106,27 +117,34 @@ def check_agreement(model: VGG, runtime: Runtime, images: torch.Tensor, min_agre
     Real images, not random batches: the activation ranges were calibrated on real images, and noise lands outside
     them. One batch of each size in ``batches`` comes first (a batch dimension specialised to a constant fails
     there), the rest run at the largest. The relative error is reported, not bounded: INT8 cannot meet an fp32
-    tolerance, and whether a class changes is what a user sees.
+    tolerance, and whether a class changes is what a user sees. ``progress`` (None or True: a bar on a terminal,
+    lines elsewhere; False: none) follows both passes, eager and quantized.
     """
     if images.dim() != 4 or not len(images):
         raise ExportError(f"{what}: no held-out images to check against eager fp32")
     model = model.eval()
-    with torch.inference_mode():
-        want = torch.cat([model(chunk).float() for chunk in images.split(_EAGER_CHUNK)])
+    wants = []
+    with torch.inference_mode(), _check_bar(len(images), f"{what} check: eager fp32", progress) as bar:
+        for chunk in images.split(_EAGER_CHUNK):
+            wants.append(model(chunk).float())
+            bar.update(len(chunk))
+    want = torch.cat(wants)
     sizes = [b for b in batches if b >= 1]
     largest = max(sizes, default=8)
     errors: dict[int, float] = {}
     agree, start = 0, 0
-    while start < len(images):
-        size = sizes.pop(0) if sizes else largest
-        got = runtime(images[start:start + size])
-        ref = want[start:start + size]
-        error = max_relative_error(got, ref)
-        if not math.isfinite(error) or not torch.isfinite(got).all():
-            raise ExportError(f"{what}: non-finite logits at batch {len(ref)}")
-        errors[len(ref)] = max(errors.get(len(ref), 0.0), error)
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        start += len(ref)
+    with _check_bar(len(images), f"{what} check: {what.split()[0]}", progress) as bar:
+        while start < len(images):
+            size = sizes.pop(0) if sizes else largest
+            got = runtime(images[start:start + size])
+            ref = want[start:start + size]
+            error = max_relative_error(got, ref)
+            if not math.isfinite(error) or not torch.isfinite(got).all():
+                raise ExportError(f"{what}: non-finite logits at batch {len(ref)}")
+            errors[len(ref)] = max(errors.get(len(ref), 0.0), error)
+            agree += int((got.argmax(1) == ref.argmax(1)).sum())
+            start += len(ref)
+            bar.update(len(ref))
     agreement = agree / len(images)
     if not agreement >= min_agreement:
         raise ExportError(f"{what}: top-1 agrees with eager fp32 on {100 * agreement:.2f} % of {len(images)} "

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from tqdm import tqdm
 
+from vggnet import progress as vprogress
 from vggnet.data import IMAGE_ERRORS, DataError
 from vggnet.data.voc import VOCAnnotation, VOCError, primary_object, read_pixels, read_voc, split_annotations
 from vggnet.errors import UsageError
@@ -34,12 +34,22 @@ def load_localizer(ckpt: str | os.PathLike) -> tuple[VGG, BoxSpec, Views, dict[s
     return model.eval(), spec, views, {**extra, "file": str(file)}
 
 
+def _bar(items: Sequence[Any], desc: str, progress: bool | None, leave: bool = False) -> Any:
+    """Progress over ``items``: a bar on a terminal; elsewhere a line every 30 s with the time left, the first once
+    the work has run that long (a short evaluation logs nothing; ``progress=True``: from the start). ``progress=False``:
+    none."""
+    tty = sys.stderr.isatty()
+    return vprogress.progress_bar(items, total=len(items), desc=desc, unit="img", progress=progress,
+                                  leave=leave or not tty,
+                                  delay=vprogress.LOG_INTERVAL_S if progress is None and not tty else 0.0)
+
+
 def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], protocols: Sequence[str],
-                 scales: Sequence[float] | None = None, split: str = "val", progress: bool = False,
+                 scales: Sequence[float] | None = None, split: str = "val", progress: bool | None = None,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Accuracy at IoU 0.5 and mean IoU of each protocol on the run's held-out images (its own split,
     re-drawn from its seed), beside the three baselines fitted on its training images' boxes (no pixels read).
-    An image that cannot be decoded is left out and reported once to ``log``."""
+    An image that cannot be decoded is left out and reported once to ``log``. ``progress``: see :func:`_bar`."""
     model, spec, views, meta = load_localizer(ckpt)
     if scales:
         views = Views(views.size, views.mean, views.std, tuple(scales), views.stride)
@@ -55,7 +65,7 @@ def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], 
     rows: dict[str, dict[str, float]] = {}
     for protocol in protocols:
         preds = []
-        for image, _, label in tqdm(samples, desc=protocol, disable=not progress, leave=False):
+        for image, _, label in _bar(samples, protocol, progress):
             preds.append(predict_boxes(model, image, spec, views, protocol, label if spec.per_class else None)[0])
         rows[f"{'PCR' if spec.per_class else 'SCR'}, {protocol}"] = score(torch.stack(preds),
                                                                          [t for _, t, _ in samples])
@@ -77,7 +87,7 @@ def predict_files(ckpt: str | os.PathLike, images: Sequence[str], out: Path, pro
         raise UsageError(f"class {label!r} is not one of the checkpoint's {list(spec.classes)}")
     paths = expand_image_paths(images)
     written, failed = [], 0
-    for path in tqdm(paths, desc="boxes", disable=not sys.stderr.isatty() or len(paths) < 5):
+    for path in _bar(paths, "boxes", False if len(paths) < 5 else None, leave=True):
         truths, main = None, label
         xml = Path(annotations) / f"{path.stem}.xml" if annotations else None
         try:

@@ -3,12 +3,15 @@
 The target of each image is its largest non-difficult object; the loss is the paper's Euclidean loss on the
 normalised (cx, cy, w, h) — per-class regression counts only the true class's four outputs — or smooth-L1.
 Runs end with the last epoch's weights (no epoch is chosen on the validation images the benchmark reports).
+Each epoch ends with a line that says the run's time left; an epoch that runs over 30 s also reports its batches as
+it goes (:func:`vggnet.progress.progress_bar`), so a log of a slow run is never silent for long.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -18,7 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from vggnet import progress as vprogress
 from vggnet.atomic import write_json
 from vggnet.data import IMAGE_ERRORS, DataError
 from vggnet.data.voc import (
@@ -134,11 +139,29 @@ def eval_samples(annotations: Sequence[VOCAnnotation], classes: Sequence[str],
     return out
 
 
+def _epoch_bar(loader: DataLoader, epoch: int, epochs: int, progress: bool | None) -> tqdm:
+    """An epoch's batches: on a terminal a bar that gives way to the epoch line; elsewhere a line every 30 s once the
+    epoch has run that long (``progress=True``: from its start), so a run of short epochs logs only its epoch lines."""
+    tty = sys.stderr.isatty()
+    return vprogress.progress_bar(loader, total=len(loader), desc=f"epoch {epoch}/{epochs}", unit="batch",
+                                  progress=progress, leave=not tty,
+                                  delay=vprogress.LOG_INTERVAL_S if progress is None and not tty else 0.0)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """The epoch's record as ``key value`` pairs, and the run's time left at its pace so far."""
+    line = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+    epoch, seconds = record["epoch"], record["seconds"]
+    return line if epoch >= epochs else f"{line}, {tqdm.format_interval(seconds / epoch * (epochs - epoch))} left"
+
+
 def train_localizer(settings: LocalizeSettings, train_anns: Sequence[VOCAnnotation], classes: Sequence[str],
                     out_dir: Path, val_anns: Sequence[VOCAnnotation] = (), data: str | None = None,
-                    log: Callable[[str], None] = print) -> Path:
+                    log: Callable[[str], None] = print, progress: bool | None = None) -> Path:
     """Train on ``train_anns`` and save ``out_dir/best.safetensors`` (the last epoch) with ``metrics.json``;
-    ``val_anns`` are scored (whole-image view) every 10 epochs and at the end, never used to choose."""
+    ``val_anns`` are scored (whole-image view) every 10 epochs and at the end, never used to choose. ``log`` gets
+    one line per epoch, with the run's time left; ``progress`` (None or True: a bar on a terminal, a line every 30 s
+    elsewhere; False: none) covers the batches of a long epoch."""
     settings.check()
     if not train_anns:
         raise DataError("no training images")
@@ -170,7 +193,7 @@ def train_localizer(settings: LocalizeSettings, train_anns: Sequence[VOCAnnotati
         if frozen:
             model.features.eval()  # frozen BN statistics too
         losses = []
-        for batch in loader:
+        for batch in _epoch_bar(loader, epoch, settings.epochs, progress):
             if batch is None:  # every image of the batch was unreadable (reported by the dataset)
                 continue
             images, targets = batch
@@ -193,7 +216,7 @@ def train_localizer(settings: LocalizeSettings, train_anns: Sequence[VOCAnnotati
             record.update({f"val_{k}": v for k, v in evaluate_views(model, val_samples, spec, views, "whole").items()
                            if k != "images"})
         history.append(record)
-        log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        log(_epoch_line(record, settings.epochs))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {**spec.metadata(), "mean": list(mean), "std": list(std),
             "image_size": settings.image_size, "scales": list(settings.scales), "loss": settings.loss,
