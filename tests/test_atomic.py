@@ -99,3 +99,17 @@ def test_fsync_called_on_file_and_folder(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
     atomic.write_text(tmp_path / "x.txt", "x")
     assert len(synced) >= 2  # the temporary file, then the folder holding the rename
+
+
+def test_big_tree_is_flushed_by_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"sync": 0, "fsync": 0}
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "sync", lambda: calls.__setitem__("sync", calls["sync"] + 1))
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.__setitem__("fsync", calls["fsync"] + 1), real_fsync(fd))[1])
+    with atomic.atomic_dir(tmp_path / "big") as tmp:
+        for i in range(atomic.FSYNC_EACH_MAX + 1):
+            (tmp / f"{i}.txt").write_text("x")
+    assert calls["sync"] == 1 and calls["fsync"] <= 2  # one sync for the files; the parent folder's rename fsync
+    with atomic.atomic_dir(tmp_path / "small") as tmp:
+        (tmp / "a.txt").write_text("x")
+    assert calls["sync"] == 1 and calls["fsync"] >= 3  # a small tree: each file and folder

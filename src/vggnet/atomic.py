@@ -42,11 +42,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# A tree with more files than this is flushed by one os.sync() instead of a fsync per file: extracting CIFAR-10
+# (50,000 files) took ~90 s of one-by-one fsyncs here, the single sync a few seconds.
+FSYNC_EACH_MAX = 256
+
+
 def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
+    walk = [(Path(dirpath), files) for dirpath, _, files in os.walk(root)]
+    if sum(len(files) for _, files in walk) > FSYNC_EACH_MAX:
+        os.sync()
+        return
+    for folder, files in walk:
         for name in files:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
+            _fsync_file(folder / name)
+        _fsync_dir(folder)
 
 
 @contextlib.contextmanager
