@@ -19,7 +19,7 @@ def test_log_lines_every_interval_with_estimate(monkeypatch) -> None:
     out = io.StringIO()  # not a terminal
     clock = FakeClock()
     monkeypatch.setattr("tqdm.std.time", clock, raising=False)
-    bar = progress.progress_bar(total=100, desc="eval single", unit="img", out=out)
+    bar = progress.progress_bar(total=100, desc="eval single", unit="img", out=out, progress=True)
     bar._time = clock
     bar.start_t = bar.last_print_t = 0.0
     for _ in range(100):
@@ -41,3 +41,20 @@ def test_disabled_writes_nothing() -> None:
     bar.update(10)
     bar.close()
     assert out.getvalue() == ""
+
+
+def test_unasked_progress_waits_one_interval(monkeypatch) -> None:
+    out = io.StringIO()
+    clock = FakeClock()
+    monkeypatch.setattr("tqdm.std.time", clock, raising=False)
+    bar = progress.progress_bar(total=100, desc="decoding", unit="img", out=out)  # progress=None: not asked
+    bar._time = clock
+    bar.start_t = bar.last_print_t = 0.0
+    for _ in range(20):  # 20 s of work: shorter than the interval, so nothing but the closing line
+        clock.now += 1.0
+        bar.update(1)
+    assert out.getvalue() == ""
+    for _ in range(40):
+        clock.now += 1.0
+        bar.update(1)
+    assert out.getvalue().splitlines()[0].startswith("decoding: 30/100 img (30%)")

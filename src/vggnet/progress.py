@@ -42,7 +42,8 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, total: int | None = N
                  unit: str = "it", progress: bool | None = None, leave: bool = True, out: IO[str] | None = None,
                  **kwargs: Any) -> tqdm:
     """A tqdm bar on a terminal; off one, a line (count, rate, time left) every ``LOG_INTERVAL_S`` seconds and a
-    last one at the end. ``progress=False`` disables it."""
+    last one at the end, the first after one interval unless ``progress=True`` asked for it. ``progress=False``
+    disables it."""
     out = out or sys.stderr
     if progress is False:
         return tqdm(iterable, total=total, disable=True)
@@ -50,6 +51,8 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, total: int | None = N
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=out, **kwargs)
     kwargs.pop("mininterval", None)
     kwargs.pop("dynamic_ncols", None)
+    # unasked (None), the first line waits one interval: quick work (tests, demos) prints nothing extra
+    kwargs.setdefault("delay", LOG_INTERVAL_S if progress is None else 0.0)
     kwargs.setdefault("bar_format", LOG_FORMAT)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=True, file=_Lines(out), mininterval=LOG_INTERVAL_S,
                 miniters=1, **kwargs)

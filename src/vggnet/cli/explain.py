@@ -188,9 +188,7 @@ def run(args: argparse.Namespace) -> int:
     explained = skipped = 0
     images = iter_images(paths, skip_unreadable=True)
     for (path, image), stem in vprogress.progress_bar(zip(images, output_stems(paths), strict=True), total=len(paths),
-                                                      desc="explain", unit="img", progress=show,
-                                                      delay=vprogress.LOG_INTERVAL_S if show is None and not tty
-                                                      else 0.0):
+                                                      desc="explain", unit="img", progress=show):
         if isinstance(image, ImageLoadError):
             skipped += 1
             tqdm.write(f"vggnet explain: skipped {path}: {image.reason}", file=sys.stderr)

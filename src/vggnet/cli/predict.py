@@ -173,8 +173,7 @@ def _progress(args: argparse.Namespace, images: int) -> Any:
 
     tty = sys.stderr.isatty()
     show = args.progress if args.progress is not None else (None if not tty or images > args.batch_size else False)
-    return vprogress.progress_bar(total=images, desc="predict", unit="img", progress=show,
-                                  delay=vprogress.LOG_INTERVAL_S if show is None and not tty else 0.0)
+    return vprogress.progress_bar(total=images, desc="predict", unit="img", progress=show)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import posixpath
-import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,9 +53,7 @@ def _unsafe_member(member: tarfile.TarInfo) -> str | None:
 def _bar(iterable: Any, total: int, desc: str, unit: str, progress: bool | None) -> Any:
     """Progress over ``iterable``; off a terminal the first line comes, unless ``progress`` is True, only once the
     work has taken ``LOG_INTERVAL_S``, so the small folders of tests and demos stay quiet."""
-    quiet_start = vprogress.LOG_INTERVAL_S if progress is None and not sys.stderr.isatty() else 0.0
-    return vprogress.progress_bar(iterable, total=total, desc=desc, unit=unit, progress=progress, mininterval=0.5,
-                                  delay=quiet_start)
+    return vprogress.progress_bar(iterable, total=total, desc=desc, unit=unit, progress=progress, mininterval=0.5)
 
 
 def _find_root(folder: Path) -> Path:

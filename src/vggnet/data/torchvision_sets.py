@@ -9,7 +9,6 @@ input format.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from vggnet import progress as vprogress
@@ -49,9 +48,8 @@ def download_builtin(kind: str, root: str | Path, download: bool = False, *, pro
             names = [c.replace("/", "-") for c in dataset.classes]  # Fashion-MNIST has "T-shirt/top"
             for name in names:
                 (tmp / split / name).mkdir(parents=True)
-            quiet_start = vprogress.LOG_INTERVAL_S if progress is None and not sys.stderr.isatty() else 0.0
             bar = vprogress.progress_bar(dataset, total=len(dataset), desc=f"writing {kind} {split}", unit="img",
-                                         progress=progress, delay=quiet_start)
+                                         progress=progress)
             for i, (image, label) in enumerate(bar):
                 image.save(tmp / split / names[label] / f"{i:05d}.png")
         (tmp / MARKER).write_text(json.dumps({"source": f"torchvision.datasets.{cls.__name__}", "root": "."}))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -425,9 +424,8 @@ def load_voc_folder(root: str | os.PathLike, images_dir: str | os.PathLike | Non
     annotations: list[VOCAnnotation] = []
     skips: list[tuple[Path, str]] = []
     files = _xml_files(xml_dir)
-    quiet_start = vprogress.LOG_INTERVAL_S if progress is None and not sys.stderr.isatty() else 0.0
     for path in vprogress.progress_bar(files, total=len(files), desc=f"reading {xml_dir}", unit="image",
-                                       progress=progress, leave=False, delay=quiet_start):
+                                       progress=progress, leave=False):
         try:
             annotation = read_voc(path, images_dir)
             _check_image(annotation)

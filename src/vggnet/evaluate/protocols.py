@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -376,9 +375,8 @@ def predict_proba(
     transforms = {q: eval_transform(q, None, mean=list(mean), std=list(std)) for q in set(qs)}
     n, channels = len(images), len(mean)
     acc = _Accumulator(nets, n, num_classes, batch_size, device, bf16, channels_last)
-    quiet_start = vprogress.LOG_INTERVAL_S if progress is None and not sys.stderr.isatty() else 0.0
     with torch.inference_mode(), vprogress.progress_bar(total=n, desc=str(protocol), unit="img", progress=progress,
-                                                        mininterval=0.5, delay=quiet_start) as bar:
+                                                        mininterval=0.5) as bar:
         for start in range(0, n, batch_size):  # a window of images: dense views of equal size batch together
             window = [(i, image_tensor(images[i], channels)) for i in range(start, min(n, start + batch_size))]
             window = [(i, image) for i, image in window if image is not None]

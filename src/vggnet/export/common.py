@@ -103,8 +103,7 @@ def _check_bar(total: int, desc: str, progress: bool | None) -> Any:
     line every 30 s with the time left, the first once the pass has run that long unless ``progress`` is True (a tiny
     model's check is quiet)."""
     tty = sys.stderr.isatty()
-    return vprogress.progress_bar(total=total, desc=desc, unit="img", progress=progress, leave=not tty,
-                                  delay=vprogress.LOG_INTERVAL_S if progress is None and not tty else 0.0)
+    return vprogress.progress_bar(total=total, desc=desc, unit="img", progress=progress, leave=not tty)
 
 
 def check_agreement(model: VGG, runtime: Runtime, images: torch.Tensor, min_agreement: float,

@@ -40,8 +40,7 @@ def _bar(items: Sequence[Any], desc: str, progress: bool | None, leave: bool = F
     none."""
     tty = sys.stderr.isatty()
     return vprogress.progress_bar(items, total=len(items), desc=desc, unit="img", progress=progress,
-                                  leave=leave or not tty,
-                                  delay=vprogress.LOG_INTERVAL_S if progress is None and not tty else 0.0)
+                                  leave=leave or not tty)
 
 
 def evaluate_run(ckpt: str | os.PathLike, annotations: Sequence[VOCAnnotation], protocols: Sequence[str],

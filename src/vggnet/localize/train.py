@@ -144,8 +144,7 @@ def _epoch_bar(loader: DataLoader, epoch: int, epochs: int, progress: bool | Non
     epoch has run that long (``progress=True``: from its start), so a run of short epochs logs only its epoch lines."""
     tty = sys.stderr.isatty()
     return vprogress.progress_bar(loader, total=len(loader), desc=f"epoch {epoch}/{epochs}", unit="batch",
-                                  progress=progress, leave=not tty,
-                                  delay=vprogress.LOG_INTERVAL_S if progress is None and not tty else 0.0)
+                                  progress=progress, leave=not tty)
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
