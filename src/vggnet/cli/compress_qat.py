@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate the QAT model's q/dq graph eagerly instead of with Inductor's INT8 kernels")
     p.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: only when stderr is a terminal)")
+                   help="progress bars (default: a bar on a terminal; elsewhere a line every 30 s with "
+                   "the time left, once the work has taken 30 s; --no-progress: none)")
     p.set_defaults(func=run)
 
 

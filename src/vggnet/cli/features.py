@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: where the hardware runs it natively)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: only when stderr is a terminal)")
+                   help="progress bar (default: a bar on a terminal; elsewhere a line every 30 s with "
+                   "the time left, once the work has taken 30 s; --no-progress: none)")
     p.add_argument("--out", required=True, help="the .npz file to write (replaced only when complete)")
     p.set_defaults(func=run)
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from vggnet.data import DataError, eval_transform, load_image_folder
 from vggnet.errors import UsageError
@@ -34,6 +32,7 @@ from vggnet.evaluate.protocols import MIN_SIDE, image_tensor, resolve_scale, tri
 from vggnet.hardware import native_bf16
 from vggnet.models import VGG, VGGConfig, checkpoint_file, checkpoint_meta, load_checkpoint, load_weights
 from vggnet.models.pretrained import inspect_weights
+from vggnet.progress import progress_bar
 
 __all__ = ["dense_net", "extract_features", "feature_images", "fingerprint", "load_source"]
 
@@ -105,9 +104,8 @@ def extract_features(
     n, channels = len(images), len(mean)
     per_scale: list[torch.Tensor | None] = [None] * len(qs)
     readable = torch.zeros(n, dtype=torch.bool)
-    show = sys.stderr.isatty() if progress is None else progress
-    with torch.inference_mode(), tqdm(total=n, desc=f"features {layer}", unit="img", disable=not show,
-                                      mininterval=0.5) as bar:
+    with torch.inference_mode(), progress_bar(total=n, desc=f"features {layer}", unit="img", progress=progress,
+                                              mininterval=0.5) as bar:
         for start in range(0, n, batch_size):
             window = [(i, image_tensor(images[i], channels)) for i in range(start, min(n, start + batch_size))]
             window = [(i, image) for i, image in window if image is not None]
