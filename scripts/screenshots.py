@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run folder or .safetensors, repeatable (default: runs/compression/base and pruned-50)")
     p.add_argument("--name", default="cifar10", help="the served model's name (default: cifar10)")
     p.add_argument("--image", default="data/cifar10/train/cat/0001.jpg", help="the image to upload")
+    p.add_argument("--phone-image", help="the image uploaded on the phone (default: --image)")
     p.add_argument("--layer", default="pool3", help="the page's Grad-CAM layer choice (default: pool3, 4×4 on "
                    "a 32-px model, where the last conv's map is 2×2; '' for the server's default)")
     p.add_argument("--out", default="docs/img", help="folder for web-desktop.png and web-phone.png")
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpts = [Path(c) for c in (args.ckpt or ["runs/compression/base", "runs/compression/pruned-50"])]
     image = Path(args.image)
-    for path in [*ckpts, image]:
+    images = {"desktop": image, "phone": Path(args.phone_image or args.image)}
+    for path in [*ckpts, *images.values()]:
         if not path.exists():
             raise SystemExit(f"not found: {path}")
     out = Path(args.out)
@@ -72,22 +74,34 @@ def main(argv: list[str] | None = None) -> int:
             file = ckpt if ckpt.is_file() else next(f for f in (ckpt / "best.safetensors", ckpt / "last.safetensors")
                                                     if f.exists())
             (version / "best.safetensors").symlink_to(file.resolve())
+            for extra in ("ood.json", "recipe.yaml"):  # the page's out-of-domain reference, stored or computed
+                if (file.parent / extra).exists():
+                    (version / extra).symlink_to((file.parent / extra).resolve())
         app = create_app(ModelRepository.from_dir(tmp), ServeSettings(load_in_background=False, access_log=False))
         url, server, thread = _serve(app)
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
                 for kind, (width, height) in SIZES.items():
-                    page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=1)
+                    phone = kind == "phone"  # a touch phone: "Choose a photo" and the camera button
+                    page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=1,
+                                            is_mobile=phone, has_touch=phone)
                     page.goto(url)
                     page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
                     page.select_option("#layer", args.layer)
-                    page.set_input_files("#file", str(image))
+                    page.wait_for_selector("#model-state:not([hidden])")
+                    page.set_input_files("#file", str(images[kind]))
                     page.wait_for_selector("#overlay:not([hidden])")
                     page.wait_for_function("() => document.getElementById('overlay').complete")
                     page.wait_for_timeout(400)  # the bars' width transition
                     shot = out / f"web-{kind}.png"
-                    page.screenshot(path=str(shot), full_page=kind == "phone")
+                    if phone:  # the whole page, by a viewport as tall as it: Chromium's full-page capture drops the
+                        # touch emulation while it shoots, and the page (listening) would switch back to "Drop"
+                        page.evaluate("() => window.scrollTo(0, 0)")
+                        tall = page.evaluate("() => document.documentElement.scrollHeight")
+                        page.set_viewport_size({"width": width, "height": tall})
+                        page.wait_for_timeout(200)
+                    page.screenshot(path=str(shot))
                     print(f"wrote {shot} ({width}×{height}{', full page' if kind == 'phone' else ''})")
                     page.close()
                 browser.close()

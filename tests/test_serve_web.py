@@ -3,6 +3,7 @@ jobs' place in the batcher's queue. The page in a real browser: tests/test_web_p
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -239,3 +240,48 @@ def test_batcher_runs_jobs_alone_in_arrival_order_and_bounds_them():
     finally:
         gate.set()
         batcher.close(5)
+
+
+# --- the page's one request per upload, and its limits -----------------------------------------------------------
+
+def test_predict_with_explain_streams_the_prediction_then_the_map_from_one_upload(client):
+    plain = client.post("/predict?topk=3", **JPEG)
+    assert plain.headers["content-type"] == "application/json"  # API clients: unchanged without explain=
+    r = client.post("/predict?topk=3&explain=1&layer=pool3", **JPEG)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert len(lines) == 2 and lines[0].pop("ood") is None and lines[0] == plain.json()  # no reference: no verdict
+    explained = lines[1]["explain"]
+    top = plain.json()["predictions"][0]
+    assert explained["class"]["index"] == top["index"] and explained["layer"] == "block3_pool"
+    prefix = "data:image/png;base64,"
+    assert explained["overlay"].startswith(prefix)
+    png = Image.open(io.BytesIO(base64.b64decode(explained["overlay"][len(prefix):])))
+    assert png.format == "PNG" and png.size == (224, 224)
+    assert client.post("/predict?explain=1&layer=fc9", **JPEG).status_code == 400  # checked before the body
+
+
+def test_predict_with_explain_of_an_exported_model_still_predicts(tmp_path, ckpt):
+    pytest.importorskip("onnxruntime")
+    from vggnet.export import export_model
+
+    (tmp_path / "repo" / "m" / "1").mkdir(parents=True)
+    export_model(ckpt, "onnx", tmp_path / "repo" / "m" / "1" / "model.onnx", check_batches=(1,))
+    app = create_app(ModelRepository.from_dir(tmp_path / "repo"),
+                     ServeSettings(load_in_background=False, access_log=False))
+    with TestClient(app) as c:
+        lines = [json.loads(line) for line in c.post("/predict?explain=1", **JPEG).text.splitlines()]
+    assert len(lines[0]["predictions"]) == 3
+    assert lines[1]["explain_error"]["status"] == 501 and "exported file" in lines[1]["explain_error"]["error"]
+
+
+def test_page_limits_are_public_and_match_the_settings(ckpt):
+    app = create_app(ModelRepository.from_checkpoints([ckpt], ["m"]),
+                     ServeSettings(load_in_background=False, api_keys=(KEY,), access_log=False,
+                                   max_body_bytes=5_000_000, max_image_pixels=2_000_000))
+    with TestClient(app) as c:
+        r = c.get("/static/limits.json")
+    assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff"
+    body = r.json()
+    assert body["max_upload_bytes"] == 5_000_000 and body["max_image_pixels"] == 2_000_000
+    assert "image/jpeg" in body["image_types"] and "application/octet-stream" not in body["image_types"]

@@ -13,8 +13,10 @@ VGGNET_REQUIRE_BROWSER=1, which turns that skip into a failure.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -71,10 +73,15 @@ def site(tmp_path_factory):
         torch.manual_seed(seed)
         model = vggnet.create_model("vgg11_bn", num_classes=10, width=0.125, head="gap")
         vggnet.save_checkpoint(model, root / "repo" / "tiny" / version / "best.safetensors", meta)
+    # version 1 has an out-of-domain reference no image can pass (threshold 1.0): its every answer is flagged
+    (root / "repo" / "tiny" / "1" / "ood.json").write_text(json.dumps(
+        {"signal": "max_softmax", "false_alarm": 0.05, "threshold": 1.0, "images": 100}))
     files = {}
     for name, data in {"photo.png": picture(seed=1), "other.png": picture((80, 60), seed=2)}.items():
         files[name] = root / name
         files[name].write_bytes(data)
+    files["dot.png"] = root / "dot.png"
+    Image.new("RGB", (1, 1), (200, 30, 60)).save(files["dot.png"])  # a few dozen bytes
     files["corrupt.png"] = root / "corrupt.png"
     files["corrupt.png"].write_bytes(picture()[:120] + b"\x00" * 64)  # a PNG cut short
     noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
@@ -96,10 +103,15 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, site):
+VIEWPORTS = {"desktop": {"viewport": {"width": 1280, "height": 800}},
+             "phone": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}}
+
+
+@pytest.fixture(params=list(VIEWPORTS))
+def page(browser, site, request):
+    """Each test that takes it runs twice: a desktop window and a touch phone (390×844)."""
     url, _ = site
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page = browser.new_page(**VIEWPORTS[request.param])
     requests: list[str] = []
     errors: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
@@ -263,3 +275,293 @@ def test_phone_sized_window(browser, site):
         assert all(b["width"] <= 390 for b in boxes)
     finally:
         page.close()
+
+
+def test_bars_top_and_explained_stand_out_and_small_files_in_bytes(page, site):
+    """Only the most likely class and the explained one are drawn strong (not every bar); a file of a few dozen
+    bytes is said in bytes, not "1 KB"."""
+    url, files = site
+    open_page(page, url)
+    page.set_input_files("#file", str(files["photo.png"]))
+    page.wait_for_selector("#bars .bar >> nth=4")
+    wait_overlay(page)
+    fills = page.evaluate("() => [...document.querySelectorAll('.bar-fill')].map(f => getComputedStyle(f)"
+                          ".backgroundColor)")
+    assert fills[0] != fills[1] and len(set(fills[1:])) == 1
+    page.locator("#bars .bar").nth(3).click()
+    page.wait_for_function("() => document.querySelectorAll('.bar.active').length === 1 && "
+                           "document.querySelectorAll('.bar')[3].classList.contains('active')")
+    fills = page.evaluate("() => [...document.querySelectorAll('.bar-fill')].map(f => getComputedStyle(f)"
+                          ".backgroundColor)")
+    assert fills[3] == fills[0] != fills[1]
+    size = files["dot.png"].stat().st_size
+    assert size < 100
+    page.set_input_files("#file", str(files["dot.png"]))
+    page.wait_for_function("() => document.getElementById('file-name').textContent.startsWith('dot.png')")
+    assert page.inner_text("#file-name") == f"dot.png · {size} bytes"
+
+
+def test_one_request_per_upload_and_refusals_before_uploading(page, site):
+    """The image is sent once (predict?explain=1 answers the bars and the map); a file over the byte or pixel
+    limit is refused in the browser, in words, with the limits in MB / megapixels, its preview cleared and
+    nothing sent."""
+    url, files = site
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" and "repository" not in r.url else None)
+    open_page(page, url)
+    page.wait_for_selector("#limits:not([hidden])")
+    assert page.inner_text("#limits") == "JPEG, PNG, WebP, BMP or GIF, up to 200 KB and 36 megapixels."
+    page.set_input_files("#file", str(files["photo.png"]))
+    page.wait_for_selector("#bars .bar >> nth=4")
+    wait_overlay(page)
+    assert len(posts) == 1 and "/predict?" in posts[0] and "explain=1" in posts[0], posts
+
+    posts.clear()
+    page.set_input_files("#file", str(files["huge.png"]))
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('too large')")
+    assert "up to 200 KB" in page.inner_text("#error")
+    assert page.is_hidden("#preview") and page.get_attribute("#preview", "src") is None
+    assert page.is_hidden("#file-name") and page.locator("#bars .bar").count() == 0 and spinners_stopped(page)
+
+    page.route("**/static/limits.json", lambda route: route.fulfill(
+        json={"max_upload_bytes": MAX_BODY, "max_image_pixels": 2000, "image_types": ["image/png"]}))
+    page.reload()
+    page.wait_for_selector("#limits:not([hidden])")
+    page.set_input_files("#file", str(files["photo.png"]))  # 64×48 = 3072 pixels > 2000
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('megapixels')")
+    assert "64×48" in page.inner_text("#error") and page.is_hidden("#preview")
+    page.set_input_files("#file", files={"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"})
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('text/plain')")
+    assert not posts, posts
+
+
+@pytest.fixture
+def states_site(tmp_path, monkeypatch):
+    """Three models: one ready, one whose weights are broken (UNAVAILABLE with a WeightsError), one held in
+    LOADING until ``release`` is set."""
+    from vggnet.serve.versions import ModelVersion
+
+    meta = {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
+    for name in ("good", "slow"):
+        torch.manual_seed(3)
+        model = vggnet.create_model("vgg11_bn", num_classes=10, width=0.125, head="gap")
+        vggnet.save_checkpoint(model, tmp_path / "repo" / name / "1" / "best.safetensors", meta)
+    (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "1" / "best.safetensors").write_bytes(b"not weights at all" * 8)
+    release = threading.Event()
+    real = ModelVersion._load_checkpoint
+
+    def held(self):
+        if self.name == "slow":
+            release.wait(30)
+        return real(self)
+
+    monkeypatch.setattr(ModelVersion, "_load_checkpoint", held)
+    app = create_app(ModelRepository.from_dir(tmp_path / "repo"),
+                     ServeSettings(load_in_background=True, access_log=False))
+    try:
+        with live_server(app) as (url, _):
+            yield url + "/", release
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}],
+                         ids=["desktop", "phone"])
+def test_each_models_state_is_shown_before_upload(browser, states_site, viewport):
+    """Before any upload: a loading model says so (and turns ready by itself), a broken one says it cannot
+    answer in a plain sentence with the reason for the operator behind a disclosure; a ready one lists its
+    classes."""
+    url, release = states_site
+    page = browser.new_page(viewport=viewport)
+    page.set_default_timeout(15_000)
+    try:
+        page.goto(url)
+        page.wait_for_function("() => document.querySelectorAll('#model option').length === 3")
+        page.select_option("#model", "broken")
+        page.wait_for_selector("#model-state[data-state='failed']")
+        assert page.inner_text("#state-word") == "Not available."
+        assert "failed to load" in page.inner_text("#state-text") and "busy" not in page.inner_text("#model-state")
+        assert page.is_hidden("#state-reason")  # behind "Details for the operator"
+        assert "Error" in page.text_content("#state-reason") and page.is_hidden("#classes")
+        page.click("#state-details summary")
+        assert page.is_visible("#state-reason")
+
+        page.select_option("#model", "slow")
+        page.wait_for_selector("#model-state[data-state='loading']")
+        assert page.inner_text("#state-word") == "Loading…" and "still loading" in page.inner_text("#state-text")
+        assert page.is_hidden("#state-details")
+        release.set()
+        page.wait_for_selector("#model-state[data-state='ready']")  # polled: no reload needed
+        page.wait_for_selector("#classes:not([hidden])")
+        assert "these 10 classes only: airplane, automobile" in page.inner_text("#classes")
+
+        page.select_option("#model", "broken")
+        page.set_input_files("#file", files={"name": "p.png", "mimeType": "image/png", "buffer": picture()})
+        page.wait_for_selector("#error:not([hidden])")
+        assert "failed to load" in page.inner_text("#error") and "busy" not in page.inner_text("#error")
+    finally:
+        page.close()
+
+
+def test_class_list_and_the_small_and_out_of_domain_warnings(page, site):
+    """The page says what the model knows before any upload; a 1×1 image is flagged as far smaller than the
+    crop; a version with an out-of-domain reference flags an answer below its threshold, one without says
+    nothing of the kind."""
+    url, files = site
+    open_page(page, url)
+    page.wait_for_selector("#classes:not([hidden])")
+    assert page.inner_text("#classes").startswith("It recognises these 10 classes only: airplane, automobile, bird")
+    page.select_option("#version", "2")
+    page.set_input_files("#file", str(files["photo.png"]))
+    page.wait_for_selector("#bars .bar >> nth=4")
+    assert page.locator("#warnings li").count() == 0  # 64×48 for a 32-px crop, no reference: nothing to say
+    page.set_input_files("#file", str(files["dot.png"]))
+    page.wait_for_function("() => document.getElementById('warnings').children.length === 1")
+    assert "1×1 pixels, far smaller than the 32×32" in page.inner_text("#warnings")
+    assert page.get_attribute("#warnings", "aria-live") == "polite"
+    page.select_option("#version", "1")  # asked again, answered by the version with a reference
+    page.wait_for_function("() => document.getElementById('meta-version').textContent === '1'")
+    page.wait_for_function("() => document.getElementById('warnings').children.length === 2")
+    text = page.inner_text("#warnings")
+    assert "does not look like what the model was trained on" in text and "less than 95 % of the validation" in text
+
+
+CONTRAST_JS = """([texts, borders]) => {
+    const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+    const lum = (c) => { const v = rgb(c).slice(0, 3).map((x) => { x /= 255;
+        return x <= 0.03928 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4; });
+        return 0.2126 * v[0] + 0.7152 * v[1] + 0.0722 * v[2]; };
+    const ratio = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+    const behind = (el) => { for (let e = el; e; e = e.parentElement) {
+        const c = getComputedStyle(e).backgroundColor; const a = rgb(c)[3];
+        if (a === undefined || a > 0) return c; } return "rgb(255, 255, 255)"; };
+    const out = {};
+    for (const sel of texts) { const el = document.querySelector(sel);
+        out["text " + sel] = ratio(getComputedStyle(el).color, behind(el)); }
+    for (const sel of borders) { const el = document.querySelector(sel);
+        out["border " + sel] = ratio(getComputedStyle(el).borderTopColor, behind(el.parentElement)); }
+    return out;
+}"""
+
+
+def test_contrast_of_text_and_controls_meets_wcag_aa(page, site):
+    """Colours as the browser computes them from page.css: text ≥ 4.5:1 against what is behind it, control
+    boundaries ≥ 3:1 (WCAG 2.2 AA 1.4.3 and 1.4.11), the "choose a file" link included while the drop zone
+    has the focus (its background changes)."""
+    url, files = site
+    open_page(page, url)
+    page.focus("#file")  # the drop zone's :focus-within background, once its 0.15 s transition is over
+    page.wait_for_function("() => getComputedStyle(document.getElementById('drop')).backgroundColor === "
+                           "'rgb(227, 236, 252)'")
+    texts = [".tagline", ".drop-text strong", ".drop-text > span", "#bars-empty", "#cam-empty",
+             ".foot", "#h-image", "#limits", "#classes", "#state-text", ".field", ".cam-tools"]
+    touch = page.evaluate("() => matchMedia('(pointer: coarse)').matches")
+    texts.append("#camera" if touch else ".drop-text .link")  # a phone offers the camera, not a link to a file
+    borders = ["#version", "#layer", "#api-key", "#drop"]
+    low = {k: round(v, 2) for k, v in page.evaluate(CONTRAST_JS, [texts, borders]).items()
+           if v < (4.5 if k.startswith("text") else 3.0)}
+    assert not low, low
+    page.evaluate("() => document.activeElement.blur()")
+    page.set_input_files("#file", str(files["dot.png"]))
+    page.wait_for_selector("#bars .bar >> nth=4")
+    page.wait_for_selector("#warnings li")
+    texts = [".bar-label", ".bar-value", "#bars-hint", "#warnings li", "#file-name", "#meta-model", ".facts dt"]
+    low = {k: round(v, 2) for k, v in page.evaluate(CONTRAST_JS, [texts, [".bar"]]).items()
+           if v < (4.5 if k.startswith("text") else 3.0)}
+    assert not low, low
+
+
+def test_keyboard_only_upload_and_the_live_regions(page, site):
+    """Tab to the file input, open the chooser with the keyboard, then Tab to another class and press Enter;
+    the input keeps its own name after an upload, the spinners have text, the messages are live regions and
+    the overlay's alt text says where the heat is."""
+    url, files = site
+    open_page(page, url)
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.id") == "file":
+            break
+    assert page.evaluate("() => document.activeElement.id") == "file"
+    name_before = page.locator("#file").evaluate("(e) => e.getAttribute('aria-label')")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(files["photo.png"]))
+    page.wait_for_selector("#bars .bar >> nth=4")
+    wait_overlay(page)
+    alt = page.get_attribute("#overlay", "alt")
+    assert alt.startswith("Grad-CAM heat map of ") and "the evidence is strongest " in alt
+    assert page.get_by_role("button", name=page.locator(".bar-label").first.inner_text()).count() == 1
+    assert page.get_by_label("Choose an image to classify").count() == 1
+    assert page.locator("#file").evaluate("(e) => e.getAttribute('aria-label')") == name_before
+    assert page.get_attribute("#preview", "alt") == ""  # not the input's name any more
+    first = page.get_attribute("#overlay", "data-explained")
+    page.locator("#bars .bar").nth(1).focus()
+    page.keyboard.press("Enter")
+    other = page.locator("#bars .bar").nth(1).get_attribute("data-index")
+    page.wait_for_function(f"() => document.getElementById('overlay').dataset.explained === '{other}'")
+    assert other != first
+    for sel in ("#warnings", "#cam-empty", "#cam-caption", "#model-state", "#bars"):
+        assert page.get_attribute(sel, "aria-live") == "polite", sel
+    assert page.get_attribute("#error", "role") == "alert"
+    for spinner in ("#busy", "#cam-busy"):
+        assert page.get_attribute(spinner, "role") == "status" and page.text_content(spinner).strip().endswith("…")
+    assert page.get_attribute("#bars .bar >> nth=0", "aria-describedby") == "bars-hint"
+    assert "Choose a class" in page.inner_text("#bars-hint")
+
+
+def test_the_crop_is_outlined_on_the_preview_and_layers_are_in_words(page, site):
+    """An 80×60 photo: the network sees its centre 60×60 square, outlined on the preview with a sentence; the
+    caption and the picker say what a layer shows in words, with the expert name kept."""
+    url, files = site
+    open_page(page, url)
+    page.wait_for_selector("#classes:not([hidden])")  # the model's crop size is known
+    page.set_input_files("#file", str(files["other.png"]))
+    page.wait_for_selector("#crop:not([hidden])")
+    style = page.evaluate("() => { const s = document.getElementById('crop').style; "
+                          "return [s.left, s.top, s.width, s.height].map(parseFloat); }")
+    assert [round(v, 1) for v in style] == [12.5, 12.5, 75.0, 75.0]
+    drop, crop = page.locator("#drop").bounding_box(), page.locator("#crop").bounding_box()
+    assert abs(crop["width"] - crop["height"]) < 1.5 and crop["width"] < 0.8 * drop["width"]
+    assert "the part the network sees" in page.inner_text("#crop-note")
+    wait_overlay(page)
+    caption = page.inner_text("#cam-caption")
+    assert "evidence for whole objects, a very coarse grid · block5_relu2 (2×2)" in caption
+    options = page.locator("#layer option").all_inner_texts()
+    assert options[0].startswith("Whole objects") and "pool3" in options[2] and options[2].startswith("Textures")
+    page.set_input_files("#file", str(files["dot.png"]))  # square: the network sees all of it, nothing to outline
+    page.wait_for_function("() => document.getElementById('file-name').textContent.startsWith('dot.png')")
+    page.wait_for_selector("#bars .bar >> nth=4")
+    assert page.is_hidden("#crop") and page.is_hidden("#crop-note")
+
+
+def test_phone_offers_the_camera_and_points_to_the_heat_map(browser, site):
+    """On a touch phone: "Choose a photo" and a camera input (capture) instead of "Drop an image here"; after an
+    upload the answer is scrolled into view and a link points down to the heat map. A desktop keeps the drop."""
+    url, files = site
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.set_default_timeout(15_000)
+    try:
+        open_page(page, url)
+        assert page.inner_text("#drop-title") == "Choose a photo" and "Drop" not in page.inner_text(".top")
+        assert page.is_visible("#camera") and page.get_attribute("#camera-input", "capture") == "environment"
+        assert page.evaluate("() => window.scrollY") == 0
+        page.set_input_files("#camera-input", str(files["photo.png"]))
+        page.wait_for_selector("#bars .bar >> nth=4")
+        assert page.evaluate("() => window.scrollY") > 100  # the bars brought up from below the photo
+        bars_top = page.locator("#h-top").bounding_box()["y"]
+        assert 0 <= bars_top < 844
+        assert page.is_visible("#to-cam") and "heat map" in page.inner_text("#to-cam")
+        wait_overlay(page)
+        page.click("#to-cam")
+        assert page.evaluate("() => document.activeElement.id") == "h-cam"
+        page.wait_for_function("() => { const r = document.getElementById('overlay').getBoundingClientRect(); "
+                               "return r.top < innerHeight && r.bottom > 0; }")
+    finally:
+        page.close()
+    desk = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        open_page(desk, url)
+        assert desk.inner_text("#drop-title") == "Drop an image here" and desk.is_hidden("#camera")
+    finally:
+        desk.close()

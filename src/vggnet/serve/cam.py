@@ -26,7 +26,7 @@ from vggnet.infer import Preprocessing
 
 from .errors import ServeError, bad_request
 
-__all__ = ["CamOutput", "ExplainSpec", "display_side", "parse_spec", "preload", "render", "run_cam"]
+__all__ = ["CamOutput", "ExplainSpec", "display_side", "parse_spec", "preload", "render", "run_cam", "where"]
 
 #: the side (pixels) an overlay is drawn at, at least: a 32-px CIFAR crop is upscaled by a whole factor to 224
 MIN_SIDE = 224
@@ -121,6 +121,21 @@ def run_cam(model: torch.nn.Module, x: torch.Tensor, spec: ExplainSpec) -> CamOu
                      probabilities=result.logits[0].float().softmax(0).cpu(), layer=result.layer)
 
 
+def where(maps: torch.Tensor) -> str:
+    """Where the map peaks, in words ("at the top left", "in the centre"): the overlay's alt text."""
+    h, w = maps.shape[-2:]
+    flat = int(maps.reshape(-1, h * w)[0].argmax())
+    row, col = (flat // w) * 3 // h, (flat % w) * 3 // w
+    rows, cols = ("top", "middle", "bottom"), ("left", "centre", "right")
+    if (row, col) == (1, 1):
+        return "in the centre"
+    if row == 1:
+        return f"at the {cols[col]}"
+    if col == 1:
+        return f"at the {rows[row]}"
+    return f"at the {rows[row]} {cols[col]}"
+
+
 def display_side(image_size: int) -> int:
     """The overlay's side: the crop's, times the whole factor that brings it to at least :data:`MIN_SIDE`."""
     return image_size * max(1, math.ceil(MIN_SIDE / image_size))
@@ -156,7 +171,7 @@ def render(out: CamOutput, x: torch.Tensor, prep: Preprocessing, spec: ExplainSp
     headers = {"x-model-version": model_version, "x-explained-class": str(out.target),
                "x-explained-label": urllib.parse.quote(label, safe=""),
                "x-explained-probability": f"{probability:.6f}", "x-layer": out.layer,
-               "x-layer-shape": "x".join(str(n) for n in out.maps.shape[-2:])}
+               "x-layer-shape": "x".join(str(n) for n in out.maps.shape[-2:]), "x-heat-where": where(out.maps)}
     if spec.fmt == "png":
         return _overlay_png(x, prep, out.maps), "image/png", headers
     from vggnet.explain.gradcam import upsample_cam

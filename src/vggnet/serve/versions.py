@@ -22,7 +22,7 @@ from vggnet.infer import CALIBRATED, Predictor, Preprocessing, find_calibration,
 from vggnet.infer.predictor import check_cpu_only
 from vggnet.models import checkpoint_meta, load_checkpoint
 
-from . import cam
+from . import cam, ood
 from .batcher import Batcher
 from .errors import unavailable
 from .metrics import ServeMetrics
@@ -117,6 +117,7 @@ class ModelVersion:
         self.max_queue = max(config.max_queue or settings.max_queue, self.max_batch_size)
         self.max_explain_jobs = max(1, settings.max_explain_jobs)
         self.state, self.reason = "LOADING", ""
+        self.ood: dict | None = None  # the page's out-of-domain reference (see vggnet.serve.ood)
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
 
@@ -159,6 +160,7 @@ class ModelVersion:
                     predictor.logits(torch.zeros(n, c, s, s))
             if predictor.model is not None:
                 cam.preload()  # Grad-CAM's imports now, in the loader, not in the first /explain
+            self.ood = ood.reference_for(self.file, predictor.logits, predictor.prep)
             self.predictor = predictor
             self.batcher = Batcher(predictor.logits, max_batch_size=self.max_batch_size,
                                    max_delay_ms=self.max_delay_ms, batching=self.batching, max_queue=self.max_queue,

@@ -4,24 +4,30 @@ one file, or the raw body; it is decoded and preprocessed exactly as ``vggnet pr
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
 from vggnet.infer import Preprocessing, preprocess
 
-from .. import cam
+from .. import cam, ood
 from ..deps import Metrics, Server, Settings
 from ..errors import ServeError, bad_request
 from ..lifecycle import ModelServer
 from ..limits import IMAGE_MEDIA_TYPES, decode_image, media_type, read_body
+from ..metrics import ServeMetrics
 from ..middleware import note
 from ..settings import ServeSettings
+from ..versions import ModelVersion
 
 __all__ = ["router"]
 
@@ -97,15 +103,65 @@ async def _image(request: Request, media: str, server: ModelServer, settings: Se
     return await server.offload(_image_batch, data, prep, settings.max_image_pixels)
 
 
+def _explain_spec(request: Request, mv: ModelVersion) -> cam.ExplainSpec | ServeError | None:
+    """``/predict?explain=1[&layer=]``: the Grad-CAM asked for with the prediction (None when not asked), or the
+    error that stops it (an exported file: 501), which the stream reports in place of the map. A bad layer is
+    still a 400 before the body is read."""
+    if request.query_params.get("explain") not in ("1", "true"):
+        return None
+    params = {"layer": request.query_params.get("layer") or "", "format": "png"}
+    try:
+        return cam.parse_spec(mv.explain_model, mv.prep, params, None,
+                              f"model {mv.name!r} version {mv.version} ({mv.runtime_label})")
+    except ServeError as exc:
+        if exc.status == 501:
+            return exc
+        raise
+
+
+async def _explained(request: Request, server: ModelServer, mv: ModelVersion, metrics: ServeMetrics,
+                     x: torch.Tensor, spec: cam.ExplainSpec) -> dict[str, Any]:
+    """The Grad-CAM of ``x`` as a JSON object with the overlay as a ``data:`` URL (the page shows it as it is)."""
+    future = server.submit_job(mv, functools.partial(cam.run_cam, mv.explain_model, x, spec))
+    out, info = await server.result(mv, future)
+    metrics.explain_latency.labels(mv.name, mv.version).observe(info.compute_s)
+    note(request, explained=out.target, layer=out.layer)
+    png, _, _ = await server.offload(cam.render, out, x, mv.prep, spec, mv.name, mv.version)
+    return {"class": {"index": out.target, "label": mv.prep.label(out.target),
+                      "probability": float(out.probabilities[out.target])},
+            "layer": out.layer, "layer_shape": list(out.maps.shape[-2:]), "where": cam.where(out.maps),
+            "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
+
+
+def _stream(first: dict[str, Any], explained: Any) -> StreamingResponse:
+    """Newline-delimited JSON: the prediction at once, then ``{"explain": ...}`` or ``{"explain_error":
+    {"status", "error"}}`` when the map is done — one upload, the bars shown while the map is computed."""
+    async def lines() -> AsyncIterator[bytes]:
+        yield json.dumps(first).encode() + b"\n"
+        try:
+            if isinstance(explained, ServeError):
+                raise explained
+            tail: dict[str, Any] = {"explain": await explained()}
+        except ServeError as exc:
+            tail = {"explain_error": {"status": exc.status, "error": exc.message}}
+        yield json.dumps(tail).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson",
+                             headers={"x-model-version": first["model_version"], "cache-control": "no-store"})
+
+
 @router.post("/predict")
-async def predict(request: Request, server: Server, settings: Settings) -> JSONResponse:
-    """An image (multipart upload or the raw body) → top-k labels; ?model=&version=&topk=."""
+async def predict(request: Request, server: Server, settings: Settings, metrics: Metrics) -> Response:
+    """An image (multipart upload or the raw body) → top-k labels; ?model=&version=&topk=. With ``explain=1``
+    (and optionally ``layer=``) the answer is NDJSON: the same object first, then the Grad-CAM of the top class
+    from the same upload (the web page's one request per image; see :func:`_stream`)."""
     media = _image_media(request)
     mv = server.version(server.default_model(request.query_params.get("model")),
                         request.query_params.get("version"))
     note(request, model=mv.name, version=mv.version)
     prep = mv.prep
     k = _topk(request, settings.topk, prep.num_classes)
+    spec = _explain_spec(request, mv)
     with server.admitted(), server.arriving(mv):
         x = await _image(request, media, server, settings, prep)
         future = server.submit(mv, x)
@@ -116,8 +172,13 @@ async def predict(request: Request, server: Server, settings: Settings) -> JSONR
     values, indices = probs.topk(k)
     predictions = [{"label": prep.label(int(i)), "index": int(i), "probability": float(v)}
                    for v, i in zip(values, indices, strict=True)]
-    return JSONResponse({"model_name": mv.name, "model_version": mv.version, "predictions": predictions},
-                        headers={"x-model-version": mv.version})
+    answer: dict[str, Any] = {"model_name": mv.name, "model_version": mv.version, "predictions": predictions}
+    if spec is not None:  # the page: also what it warns about (out of domain; see vggnet.serve.ood)
+        answer["ood"] = ood.verdict(float(probs.max()), mv.ood)
+        explained = spec if isinstance(spec, ServeError) else functools.partial(
+            _explained, request, server, mv, metrics, x, cam.ExplainSpec(int(indices[0]), spec.layer, "png"))
+        return _stream(answer, explained)
+    return JSONResponse(answer, headers={"x-model-version": mv.version})
 
 
 @router.post("/explain")

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from .. import web
-from ..deps import Metrics
+from ..deps import Metrics, Settings
 
 __all__ = ["router"]
 
@@ -19,7 +19,11 @@ async def page() -> Response:
 
 
 @router.get("/static/{name}", include_in_schema=False)
-async def page_file(name: str) -> Response:
+async def page_file(name: str, settings: Settings) -> Response:
+    """The page's files, and ``limits.json``: what the page checks before it uploads (a 36 MB file refused in
+    the browser, not after the upload); public like the files: sizes and types only, nothing about the models."""
+    if name == web.LIMITS_FILE:
+        return web.limits_response(settings)
     return web.page_response(name)
 
 
