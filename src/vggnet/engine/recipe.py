@@ -95,10 +95,13 @@ class DataConfig:
     dataset: Literal["folder", "digits", "cifar10", "fashion_mnist"] = "folder"  # digits: embedded; others download
     path: str | None = None
     download: bool = False
-    val_fraction: Below1 = 0.1
+    # auto: 0.1 when every class has at least inputs.AUTO_VAL_MIN_PER_CLASS images, else 0 (train on all of a small
+    # folder; the last epoch is kept); the resolved value is what the run folder's recipe.yaml records
+    val_fraction: Below1 | Literal["auto"] = 0.1
     split_seed: int = 0
     image_size: PositiveInt | None = 32  # crop side fed to the network
-    augment: Literal["flip_crop", "paper", "none"] = "flip_crop"  # paper: scale jitter + crop + flip + PCA
+    # paper: scale jitter + crop + flip + PCA; auto: flip_crop for crops of at most 64 px, paper for larger ones
+    augment: Literal["flip_crop", "paper", "none", "auto"] = "flip_crop"
     scale: Positive | Annotated[list[Positive], Length(2)] | None = None  # paper: S or [Smin, Smax]; null: the crop
     pad: Count = 4
     flip: bool | Literal["alternate"] = True  # alternate: in memory only
@@ -124,12 +127,16 @@ class OptimConfig:
     bias_lr_scale: Positive = 1.0  # lr multiplier for 1-D parameters (biases, BN shifts): airbench uses 64
     decay_biases: bool = False  # decay 1-D parameters too, at the weights' per-step rate (lr x weight_decay)
     lr_mult: dict[str, NonNegative] | None = None  # {features: 0.1, head: 1.0}, blockN or a layer (most specific)
+    # a small training set gets a smaller batch, so an epoch has at least this many steps; the lr follows the
+    # batch linearly (0 = off: the batch as given)
+    min_batches: Count = 0
 
 
 @dataclass
 class ScheduleConfig:
     name: Literal["plateau", "step", "cosine", "onecycle", "constant"] = "plateau"  # plateau: the paper's
     epochs: PositiveInt = 74
+    min_steps: Count = 0  # a floor: epochs raised until epochs x steps per epoch >= min_steps (0 = off)
     warmup_epochs: NonNegative = 0.0
     factor: Annotated[float, Range(gt=0, le=1)] = 0.1  # plateau and step
     patience: Count = 2
@@ -197,9 +204,10 @@ class Recipe:
             cls.from_dict(merged)  # a bad value in the file is named with the file
         except RecipeError as exc:
             raise RecipeError(f"{source}: {exc}") from None
-        for item in overrides or []:
+        overrides = list(overrides or [])
+        for item in overrides:
             merged = _override(merged, item)
-        return cls.from_dict(merged)
+        return cls.from_dict(_explicit_wins(merged, overrides))
 
     def override(self, *items: str) -> Recipe:
         """A new recipe with ``section.key=value`` overrides applied and checked."""
@@ -216,6 +224,19 @@ class Recipe:
 
 
 DEFAULTS: RecipeDict = Recipe().to_dict()
+# a value given on the command line is the user's choice: the floor that would otherwise raise it is turned off
+_FLOORS = {"schedule.epochs": "schedule.min_steps", "optim.batch_size": "optim.min_batches"}
+
+
+def _explicit_wins(merged: RecipeDict, overrides: list[str]) -> RecipeDict:
+    """``--epochs 3`` (``schedule.epochs=3``) means three epochs even where the recipe has ``schedule.min_steps``;
+    likewise ``optim.batch_size`` and ``optim.min_batches``, unless the floor is also given."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    for value, floor in _FLOORS.items():
+        if value in keys and floor not in keys:
+            section, key = floor.split(".")
+            merged = {**merged, section: {**merged[section], key: 0}}
+    return merged
 # keys whose value is a mapping of the user's own keys (checked against the model when training starts)
 OPEN_MAPPINGS = {"optim.lr_mult"}
 # keys that no longer exist, with the value old run folders saved (read and dropped) and what to do instead
