@@ -84,9 +84,15 @@ def test_gradcam_finds_the_known_evidence(layer):
         assert all(means[where] > 3 * v for k, v in means.items() if k != where), (target, means)
 
 
-def test_default_layer_is_the_last_conv_relu():
-    assert default_cam_layer(vggnet.create_model("vgg11", num_classes=2, **TINY)) == "block5_relu2"
-    assert default_cam_layer(vggnet.create_model("vgg16_bn", num_classes=2, **TINY)) == "block5_relu3"
+def test_default_layer_is_the_deepest_relu_with_a_4x4_map():
+    vgg11, vgg16 = (vggnet.create_model(name, num_classes=2, **TINY) for name in ("vgg11", "vgg16_bn"))
+    assert default_cam_layer(vgg11) == "block5_relu2"  # no size given: the last conv's ReLU
+    assert default_cam_layer(vgg16, 224) == "block5_relu3"  # 14x14
+    assert default_cam_layer(vgg16, 64) == "block5_relu3"  # 4x4
+    assert default_cam_layer(vgg11, 32) == "block4_relu2"  # block 5 is 2x2 at 32 px: block 4's 4x4
+    assert default_cam_layer(vgg16, 63) == "block4_relu3"  # 63 px: block 5 is 3x3
+    x = torch.randn(1, 3, 32, 32)
+    assert grad_cam_raw(vgg11, x).maps.shape[-2:] == (4, 4)  # the default follows the images' size
 
 
 # --- in-place ReLUs, model state ------------------------------------------------------------------------------------
@@ -339,7 +345,7 @@ def test_cli_says_when_a_map_holds_no_positive_evidence(run_dir, images, tmp_pat
         for p in dead.parameters():
             p.zero_()  # every activation is 0: nothing speaks for any class
     vggnet.save_checkpoint(dead, tmp_path / "dead.safetensors", META)
-    layer = default_cam_layer(dead)
+    layer = default_cam_layer(dead, META["image_size"])
     code, stdout, err = explain(["--ckpt", tmp_path / "dead.safetensors", images / "cat.png", "--out", tmp_path / "o"],
                                 capsys)
     assert code == 0, err

@@ -87,7 +87,7 @@ def test_page_is_public_while_the_api_needs_the_key(ckpt):
 
 # --- POST /explain ----------------------------------------------------------------------------------------------
 
-def test_explain_png_defaults_to_the_top_class_at_the_last_conv(client):
+def test_explain_png_defaults_to_the_top_class_at_the_deepest_4x4_map(client):
     top = client.post("/predict?topk=3", **JPEG).json()["predictions"]
     r = client.post("/explain", **JPEG)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -95,7 +95,8 @@ def test_explain_png_defaults_to_the_top_class_at_the_last_conv(client):
     assert int(r.headers["x-explained-class"]) == top[0]["index"]
     assert r.headers["x-explained-label"] == top[0]["label"]
     assert float(r.headers["x-explained-probability"]) == pytest.approx(top[0]["probability"], rel=1e-4)
-    assert r.headers["x-layer"] == "block5_relu2" and r.headers["x-layer-shape"] == "2x2"  # VGG-11, 32 px
+    # VGG-11 at 32 px: block 5 is 2x2, one blob, so the default is block 4's 4x4
+    assert r.headers["x-layer"] == "block4_relu2" and r.headers["x-layer-shape"] == "4x4"
     image = Image.open(io.BytesIO(r.content))
     side = serve_cam.display_side(32)
     assert image.format == "PNG" and image.size == (side, side) == (224, 224) and image.mode == "RGB"
@@ -154,7 +155,7 @@ def test_explain_has_the_limits_of_predict(client, caplog):
         assert client.post("/explain?class=1", **JPEG).status_code == 200
     line = json.loads([r.message for r in caplog.records if r.name == "vggnet.serve.access"][-1])
     assert line["route"] == "/explain" and line["status"] == 200 and line["model"] == "m" and line["explained"] == 1
-    assert line["layer"] == "block5_relu2" and line["compute_ms"] > 0 and "queue_ms" in line
+    assert line["layer"] == "block4_relu2" and line["compute_ms"] > 0 and "queue_ms" in line
     assert metric(client, "vggnet_explain_duration_seconds_count", model="m", version="1") >= 1
     assert metric(client, "vggnet_queue_duration_seconds_count", model="m", version="1") >= 1
 

@@ -20,9 +20,10 @@ what is written (into --out, created if missing; files of the same name are repl
   Two images with the same stem (a/cat.png, b/cat.jpg) get cat.gradcam.png and cat-2.gradcam.png.
 
 Grad-CAM (Selvaraju et al. 2017): the chosen layer's maps weighted by the spatial mean of the class score's
-  gradient, summed, rectified, resized to the input crop and scaled to peak 1. The default layer is the last
-  conv's ReLU (relu5_3 for VGG-16, relu5_2 for VGG-11/13): the deepest grid, hence the most class-specific
-  and the coarsest (7x7 at 224 px). Earlier layers (relu4_3, block3_conv3) are sharper but less selective.
+  gradient, summed, rectified, resized to the input crop and scaled to peak 1. The default layer is the deepest
+  conv ReLU whose map is 4x4 or finer: at 224 px the last conv's (relu5_3 for VGG-16, relu5_2 for VGG-11/13,
+  14x14), the most class-specific grid; at 32 px block 5 is 2x2, one blob, so block 4's last ReLU. Earlier
+  layers (relu4_3, block3_conv3) are sharper but less selective.
 
 layer names: vggnet's (block5_conv3, block5_relu3, block4_pool), style-transfer / LPIPS (conv5_3, relu5_3,
   pool4), torchvision's index (features.29). Layers after the fc/gap heads' flatten have no positions and are
@@ -53,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image files, folders (searched recursively) or quoted glob patterns")
     p.add_argument("--ckpt", required=True, metavar="RUN", help="run folder (best, else last checkpoint) or a "
                    ".safetensors checkpoint saved with its preprocessing")
-    p.add_argument("--layer", metavar="L", help="layer to explain at (default: the last conv's ReLU, e.g. relu5_3)")
+    p.add_argument("--layer", metavar="L", help="layer to explain at (default: the deepest conv ReLU with a "
+                   "4x4 or finer map, relu5_3 on VGG-16 at 224 px)")
     p.add_argument("--class", dest="target", metavar="K",
                    help="class to explain for every image, by index or name (default: each image's top-1)")
     p.add_argument("--topk", type=int, default=3, metavar="K", help="labels shown in each title (default: 3)")
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args)
     paths = expand_image_paths(args.images) if args.images else []  # a typo fails before the model loads
     model, prep = _load(args.ckpt)
-    layer = model.resolve_layer(args.layer) if args.layer else default_cam_layer(model)
+    layer = model.resolve_layer(args.layer) if args.layer else default_cam_layer(model, prep.image_size)
     feature_layer = model.resolve_layer(args.feature_maps) if args.feature_maps else None
     for name, option in ((layer, "--layer"), (feature_layer, "--feature-maps")):
         if name is not None and name not in spatial_layers(model):

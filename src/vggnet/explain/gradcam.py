@@ -69,18 +69,37 @@ def spatial_layers(model: VGG) -> list[str]:
     return names
 
 
-def default_cam_layer(model: VGG) -> str:
-    """The last conv's ReLU (``block5_relu3`` for VGG-16): the deepest grid, so the most class-specific, and
-    rectified, as a Caffe VGG's ``conv5_3`` blob is (its ReLU runs in place). Named by
-    position rather than as ``block5_conv3`` because VGG-11/13 end block 5 at ``conv2`` and VGG-19 at ``conv4``."""
-    relus = [name for name, module in model.features.named_children() if isinstance(module, nn.ReLU)]
+#: the smallest Grad-CAM grid the default layer may have: a 2x2 map (block 5 of a 32-px crop) is one blob
+MIN_CAM_GRID = 4
+
+
+def default_cam_layer(model: VGG, image_size: int | None = None) -> str:
+    """The deepest conv ReLU whose map at ``image_size`` is at least :data:`MIN_CAM_GRID` a side.
+
+    The last conv's ReLU (``block5_relu3`` for VGG-16) is the most class-specific grid, and rectified, as a Caffe
+    VGG's ``conv5_3`` blob is (its ReLU runs in place): at 224 px it is 14x14 and is the default. At CIFAR's
+    32 px block 5 is 2x2, one blob over the whole crop, so the default steps back to the last block whose map
+    is 4x4 or finer (``block4_relu2`` for VGG-11 at 32 px). Without ``image_size`` it is the last ReLU. Named by
+    position rather than as ``block5_conv3`` because VGG-11/13 end block 5 at ``conv2`` and VGG-19 at ``conv4``.
+    """
+    children = list(model.features.named_children())
+    relus, pools = [], 0
+    for name, module in children:
+        if isinstance(module, nn.MaxPool2d):
+            pools += 1
+        elif isinstance(module, nn.ReLU):
+            relus.append((name, pools))
     if not relus:  # not a VGG built by vggnet; the last feature layer is still a grid
-        return next(reversed(list(model.features.named_children())))[0]
-    return relus[-1]
+        return children[-1][0]
+    if image_size:
+        fine = [name for name, before in relus if image_size >> before >= MIN_CAM_GRID]
+        if fine:
+            return fine[-1]
+    return relus[-1][0]
 
 
-def _resolve_spatial(model: VGG, layer: str | None) -> str:
-    name = default_cam_layer(model) if layer is None else model.resolve_layer(layer)
+def _resolve_spatial(model: VGG, layer: str | None, image_size: int | None = None) -> str:
+    name = default_cam_layer(model, image_size) if layer is None else model.resolve_layer(layer)
     spatial = spatial_layers(model)
     if name not in spatial:
         raise UsageError(f"layer {name!r} gives a vector per image, not a grid of positions; Grad-CAM needs one "
@@ -141,11 +160,12 @@ def _logits_from(model: VGG, rest: list[tuple[str, nn.Module]], x: torch.Tensor)
 def grad_cam_raw(model: VGG, images: torch.Tensor, layer: str | None = None, target: Target = None) -> CAMResult:
     """Grad-CAM maps at ``layer``'s own resolution, unnormalised, with the logits and the explained classes.
 
-    ``layer`` is any name :meth:`VGG.resolve_layer` accepts whose output is a grid (default: the last conv's
-    ReLU); ``target`` is None (each image's top-1 class), one class index for all images, or one per image.
+    ``layer`` is any name :meth:`VGG.resolve_layer` accepts whose output is a grid (default:
+    :func:`default_cam_layer` for the images' size);
+    ``target`` is None (each image's top-1 class), one class index for all images, or one per image.
     """
-    name = _resolve_spatial(model, layer)
     x = _as_batch(model, images)
+    name = _resolve_spatial(model, layer, min(x.shape[-2:]))
     explicit = _explicit_targets(target, x.shape[0], model.config.num_classes)
     layers = model.named_layers()
     index = [n for n, _ in layers].index(name)
@@ -181,7 +201,8 @@ def upsample_cam(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def grad_cam(model: VGG, images: torch.Tensor, layer: str | None = None, target: Target = None) -> torch.Tensor:
     """Grad-CAM heat maps (N×H×W in [0, 1], peak 1, at the input's size) for preprocessed ``images``.
 
-    ``layer`` defaults to the last conv's ReLU (VGG-16: ``block5_relu3`` = ``relu5_3``; any alias works,
+    ``layer`` defaults to :func:`default_cam_layer` for the images' size (VGG-16 at 224 px: ``block5_relu3`` =
+    ``relu5_3``; any alias works,
     ``block5_conv3`` gives the pre-ReLU output). ``target``: None explains each image's top-1 class, an int
     the same class for all, a sequence one class per image. The model is left untouched.
     """

@@ -93,7 +93,7 @@ def parse_spec(model: torch.nn.Module | None, prep: Preprocessing, params: Mappi
     target = None if text is None or text == "" else _class_index(text, prep)
     layer_text = params.get("layer") or None
     if layer_text is None:
-        layer = default_cam_layer(model)
+        layer = default_cam_layer(model, prep.image_size)
     else:
         try:
             layer = model.resolve_layer(layer_text)
