@@ -3,6 +3,7 @@
 import csv
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -129,6 +130,10 @@ def test_logger_tensorboard_scalars_and_purge_on_resume(tmp_path):
         logger.log(rec(epoch))
     logger.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    # TensorBoard reads event files in name order: <unix second>.<host>.<pid>.<writer counter>. A resume is a new
+    # process seconds later; here it is the same process, where the counter (9 < 10 as text) can misorder
+    # two files of the same second, so the resumed writer starts in the next second, as it would for real
+    time.sleep(1.1)
 
     resumed = RunLogger(tmp_path)
     resumed.truncate(1)

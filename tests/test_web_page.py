@@ -173,7 +173,7 @@ def test_upload_shows_five_bars_and_the_overlay_then_another_class(page, site):
     assert bars.nth(0).get_attribute("aria-pressed") == "true"
     assert page.inner_text("#meta-model") == "tiny" and page.inner_text("#meta-version").startswith(("1", "2"))
     assert page.inner_text("#meta-time").endswith(("ms", " s"))
-    assert labels[0] in page.inner_text("#cam-caption") and "block5_relu2 (2×2)" in page.inner_text("#cam-caption")
+    assert labels[0] in page.inner_text("#cam-caption") and "block4_relu2 (4×4)" in page.inner_text("#cam-caption")
     first = overlay_checksum(page)
     explained = page.get_attribute("#overlay", "data-explained")
 
@@ -477,6 +477,8 @@ def test_keyboard_only_upload_and_the_live_regions(page, site):
     the input keeps its own name after an upload, the spinners have text, the messages are live regions and
     the overlay's alt text says where the heat is."""
     url, files = site
+    choosers = []  # listening from the start: the chooser is intercepted well before the key is pressed
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
     open_page(page, url)
     for _ in range(12):
         page.keyboard.press("Tab")
@@ -484,9 +486,13 @@ def test_keyboard_only_upload_and_the_live_regions(page, site):
             break
     assert page.evaluate("() => document.activeElement.id") == "file"
     name_before = page.locator("#file").evaluate("(e) => e.getAttribute('aria-label')")
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
-    chooser.value.set_files(str(files["photo.png"]))
+    page.keyboard.press("Space")
+    for _ in range(150):
+        if choosers:
+            break
+        page.wait_for_timeout(100)
+    assert choosers, "Space on the focused file input opened no file chooser"
+    choosers[0].set_files(str(files["photo.png"]))
     page.wait_for_selector("#bars .bar >> nth=4")
     wait_overlay(page)
     alt = page.get_attribute("#overlay", "alt")
@@ -526,9 +532,10 @@ def test_the_crop_is_outlined_on_the_preview_and_layers_are_in_words(page, site)
     assert "the part the network sees" in page.inner_text("#crop-note")
     wait_overlay(page)
     caption = page.inner_text("#cam-caption")
-    assert "evidence for whole objects, a very coarse grid · block5_relu2 (2×2)" in caption
+    assert "evidence for object parts, a coarse grid · block4_relu2 (4×4)" in caption
     options = page.locator("#layer option").all_inner_texts()
-    assert options[0].startswith("Whole objects") and "pool3" in options[2] and options[2].startswith("Textures")
+    assert options[0].startswith("Default: the deepest layer whose grid is 4×4")
+    assert "pool3" in options[2] and options[2].startswith("Textures")
     page.set_input_files("#file", str(files["dot.png"]))  # square: the network sees all of it, nothing to outline
     page.wait_for_function("() => document.getElementById('file-name').textContent.startsWith('dot.png')")
     page.wait_for_selector("#bars .bar >> nth=4")
