@@ -2,9 +2,9 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := export,quant,serve,tracking,tensorboard,interop
+EXTRAS := export,quant,serve,tracking,tensorboard,interop,store
 
-.PHONY: setup setup-core demo test lint lock clean
+.PHONY: setup setup-core demo test lint lock clean postgres
 
 setup: $(VENV)/.installed
 setup-core: $(VENV)/.core
@@ -29,6 +29,11 @@ demo: setup-core
 
 test: setup
 	$(BIN)/pytest -q
+
+# A throwaway PostgreSQL for tests/test_store.py (scripts/postgres.sh; `scripts/postgres.sh stop` ends it).
+postgres:
+	@url=$$(scripts/postgres.sh start) && echo "PostgreSQL is up; for the store's tests:" \
+		&& echo "export VGGNET_TEST_POSTGRES=$$url"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,0 +1,33 @@
+"""The prediction store: ``vggnet serve`` writes one row per prediction into a database, the monitor reads them.
+
+    engine = connect("sqlite:///runs/serve.db")         # or postgresql+psycopg://user:password@host/db
+    writer = PredictionWriter(engine)                   # put() from the request path: never blocks, never raises
+    writer.put({"request_id": ..., "model": ..., ...})  # the columns of schema.predictions
+    writer.close()                                      # flushes what is queued
+    add_label(engine, request_id=..., model=..., label="cat", source="review", who="ana")
+
+A leaf package: SQLAlchemy, Alembic (imported when connecting), the standard library and vggnet.errors only; no
+torch. Needs the ``store`` extra (``pip install 'vggnet[store]'``).
+"""
+
+from __future__ import annotations
+
+from . import schema
+from .engine import connect, head_revision, safe_url
+from .errors import StoreError, UnknownPrediction
+from .queries import add_label, purge, read_labels, read_predictions
+from .writer import PredictionWriter
+
+__all__ = [
+    "PredictionWriter",
+    "StoreError",
+    "UnknownPrediction",
+    "add_label",
+    "connect",
+    "head_revision",
+    "purge",
+    "read_labels",
+    "read_predictions",
+    "safe_url",
+    "schema",
+]
