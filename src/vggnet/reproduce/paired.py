@@ -2,9 +2,10 @@
 
 Only the images exactly one net gets right separate two nets scored on one set: ``b`` (only the net the paper
 expects to be better is right) and ``c`` (only the other); the top-1 difference is ``(b - c) / n``. McNemar's
-exact test with the mid-p correction (``math.comb``, no scipy, no resampling seed) is the usual test for two
-classifiers on one test set (Dietterich 1998) and, unlike the plain exact test, is close to its nominal level
-when discordant pairs are few (Fagerland, Lydersen & Laake 2013).
+exact test with the mid-p correction (:func:`vggnet.stats.mcnemar_midp`, shared with the live monitor:
+``math.comb``, no scipy, no resampling seed) is the usual test for two classifiers on one test set (Dietterich
+1998) and, unlike the plain exact test, is close to its nominal level when discordant pairs are few (Fagerland,
+Lydersen & Laake 2013).
 
 "``worse`` errs more than ``better``" **holds** when the difference goes the paper's way and is significant at
 ``ALPHA`` (two-sided), is **contradicted** when it is significant the other way, else **inconclusive**. A "no
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vggnet.errors import UsageError
+from vggnet.stats import mcnemar_midp
 
 __all__ = ["ALPHA", "MARGIN", "Paired", "compare", "mcnemar_midp", "no_gain_bound", "pack_bits", "unpack_bits",
            "verdict"]
@@ -52,16 +54,6 @@ def unpack_bits(text: str, n: int) -> np.ndarray:
     if len(raw) != (n + 7) // 8:
         raise UsageError(f"{len(raw)} packed bytes cannot hold exactly {n} images")
     return np.unpackbits(raw, count=n).astype(bool)
-
-
-def mcnemar_midp(b: int, c: int) -> float:
-    """Two-sided mid-p value of McNemar's exact test on ``b`` and ``c`` discordant pairs (1.0 when b == c)."""
-    if b < 0 or c < 0:
-        raise ValueError(f"discordant counts must be non-negative, got {b} and {c}")
-    m, k = b + c, min(b, c)
-    below = sum(math.comb(m, i) for i in range(k))  # P(X < k) * 2^m, X ~ Binomial(m, 1/2)
-    tail = (2 * below + math.comb(m, k)) / 2 ** (m + 1)  # P(X < k) + P(X = k) / 2; exact big-int division
-    return min(1.0, 2 * tail)
 
 
 def no_gain_bound(b: int, c: int, n: int, level: float = 0.95) -> float:
