@@ -46,6 +46,7 @@ def test_create_app_wires_every_route_once(repo_dir):
         ("GET", "/v2/models/{name}/ready"), ("GET", "/v2/models/{name}/versions/{version}/ready"),
         ("GET", "/v2/models/{name}/config"), ("GET", "/v2/models/{name}/versions/{version}/config"),
         ("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer"),
+        ("POST", "/v2/models/{name}/feedback"),
         ("POST", "/predict"), ("POST", "/explain"), ("GET", "/"), ("GET", "/static/{name}"), ("GET", "/metrics"),
     ])
 

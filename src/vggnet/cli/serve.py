@@ -141,6 +141,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-model-code", action="store_true", default=None,
                    help="allow exported files that run code from the file when loaded: .pt2 (a compiled shared "
                    "library) and TorchScript; ONNX needs no trust")
+    p.add_argument("--store", metavar="URL",
+                   help="keep every prediction in a database (SQLAlchemy URL: sqlite:///runs/serve.db on one machine, "
+                   "postgresql+psycopg://user@host/db for several replicas; needs the store extra); writes are "
+                   "batched off the request path and a store that is down drops rows, never predictions")
+    p.add_argument("--store-keep-days", type=float, metavar="DAYS",
+                   help="with --store, remove predictions older than DAYS when the server starts (default: keep)")
+    p.add_argument("--review-sample", type=float, metavar="P",
+                   help="share of predictions marked, uniformly at random, for human review: the unbiased basis of "
+                   "live accuracy (default: 0.1)")
+    p.add_argument("--no-prediction-log", dest="prediction_log", action="store_false", default=None,
+                   help="no JSON line per prediction on stdout (the store's fields, for ELK / Loki)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -154,6 +165,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         zero_ok = flag in ("--port", "--max-concurrency", "--decode-threads")
         if value is not None and value < (0 if zero_ok else 1):
             raise UsageError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}, got {value}")
+    if args.review_sample is not None and not 0 <= args.review_sample <= 1:
+        raise UsageError(f"--review-sample must be a share in [0, 1], got {args.review_sample}")
+    if args.store_keep_days is not None and args.store_keep_days <= 0:
+        raise UsageError(f"--store-keep-days must be positive, got {args.store_keep_days}")
+    if args.store_keep_days is not None and not args.store:
+        raise UsageError("--store-keep-days needs --store URL")
     if args.name and not args.ckpt:
         raise UsageError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
 
@@ -169,7 +186,9 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         drain_timeout_s=args.drain_timeout, warmup=args.warmup, access_log=args.access_log,
         max_concurrency=args.max_concurrency, body_timeout_s=args.body_timeout, decode_threads=args.decode_threads,
         calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code,
-        device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs, docs=args.docs)
+        device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs, docs=args.docs,
+        store=args.store, store_keep_days=args.store_keep_days, review_sample=args.review_sample,
+        prediction_log=args.prediction_log)
     from vggnet.serve.hosts import allowed_hosts_for, parse_allowed_hosts
 
     listed = None if args.allowed_hosts is None else parse_allowed_hosts(args.allowed_hosts)
@@ -217,16 +236,17 @@ def _check_repo(repo: ModelRepository, settings: ServeSettings) -> None:
 
 
 def _setup_logging(level: str) -> None:
-    """Access-log lines (JSON) to stdout, the service's events to stderr."""
+    """Access-log and prediction lines (JSON) to stdout, the service's events to stderr."""
     import logging
     import sys
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger("vggnet.serve.access")
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    access.propagate = False
+    for name in ("vggnet.serve.access", "vggnet.serve.predictions"):
+        lines = logging.getLogger(name)
+        lines.addHandler(handler)
+        lines.setLevel(logging.INFO)
+        lines.propagate = False
     events = logging.StreamHandler(sys.stderr)
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     service = logging.getLogger("vggnet.serve")
@@ -247,6 +267,10 @@ def run(args: argparse.Namespace) -> int:
     repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
             else ModelRepository.from_checkpoints(args.ckpt, args.name))
     _check_repo(repo, settings)
+    if settings.store:  # a URL that is wrong or a database that is down: one line now, not a server that drops rows
+        from vggnet import store
+
+        store.connect(settings.store).dispose()
     if args.threads:
         torch.set_num_threads(args.threads)
     _setup_logging(args.log_level)

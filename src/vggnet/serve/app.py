@@ -24,8 +24,9 @@ from .hosts import ANY_HOST, allowed_hosts_for, app_default_hosts, is_wildcard
 from .lifecycle import ModelServer, lifespan
 from .metrics import ServeMetrics
 from .middleware import ObservabilityMiddleware, install_error_handlers
+from .record import PredictionRecorder
 from .repository import ModelRepository
-from .routes import images_router, page_router, v2_router
+from .routes import feedback_router, images_router, page_router, v2_router
 from .settings import ServeSettings, with_overrides
 from .versions import CODE_KINDS, ModelVersion, calibration_batch, check_exported, ensure_runtime, without_paths
 
@@ -51,13 +52,14 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
                   docs_url="/docs" if settings.docs else None, redoc_url="/redoc" if settings.docs else None)
     app.state.server = ModelServer(repo, settings, metrics)
     app.state.metrics = metrics
+    app.state.recorder = PredictionRecorder(settings, metrics)
     if settings.api_keys:
         app.add_middleware(AuthMiddleware, keys=settings.api_keys, public=settings.public_endpoints)
     hosts = app_default_hosts() if settings.allowed_hosts is None else settings.allowed_hosts
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts), www_redirect=False)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_access=settings.access_log)
     install_error_handlers(app)
-    for router in (v2_router, images_router, page_router):
+    for router in (v2_router, images_router, feedback_router, page_router):
         app.include_router(router)
     return app
 

@@ -12,9 +12,10 @@ from fastapi import Depends, Request
 
 from .lifecycle import ModelServer
 from .metrics import ServeMetrics
+from .record import PredictionRecorder
 from .settings import ServeSettings
 
-__all__ = ["Metrics", "Server", "Settings", "get_metrics", "get_server", "get_settings"]
+__all__ = ["Metrics", "Recorder", "Server", "Settings", "get_metrics", "get_recorder", "get_server", "get_settings"]
 
 
 async def get_server(request: Request) -> ModelServer:
@@ -29,6 +30,11 @@ async def get_metrics(request: Request) -> ServeMetrics:
     return request.app.state.metrics
 
 
+async def get_recorder(request: Request) -> PredictionRecorder:
+    return request.app.state.recorder
+
+
 Server = Annotated[ModelServer, Depends(get_server)]
 Settings = Annotated[ServeSettings, Depends(get_settings)]
 Metrics = Annotated[ServeMetrics, Depends(get_metrics)]
+Recorder = Annotated[PredictionRecorder, Depends(get_recorder)]

@@ -290,6 +290,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the models when the app starts (``create_app`` puts the :class:`ModelServer` in ``app.state``),
     drain them when it stops."""
     server: ModelServer = app.state.server
+    recorder = getattr(app.state, "recorder", None)
+    if recorder is not None:
+        await run_in_threadpool(recorder.open)
     if server.settings.load_in_background:
         server.start_loading()
     else:
@@ -297,4 +300,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     log.info("shutting down: draining queues")
     await run_in_threadpool(server.close)
+    if recorder is not None:  # after the queues are drained: their predictions are stored too
+        await run_in_threadpool(recorder.close)
     log.info("shutdown complete")

@@ -21,6 +21,7 @@ MODEL_STATES = ("LOADING", "READY", "UNAVAILABLE", "UNLOADING")
 # overload or a VGG-16 batch at 224 px is seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1, 0.15,
                    0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
@@ -56,6 +57,18 @@ class ServeMetrics:
                                   registry=r)
         self.model_state = Gauge("vggnet_model_state", "1 for the model version's current state, else 0",
                                  ["model", "version", "state"], registry=r)
+
+        # what is served: the predicted class (bounded by the models' class lists) and how sure the model was
+        self.predictions = Counter("vggnet_predictions", "Predictions by model, version and predicted class",
+                                   ["model", "version", "class"], registry=r)
+        self.confidence = Histogram("vggnet_prediction_confidence", "The top-1 probability of each prediction",
+                                    ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.store_rows = Gauge("vggnet_store_rows", "Prediction store rows: written, dropped_full, dropped_error "
+                                "(never stored), queued", ["outcome"], registry=r)
+
+    def observe_prediction(self, model: str, version: str, predicted: str, confidence: float) -> None:
+        self.predictions.labels(model, version, predicted).inc()
+        self.confidence.labels(model, version).observe(confidence)
 
     def set_state(self, model: str, version: str, state: str) -> None:
         if state not in MODEL_STATES:

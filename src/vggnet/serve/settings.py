@@ -63,6 +63,16 @@ class ServeSettings:
     #: FastAPI's /docs (Swagger UI) and /redoc: off, because their scripts come from a CDN (cdn.jsdelivr.net)
     #: and would run with this origin's rights; /openapi.json, which loads nothing, is always served
     docs: bool = False
+    #: the prediction store's SQLAlchemy URL (``sqlite:///runs/serve.db``, ``postgresql+psycopg://...``); None: off
+    store: str | None = None
+    #: rows waiting for the store's writer at most; beyond, rows are dropped and counted, never waited for
+    store_queue: int = 10_000
+    #: rows older than this many days are removed when the server starts (None: kept)
+    store_keep_days: float | None = None
+    #: the uniform random share of predictions marked for review: the unbiased basis of live accuracy
+    review_sample: float = 0.1
+    #: one JSON line per prediction on the ``vggnet.serve.predictions`` logger
+    prediction_log: bool = True
 
 
 def with_overrides(settings: ServeSettings, **changes: Any) -> ServeSettings:

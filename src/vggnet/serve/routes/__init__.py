@@ -1,9 +1,10 @@
 """The server's routes, one ``APIRouter`` per concern, included by ``create_app`` in this order:
-:mod:`.v2` (the Open Inference Protocol), :mod:`.images` (``/predict``, ``/explain``), :mod:`.page` (the web
-page and ``/metrics``)."""
+:mod:`.v2` (the Open Inference Protocol), :mod:`.images` (``/predict``, ``/explain``), :mod:`.feedback` (a
+client's label for a stored prediction), :mod:`.page` (the web page and ``/metrics``)."""
 
+from .feedback import router as feedback_router
 from .images import router as images_router
 from .page import router as page_router
 from .v2 import router as v2_router
 
-__all__ = ["images_router", "page_router", "v2_router"]
+__all__ = ["feedback_router", "images_router", "page_router", "v2_router"]

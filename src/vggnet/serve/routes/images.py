@@ -20,7 +20,7 @@ from starlette.types import Message
 from vggnet.infer import Preprocessing, preprocess
 
 from .. import cam, ood
-from ..deps import Metrics, Server, Settings
+from ..deps import Metrics, Recorder, Server, Settings
 from ..errors import ServeError, bad_request
 from ..lifecycle import ModelServer
 from ..limits import IMAGE_MEDIA_TYPES, decode_image, media_type, read_body
@@ -94,13 +94,13 @@ async def _upload_bytes(request: Request, body: bytes) -> bytes:
 
 
 async def _image(request: Request, media: str, server: ModelServer, settings: ServeSettings,
-                 prep: Preprocessing) -> torch.Tensor:
-    """The uploaded image as a 1×C×S×S batch; call inside ``server.admitted()``."""
+                 prep: Preprocessing) -> tuple[torch.Tensor, bytes]:
+    """The uploaded image as a 1×C×S×S batch, and its bytes; call inside ``server.admitted()``."""
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     data = await _upload_bytes(request, body) if media == "multipart/form-data" else body
     if not data:
         raise bad_request("empty body; send an image")
-    return await server.offload(_image_batch, data, prep, settings.max_image_pixels)
+    return await server.offload(_image_batch, data, prep, settings.max_image_pixels), data
 
 
 def _explain_spec(request: Request, mv: ModelVersion) -> cam.ExplainSpec | ServeError | None:
@@ -151,7 +151,8 @@ def _stream(first: dict[str, Any], explained: Any) -> StreamingResponse:
 
 
 @router.post("/predict")
-async def predict(request: Request, server: Server, settings: Settings, metrics: Metrics) -> Response:
+async def predict(request: Request, server: Server, settings: Settings, metrics: Metrics,
+                  recorder: Recorder) -> Response:
     """An image (multipart upload or the raw body) → top-k labels; ?model=&version=&topk=. With ``explain=1``
     (and optionally ``layer=``) the answer is NDJSON: the same object first, then the Grad-CAM of the top class
     from the same upload (the web page's one request per image; see :func:`_stream`)."""
@@ -163,16 +164,21 @@ async def predict(request: Request, server: Server, settings: Settings, metrics:
     k = _topk(request, settings.topk, prep.num_classes)
     spec = _explain_spec(request, mv)
     with server.admitted(), server.arriving(mv):
-        x = await _image(request, media, server, settings, prep)
+        x, data = await _image(request, media, server, settings, prep)
         future = server.submit(mv, x)
     logits, info = await server.result(mv, future)
     note(request, rows=1, batch=info.batch_rows, queue_ms=round(info.queue_s * 1000, 2),
          compute_ms=round(info.compute_s * 1000, 2))
-    probs = logits.float().softmax(1)[0]
+    all_probs = logits.float().softmax(1)
+    request_id = request.scope.get("vggnet.request_id", "")
+    recorder.record(request_id, "/predict", mv, all_probs, x, (info.queue_s + info.compute_s) * 1000, data)
+    probs = all_probs[0]
     values, indices = probs.topk(k)
     predictions = [{"label": prep.label(int(i)), "index": int(i), "probability": float(v)}
                    for v, i in zip(values, indices, strict=True)]
-    answer: dict[str, Any] = {"model_name": mv.name, "model_version": mv.version, "predictions": predictions}
+    # id: what POST /v2/models/{name}/feedback names this prediction by
+    answer: dict[str, Any] = {"model_name": mv.name, "model_version": mv.version, "id": request_id,
+                              "predictions": predictions}
     if spec is not None:  # the page: also what it warns about (out of domain; see vggnet.serve.ood)
         answer["ood"] = ood.verdict(float(probs.max()), mv.ood)
         explained = spec if isinstance(spec, ServeError) else functools.partial(
@@ -198,7 +204,7 @@ async def explain(request: Request, server: Server, settings: Settings, metrics:
                           f"model {mv.name!r} version {mv.version} ({mv.runtime_label})")
     server.check_accepting(mv)
     with server.admitted():
-        x = await _image(request, media, server, settings, prep)
+        x, _ = await _image(request, media, server, settings, prep)
         future = server.submit_job(mv, functools.partial(cam.run_cam, model, x, spec))
     out, info = await server.result(mv, future)
     metrics.explain_latency.labels(mv.name, mv.version).observe(info.compute_s)

@@ -191,6 +191,10 @@ async def _infer(request: Request, server: ModelServer, name: str, version: str 
     logits, info = await server.result(mv, future)
     note(request, rows=int(x.shape[0]), batch=info.batch_rows, queue_ms=round(info.queue_s * 1000, 2),
          compute_ms=round(info.compute_s * 1000, 2))
+    # the V2 request's own id when it sent one (the feedback names it), else the server's request id
+    request_id = parsed.id or request.scope.get("vggnet.request_id", "")
+    request.app.state.recorder.record(request_id, "/v2/infer", mv, logits.float().softmax(1), x,
+                                      (info.queue_s + info.compute_s) * 1000)
     payload, headers = v2.encode_response(
         logits, outputs, prep, model_name=mv.name, model_version=mv.version, request_id=parsed.id,
         parameters={"batch_size": info.batch_rows, "queue_ms": round(info.queue_s * 1000, 3),

@@ -1,0 +1,108 @@
+"""What is served comes back: every prediction counted in Prometheus by class and confidence, logged as one JSON
+line, and, with ``--store URL``, written as a row of the prediction store (:mod:`vggnet.store`) that people
+review and reports read.
+
+The request path only builds a small dict and hands it to the store's writer, which never blocks and never
+raises (a full queue or a database that is down drops rows and counts them: ``vggnet_store_rows{outcome}``), so
+a prediction cannot fail or wait because of the store. A uniform random share of traffic (``review_sample``) is
+marked ``sampled``: only those rows, once a person labels them, measure accuracy without the bias of which
+answers users choose to report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .metrics import ServeMetrics
+from .settings import ServeSettings
+from .versions import ModelVersion
+
+__all__ = ["PredictionRecorder"]
+
+log = logging.getLogger(__name__)
+#: one JSON line per prediction, the store's fields (for ELK / Loki); separate from the access log's per request
+prediction_log = logging.getLogger("vggnet.serve.predictions")
+
+
+@dataclass
+class PredictionRecorder:
+    """Counts, logs and stores predictions; ``open`` connects the store (``settings.store``), ``close`` flushes."""
+
+    settings: ServeSettings
+    metrics: ServeMetrics
+    writer: Any = None  # vggnet.store.PredictionWriter when the store is on
+    engine: Any = None
+    _random: random.Random = field(default_factory=random.Random)
+
+    def open(self) -> None:
+        """Connect and start the writer (the CLI checks the URL before the server starts: an error here is one
+        line there); without ``settings.store`` nothing is stored."""
+        if not self.settings.store or self.writer is not None:
+            return
+        from vggnet import store
+
+        self.engine = store.connect(self.settings.store)
+        self.writer = store.PredictionWriter(self.engine, max_queue=self.settings.store_queue)
+        if self.settings.store_keep_days:
+            removed = store.purge(self.engine, self.settings.store_keep_days)
+            if removed:
+                log.info("prediction store: %d rows older than %g days removed", removed, self.settings.store_keep_days)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self._publish()
+            self.writer = None
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+
+    @property
+    def writer_flush_s(self) -> float:
+        """How long a put row may wait before it is written (the writer's flush interval)."""
+        return float(getattr(self.writer, "flush_s", 0.5))
+
+    @property
+    def storing(self) -> bool:
+        return self.writer is not None
+
+    def record(self, request_id: str, route: str, mv: ModelVersion, probs: torch.Tensor, x: torch.Tensor,
+               latency_ms: float, data: bytes | None = None, role: str = "served") -> None:
+        """One row per image of ``probs`` (N×classes softmax) for the N inputs ``x``; ``data`` is the uploaded
+        file (its hash identifies the input; without it, each preprocessed tensor's bytes are hashed)."""
+        k = min(self.settings.topk, probs.shape[1])
+        values, indices = probs.float().topk(k, dim=1)
+        for item in range(probs.shape[0]):
+            top = [[mv.prep.label(int(i)), round(float(v), 6)] for v, i in zip(values[item], indices[item],
+                                                                                strict=True)]
+            predicted, confidence = top[0][0], float(values[item, 0])
+            self.metrics.observe_prediction(mv.name, mv.version, predicted, confidence)
+            raw = data if data is not None else x[item].detach().cpu().numpy().tobytes()
+            row = {"request_id": request_id, "item": item, "model": mv.name, "version": mv.version, "role": role,
+                   "route": route, "predicted": predicted, "confidence": confidence, "topk": top,
+                   "latency_ms": round(latency_ms, 3), "input_sha256": hashlib.sha256(raw).hexdigest(),
+                   "input_bytes": len(raw), "input_stats": _stats(x[item]),
+                   "sampled": self._random.random() < self.settings.review_sample}
+            if self.settings.prediction_log:
+                prediction_log.info(json.dumps(row))
+            if self.writer is not None:
+                self.writer.put(row)
+        self._publish()
+
+    def _publish(self) -> None:
+        if self.writer is not None:
+            for outcome, count in self.writer.stats().items():
+                self.metrics.store_rows.labels(outcome).set(count)
+
+
+def _stats(x: torch.Tensor) -> dict[str, float]:
+    """Simple statistics of the network's input (normalised): what an input drift is seen in."""
+    x = x.detach().float()
+    return {"mean": round(float(x.mean()), 5), "std": round(float(x.std()), 5)}

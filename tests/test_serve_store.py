@@ -1,0 +1,127 @@
+"""The served predictions come back (issue #30): each /predict and V2 image is a row of the prediction store,
+counted in Prometheus by class, logged as a JSON line; clients' labels arrive through
+POST /v2/models/{name}/feedback. The store is a real SQLite database here (tests/test_store.py runs the store
+itself against PostgreSQL too)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_helpers import jpeg_bytes, metric_samples, tiny_checkpoint
+
+pytest.importorskip("sqlalchemy")
+store = pytest.importorskip("vggnet.store")
+
+from vggnet.serve import ModelRepository, ServeSettings, create_app  # noqa: E402
+
+IMAGE = jpeg_bytes()
+JPEG = {"content": IMAGE, "headers": {"Content-Type": "image/jpeg"}}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("run") / "best.safetensors", seed=3)
+
+
+def app_for(ckpt, **settings):
+    return create_app(ModelRepository.from_checkpoints([ckpt], ["m"]), ServeSettings(load_in_background=False,
+                                                                                    **settings))
+
+
+def rows_of(url: str, request_id: str, want: int = 1, timeout_s: float = 10.0) -> list[dict]:
+    """The store's rows of one request, once the writer has written them."""
+    engine = store.connect(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = [r for r in store.read_predictions(engine) if r["request_id"] == request_id]
+            if len(rows) >= want or time.monotonic() > deadline:
+                return sorted(rows, key=lambda r: r["item"])
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
+def test_a_prediction_is_a_row_a_metric_and_a_log_line(ckpt, tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    with TestClient(app_for(ckpt, store=url, review_sample=1.0)) as c, \
+            caplog.at_level(logging.INFO, logger="vggnet.serve.predictions"):
+        answer = c.post("/predict?topk=2", **JPEG)
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["id"] == answer.headers["x-request-id"]
+        top = body["predictions"][0]
+        text = c.get("/metrics").text
+    [row] = rows_of(url, body["id"])
+    assert (row["model"], row["version"], row["route"], row["role"], row["item"]) == ("m", "1", "/predict", "served", 0)
+    assert row["predicted"] == top["label"] and row["confidence"] == pytest.approx(top["probability"], rel=1e-5)
+    stored = [label for label, _ in row["topk"]]  # the server's top-k (5, so all 3 classes), best first
+    assert stored[:2] == [p["label"] for p in body["predictions"]] and sorted(stored) == ["a", "b", "c"]
+    assert row["input_sha256"] == hashlib.sha256(IMAGE).hexdigest() and row["input_bytes"] == len(IMAGE)
+    assert row["sampled"] is True and row["latency_ms"] > 0 and set(row["input_stats"]) == {"mean", "std"}
+    logged = [json.loads(r.message) for r in caplog.records if r.name == "vggnet.serve.predictions"]
+    assert [(line["request_id"], line["predicted"]) for line in logged] == [(body["id"], top["label"])]
+    samples = metric_samples(text)
+    assert any(s.name == "vggnet_predictions_total" and s.labels == {"model": "m", "version": "1",
+                                                                      "class": top["label"]} and s.value == 1
+               for s in samples)
+    assert any(s.name == "vggnet_prediction_confidence_count" and s.value == 1 for s in samples)
+
+
+def test_a_v2_batch_is_one_row_per_image_under_the_request_id(ckpt, tmp_path):
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    body = {"id": "batch-7", "inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                         "data": x.ravel().tolist()}]}
+    with TestClient(app_for(ckpt, store=url, review_sample=0.0)) as c:
+        assert c.post("/v2/models/m/infer", json=body).status_code == 200
+    rows = rows_of(url, "batch-7", want=2)
+    assert [(r["item"], r["route"], r["sampled"]) for r in rows] == [(0, "/v2/infer", False), (1, "/v2/infer", False)]
+    assert rows[0]["input_sha256"] != rows[1]["input_sha256"]  # each image's own tensor
+
+
+def test_feedback_is_stored_as_a_user_report(ckpt, tmp_path):
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    with TestClient(app_for(ckpt, store=url)) as c:
+        request_id = c.post("/predict", **JPEG).json()["id"]
+        ok = c.post("/v2/models/m/feedback", json={"id": request_id, "label": "b"})
+        assert ok.status_code == 201 and ok.json() == {"id": request_id, "item": 0, "label": "b", "stored": True}
+        assert c.post("/v2/models/m/feedback", json={"id": request_id, "label": None}).status_code == 201
+        missing = c.post("/v2/models/m/feedback", json={"id": "no-such-request", "label": "a"})
+        assert missing.status_code == 404 and "no-such-request" in missing.json()["error"]
+        wrong = c.post("/v2/models/m/feedback", json={"id": request_id, "label": "zebra"})
+        assert wrong.status_code == 400 and "'zebra' is not a class of model 'm'" in wrong.json()["error"]
+        assert c.post("/v2/models/nope/feedback", json={"id": request_id, "label": "a"}).status_code == 404
+        for bad in (b"not json", b'{"label": "a"}', b'{"id": 5, "label": "a"}', b'{"id": "x", "label": 3}'):
+            r = c.post("/v2/models/m/feedback", content=bad, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, bad
+        foreign = c.post("/v2/models/m/feedback", json={"id": request_id, "label": "a"},
+                         headers={"Origin": "https://elsewhere.example", "Sec-Fetch-Site": "cross-site"})
+        assert foreign.status_code == 403
+    engine = store.connect(url)
+    try:
+        labels = [(r["request_id"], r["label"], r["source"]) for r in store.read_labels(engine)]
+    finally:
+        engine.dispose()
+    assert labels == [(request_id, "b", "user"), (request_id, None, "user")]
+
+
+def test_feedback_needs_the_store_and_the_key(ckpt, tmp_path):
+    with TestClient(app_for(ckpt)) as c:  # no --store
+        off = c.post("/v2/models/m/feedback", json={"id": "x", "label": "a"})
+        assert off.status_code == 501 and "--store" in off.json()["error"]
+    key = "k" * 24
+    app = app_for(ckpt, store=f"sqlite:///{tmp_path / 's.db'}", api_keys=(key,),
+                  public_endpoints=("health", "metrics", "metadata"))
+    with TestClient(app) as c:
+        assert c.post("/v2/models/m/feedback", json={"id": "x", "label": "a"}).status_code == 401  # never public
+        authorised = c.post("/v2/models/m/feedback", json={"id": "x", "label": "a"},
+                            headers={"Authorization": f"Bearer {key}"})
+        assert authorised.status_code == 404  # past the key: an unknown id
