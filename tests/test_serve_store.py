@@ -19,6 +19,7 @@ from serve_helpers import jpeg_bytes, metric_samples, tiny_checkpoint
 pytest.importorskip("sqlalchemy")
 store = pytest.importorskip("vggnet.store")
 
+import vggnet.errors  # noqa: E402
 from vggnet.serve import ModelRepository, ServeSettings, create_app  # noqa: E402
 
 IMAGE = jpeg_bytes()
@@ -125,3 +126,37 @@ def test_feedback_needs_the_store_and_the_key(ckpt, tmp_path):
         authorised = c.post("/v2/models/m/feedback", json={"id": "x", "label": "a"},
                             headers={"Authorization": f"Bearer {key}"})
         assert authorised.status_code == 404  # past the key: an unknown id
+
+
+def shadow_repo(root, config: str):
+    for version, seed in (("1", 3), ("2", 4)):
+        tiny_checkpoint(root / "m" / version / "best.safetensors", seed=seed)
+    (root / "m" / "config.yaml").write_text(config)
+    return root
+
+
+def test_a_shadow_version_predicts_the_same_requests_without_answering(tmp_path):
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    repo = ModelRepository.from_dir(shadow_repo(tmp_path / "repo", 'shadow: ["2"]\n'))  # default: 1, not 2
+    with TestClient(create_app(repo, ServeSettings(load_in_background=False, store=url, review_sample=0.5))) as c:
+        ids = []
+        for i in range(6):
+            r = c.post("/predict", content=jpeg_bytes(colour=(40 * i, 200 - 30 * i, 90)),
+                       headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 200 and r.json()["model_version"] == "1"  # the shadow never answers
+            ids.append(r.json()["id"])
+        # the shutdown waits for shadow passes still running, and stores them
+    for request_id in ids:
+        rows = rows_of(url, request_id, want=2)
+        assert sorted((r["version"], r["role"]) for r in rows) == [("1", "served"), ("2", "shadow")]
+        assert rows[0]["sampled"] == rows[1]["sampled"] and rows[0]["input_sha256"] == rows[1]["input_sha256"]
+
+
+@pytest.mark.parametrize("config, message", [
+    ('shadow: ["1"]\ndefault_version: "1"\n', "version '1' both answers and shadows"),
+    ('shadow: ["2"]\nab: {"1": 0.5, "2": 0.5}\n', "version '2' both answers and shadows"),
+    ('shadow: ["7"]\n', "shadow names version '7'"),
+])
+def test_shadow_config_errors(tmp_path, config, message):
+    with pytest.raises(vggnet.errors.UsageError, match=message):
+        ModelRepository.from_dir(shadow_repo(tmp_path / "repo", config))

@@ -299,6 +299,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(server.load_all)
     yield
     log.info("shutting down: draining queues")
+    if recorder is not None and recorder.tasks:  # shadow passes of answered requests: stored like the rest
+        await asyncio.wait(set(recorder.tasks), timeout=server.settings.drain_timeout_s)
     await run_in_threadpool(server.close)
     if recorder is not None:  # after the queues are drained: their predictions are stored too
         await run_in_threadpool(recorder.close)

@@ -63,6 +63,8 @@ class ServeMetrics:
                                    ["model", "version", "class"], registry=r)
         self.confidence = Histogram("vggnet_prediction_confidence", "The top-1 probability of each prediction",
                                     ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.shadow_skipped = Counter("vggnet_shadow_skipped", "Requests a shadow version did not run on (not "
+                                      "ready, overloaded or failed)", ["model", "version"], registry=r)
         self.store_rows = Gauge("vggnet_store_rows", "Prediction store rows: written, dropped_full, dropped_error "
                                 "(never stored), queued", ["outcome"], registry=r)
 

@@ -40,6 +40,8 @@ class PredictionRecorder:
     writer: Any = None  # vggnet.store.PredictionWriter when the store is on
     engine: Any = None
     _random: random.Random = field(default_factory=random.Random)
+    #: shadow passes in flight (serve.shadow): held here so the event loop does not drop them
+    tasks: set = field(default_factory=set)
 
     def open(self) -> None:
         """Connect and start the writer (the CLI checks the URL before the server starts: an error here is one
@@ -74,9 +76,15 @@ class PredictionRecorder:
         return self.writer is not None
 
     def record(self, request_id: str, route: str, mv: ModelVersion, probs: torch.Tensor, x: torch.Tensor,
-               latency_ms: float, data: bytes | None = None, role: str = "served") -> None:
+               latency_ms: float, data: bytes | None = None, role: str = "served",
+               sampled: bool | None = None) -> bool:
         """One row per image of ``probs`` (N×classes softmax) for the N inputs ``x``; ``data`` is the uploaded
-        file (its hash identifies the input; without it, each preprocessed tensor's bytes are hashed)."""
+        file (its hash identifies the input; without it, each preprocessed tensor's bytes are hashed).
+
+        The review sample is drawn once per request (returned), so a shadow version's rows of the same request
+        pass it back in and are in the sample exactly when the served ones are."""
+        if sampled is None:
+            sampled = self._random.random() < self.settings.review_sample
         k = min(self.settings.topk, probs.shape[1])
         values, indices = probs.float().topk(k, dim=1)
         for item in range(probs.shape[0]):
@@ -89,12 +97,13 @@ class PredictionRecorder:
                    "route": route, "predicted": predicted, "confidence": confidence, "topk": top,
                    "latency_ms": round(latency_ms, 3), "input_sha256": hashlib.sha256(raw).hexdigest(),
                    "input_bytes": len(raw), "input_stats": _stats(x[item]),
-                   "sampled": self._random.random() < self.settings.review_sample}
+                   "sampled": sampled}
             if self.settings.prediction_log:
                 prediction_log.info(json.dumps(row))
             if self.writer is not None:
                 self.writer.put(row)
         self._publish()
+        return sampled
 
     def _publish(self) -> None:
         if self.writer is not None:

@@ -23,6 +23,8 @@ do not apply to it.
     name: cifar10               # served name, default: the folder name
     default_version: "1"        # used when a request names no version; default: the highest version
     ab: {"1": 0.9, "2": 0.1}    # weighted A/B split of unversioned requests (replaces default_version)
+    shadow: ["3"]               # versions that also run on every answered request without answering: their
+                                # predictions are stored (--store) beside the served one, for paired comparison
     max_batch_size: 16          # rows per forward pass, also the largest batch one request may send
     max_delay_ms: 5             # how long the first queued request waits for others to join its batch
     batching: true              # false: one request per forward pass
@@ -54,8 +56,8 @@ __all__ = ["EXPORTED_SUFFIXES", "ModelConfig", "ModelRepository", "VersionRouter
            "sort_versions"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_CONFIG_KEYS = {"name", "default_version", "ab", "max_batch_size", "max_delay_ms", "batching", "max_queue",
-                "runtime", "calib_data"}
+_CONFIG_KEYS = {"name", "default_version", "ab", "shadow", "max_batch_size", "max_delay_ms", "batching",
+                "max_queue", "runtime", "calib_data"}
 # What `vggnet export` writes, by suffix (vggnet.export.format_for's rule; .int8.onnx / .int8.pt2 end the same).
 _EXPORTED = {".onnx": "onnx", ".pt2": "pt2"}
 _TORCHSCRIPT = (".pt", ".ts", ".torchscript", ".jit")
@@ -143,6 +145,8 @@ class ModelConfig:
     versions: dict[str, Path]
     default_version: str
     ab: dict[str, float] = field(default_factory=dict)
+    #: versions run on the same inputs as the answering one, never answering (shadow mode)
+    shadow: tuple[str, ...] = ()
     max_batch_size: int | None = None
     max_delay_ms: float | None = None
     batching: bool | None = None
@@ -167,6 +171,13 @@ class ModelConfig:
                 raise UsageError(f"{where}: ab weight of version {version!r} must be a number >= 0, got {weight!r}")
         if self.ab and sum(self.ab.values()) <= 0:
             raise UsageError(f"{where}: ab weights sum to 0")
+        for version in self.shadow:
+            if version not in self.versions:
+                raise UsageError(f"{where}: shadow names version {version!r}, which is not one of "
+                                 f"{', '.join(sort_versions(self.versions))}")
+            if version == self.default_version and not self.ab or self.ab.get(version, 0) > 0:
+                raise UsageError(f"{where}: version {version!r} both answers and shadows; a shadow version must "
+                                 "not be the default_version or have an ab weight")
         if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
             raise UsageError(f"{where}: max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         if self.max_delay_ms is not None and (not isinstance(self.max_delay_ms, int | float) or self.max_delay_ms < 0):
@@ -209,11 +220,18 @@ class ModelConfig:
         if not isinstance(ab, Mapping):
             raise UsageError(f"{config_file}: ab must map versions to weights, e.g. {{\"1\": 0.9, \"2\": 0.1}}")
         ab = {str(k): v for k, v in ab.items()}
+        shadow = config.pop("shadow", None) or ()
+        shadow = (shadow,) if isinstance(shadow, str | int) else shadow
+        if not isinstance(shadow, list | tuple):
+            raise UsageError(f"{config_file}: shadow must list versions, e.g. [\"2\"]")
+        shadow = tuple(str(v) for v in shadow)
         if config.get("calib_data") is not None:
             config["calib_data"] = folder / str(config["calib_data"])  # relative paths: to the model folder
         default = config.pop("default_version", None)
-        default = str(default) if default is not None else sort_versions(versions)[-1]
-        return cls(name=name, versions=versions, default_version=default, ab=ab, folder=folder, **config)
+        if default is None:  # the highest version that is not a shadow
+            default = ([v for v in sort_versions(versions) if v not in shadow] or sort_versions(versions))[-1]
+        return cls(name=name, versions=versions, default_version=str(default), ab=ab, shadow=shadow, folder=folder,
+                   **config)
 
     @classmethod
     def single(cls, checkpoint: str | os.PathLike, name: str | None = None, version: str = "1",

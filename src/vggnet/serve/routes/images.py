@@ -27,6 +27,7 @@ from ..limits import IMAGE_MEDIA_TYPES, decode_image, media_type, read_body
 from ..metrics import ServeMetrics
 from ..middleware import note
 from ..settings import ServeSettings
+from ..shadow import start_shadows
 from ..versions import ModelVersion
 
 __all__ = ["router"]
@@ -171,7 +172,8 @@ async def predict(request: Request, server: Server, settings: Settings, metrics:
          compute_ms=round(info.compute_s * 1000, 2))
     all_probs = logits.float().softmax(1)
     request_id = request.scope.get("vggnet.request_id", "")
-    recorder.record(request_id, "/predict", mv, all_probs, x, (info.queue_s + info.compute_s) * 1000, data)
+    sampled = recorder.record(request_id, "/predict", mv, all_probs, x, (info.queue_s + info.compute_s) * 1000, data)
+    start_shadows(server, recorder, mv, x, request_id, "/predict", sampled, data)
     probs = all_probs[0]
     values, indices = probs.topk(k)
     predictions = [{"label": prep.label(int(i)), "index": int(i), "probability": float(v)}

@@ -28,6 +28,7 @@ from ..errors import ServeError, bad_request
 from ..lifecycle import ModelServer
 from ..limits import decompress, media_type, read_body
 from ..middleware import note
+from ..shadow import start_shadows
 
 __all__ = ["router"]
 
@@ -193,8 +194,10 @@ async def _infer(request: Request, server: ModelServer, name: str, version: str 
          compute_ms=round(info.compute_s * 1000, 2))
     # the V2 request's own id when it sent one (the feedback names it), else the server's request id
     request_id = parsed.id or request.scope.get("vggnet.request_id", "")
-    request.app.state.recorder.record(request_id, "/v2/infer", mv, logits.float().softmax(1), x,
-                                      (info.queue_s + info.compute_s) * 1000)
+    recorder = request.app.state.recorder
+    sampled = recorder.record(request_id, "/v2/infer", mv, logits.float().softmax(1), x,
+                              (info.queue_s + info.compute_s) * 1000)
+    start_shadows(server, recorder, mv, x, request_id, "/v2/infer", sampled)
     payload, headers = v2.encode_response(
         logits, outputs, prep, model_name=mv.name, model_version=mv.version, request_id=parsed.id,
         parameters={"batch_size": info.batch_rows, "queue_ms": round(info.queue_s * 1000, 3),
