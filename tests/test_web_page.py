@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import threading
 
 import numpy as np
@@ -24,26 +22,11 @@ import torch
 from PIL import Image, ImageDraw
 
 import vggnet
+from browser_helpers import VIEWPORTS, playwright_or_skip, watched_page
 from serve_helpers import hold_explanations, live_server
 from vggnet.serve import ModelRepository, ServeSettings, create_app
 
-CHROMIUM = os.environ.get("VGGNET_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-# .ci/run installs the browser and sets this, so in CI a missing browser fails instead of skipping silently.
-REQUIRED = os.environ.get("VGGNET_REQUIRE_BROWSER") == "1"
-
-
-def _missing(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"VGGNET_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
-
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    _missing("playwright is not installed (pip install playwright; it is in the dev extra)")
-if not os.path.exists(CHROMIUM):
-    _missing(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set VGGNET_CHROMIUM)")
+playwright_or_skip()  # skips (or, in CI, fails) this module without playwright or Chromium
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MAX_BODY = 200 * 1024
@@ -95,33 +78,12 @@ def site(tmp_path_factory):
         yield url + "/", files
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-VIEWPORTS = {"desktop": {"viewport": {"width": 1280, "height": 800}},
-             "phone": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}}
-
-
 @pytest.fixture(params=list(VIEWPORTS))
 def page(browser, site, request):
     """Each test that takes it runs twice: a desktop window and a touch phone (390×844)."""
     url, _ = site
-    page = browser.new_page(**VIEWPORTS[request.param])
-    requests: list[str] = []
-    errors: list[str] = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.set_default_timeout(15_000)
-    yield page
-    page.close()
-    assert not errors, errors  # no uncaught JavaScript error
-    outside = [u for u in requests if not u.startswith((url, "blob:", "data:"))]
-    assert not outside, f"the page fetched from elsewhere: {outside}"
+    with watched_page(browser, request.param, url) as page:
+        yield page
 
 
 # wait_for_function gets functions ("() => ..."), not expressions: the page's Content-Security-Policy forbids

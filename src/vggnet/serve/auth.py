@@ -53,7 +53,8 @@ def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
 
 def _is_public(path: str, public: tuple[str, ...]) -> bool:
     metadata = path == "/v2" or (path.startswith("/v2/models/") and not path.endswith(("/infer", "/feedback")))
-    if path == "/" or path.startswith("/static/"):  # the web page: static files, public (see the docstring)
+    # the web pages (/ and /review): static files, public (see the docstring); /v2/review/* never is
+    if path in ("/", "/review") or path.startswith("/static/"):
         return True
     return (("health" in public and path.startswith("/v2/health/")) or ("metrics" in public and path == "/metrics")
             or ("metadata" in public and metadata))

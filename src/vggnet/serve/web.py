@@ -28,7 +28,10 @@ __all__ = ["LIMITS_FILE", "PAGE_FILES", "PAGE_PATHS", "limits_response", "page_r
 
 #: file -> media type; nothing else under static/ is served
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "page.css": "text/css; charset=utf-8",
-              "page.js": "text/javascript; charset=utf-8"}
+              "page.js": "text/javascript; charset=utf-8",
+              # the review page (GET /review, serve/routes/review.py): public like the page, its API key-only
+              "review.html": "text/html; charset=utf-8", "review.css": "text/css; charset=utf-8",
+              "review.js": "text/javascript; charset=utf-8"}
 #: static/limits.json: the upload limits of this server, for the page's checks before an upload
 LIMITS_FILE = "limits.json"
 #: URL paths of the page (public, see the module docstring)

@@ -5,6 +5,7 @@
     writer.put({"request_id": ..., "model": ..., ...})  # the columns of schema.predictions
     writer.close()                                      # flushes what is queued
     add_label(engine, request_id=..., model=..., label="cat", source="review", who="ana")
+    review_queue(engine, model="m")                     # what needs a person next, the random sample first
 
 A leaf package: SQLAlchemy, Alembic (imported when connecting), the standard library and vggnet.errors only; no
 torch. Needs the ``store`` extra (``pip install 'vggnet[store]'``).
@@ -15,10 +16,11 @@ from __future__ import annotations
 from . import schema
 from .engine import connect, head_revision, safe_url
 from .errors import StoreError, UnknownPrediction
-from .queries import add_label, purge, read_labels, read_predictions
+from .queries import REVIEW_REASONS, add_label, purge, read_labels, read_predictions, review_queue, review_queue_size
 from .writer import PredictionWriter
 
 __all__ = [
+    "REVIEW_REASONS",
     "PredictionWriter",
     "StoreError",
     "UnknownPrediction",
@@ -28,6 +30,8 @@ __all__ = [
     "purge",
     "read_labels",
     "read_predictions",
+    "review_queue",
+    "review_queue_size",
     "safe_url",
     "schema",
 ]

@@ -18,7 +18,8 @@ from .errors import UnknownPrediction
 from .schema import SOURCES, labels, predictions
 from .writer import utc
 
-__all__ = ["add_label", "purge", "read_labels", "read_predictions"]
+__all__ = ["REVIEW_REASONS", "add_label", "purge", "read_labels", "read_predictions", "review_queue",
+           "review_queue_size"]
 
 
 def add_label(engine: Engine, *, request_id: str, item: int = 0, model: str, label: str | None, source: str,
@@ -87,3 +88,86 @@ def _check_lengths(values: dict[str, Any]) -> None:
         limit = getattr(labels.c[name].type, "length", None)
         if isinstance(value, str) and limit is not None and len(value) > limit:
             raise UsageError(f"label {name} is {len(value)} characters long, more than the {limit} the store keeps")
+
+
+#: why an image is in the review queue, in the queue's order of priority
+REVIEW_REASONS = ("random", "low_confidence", "user_report", "disagreement")
+
+
+def review_queue(engine: Engine, model: str | None = None, limit: int = 20,
+                 low_confidence: float = 0.5) -> list[dict[str, Any]]:
+    """The images that need a person and have no ``review`` label yet, one entry per model, request and item.
+
+    In the queue (``reasons``, any of :data:`REVIEW_REASONS`): ``random``, the uniform random sample (any of its
+    rows ``sampled``), the only unbiased basis of accuracy, so always first; ``low_confidence``, any version's top
+    probability below ``low_confidence`` (that maximum softmax is also what :mod:`vggnet.serve.ood` thresholds to
+    call an input out of domain, and no row keeps that per-model threshold, so the confidence stands for both);
+    ``user_report``, a client's label (not shown: it would anchor the reviewer); ``disagreement``, two versions
+    (served and shadow, or A/B) predicted different classes. Ordered by the first reason in that order, then
+    oldest first, then by model, request and item, so one store state gives one queue. Each entry holds every
+    version's prediction (``predictions``: served first, then by version).
+    """
+    _check_queue_args(limit, low_confidence)
+    query = _queue_query(model, low_confidence).limit(limit)
+    with engine.connect() as connection:
+        groups = list(connection.execute(query))
+        ids = sorted({g.request_id for g in groups})
+        rows = [dict(r._mapping) for r in connection.execute(
+            sa.select(predictions).where(predictions.c.request_id.in_(ids)))] if ids else []
+    versions: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: (r["role"] != "served", r["version"], r["pk"])):
+        row["created_at"] = utc(row["created_at"])
+        versions.setdefault((row["model"], row["request_id"], row["item"]), []).append(row)
+    queue = []
+    for g in groups:
+        flags = (g.random, g.low, g.user, g.disagree)
+        queue.append({"model": g.model, "request_id": g.request_id, "item": g.item, "created_at": utc(g.first_at),
+                      "reasons": [reason for reason, flag in zip(REVIEW_REASONS, flags, strict=True) if flag],
+                      "predictions": versions.get((g.model, g.request_id, g.item), [])})
+    return queue
+
+
+def review_queue_size(engine: Engine, model: str | None = None, low_confidence: float = 0.5) -> int:
+    """How many images :func:`review_queue` would list without a limit."""
+    _check_queue_args(1, low_confidence)
+    with engine.connect() as connection:
+        return int(connection.execute(
+            sa.select(sa.func.count()).select_from(_queue_query(model, low_confidence).subquery())).scalar_one())
+
+
+def _check_queue_args(limit: int, low_confidence: float) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"the review queue's limit must be a whole number >= 1, not {limit!r}")
+    if isinstance(low_confidence, bool) or not isinstance(low_confidence, int | float) \
+            or not 0 <= low_confidence <= 1:
+        raise UsageError(f"the low-confidence threshold must be a probability in [0, 1], not {low_confidence!r}")
+
+
+def _queue_query(model: str | None, low_confidence: float) -> Any:
+    """One row per (model, request, item) that needs a review, with a 0/1 column per reason, in queue order.
+
+    Plain aggregates and ``CASE`` / ``EXISTS`` only: the same SQL on SQLite and PostgreSQL (which has no
+    ``max`` of a boolean, hence the 0/1 cases)."""
+    p, lab = predictions.c, labels.c
+
+    def any_row(condition: Any) -> Any:
+        return sa.func.max(sa.case((condition, 1), else_=0))
+
+    grouped = sa.select(p.model, p.request_id, p.item, sa.func.min(p.created_at).label("first_at"),
+                        any_row(p.sampled.is_(True)).label("random"),
+                        any_row(p.confidence < float(low_confidence)).label("low"),
+                        sa.func.count(sa.distinct(p.predicted)).label("classes"))
+    if model is not None:
+        grouped = grouped.where(p.model == model)
+    g = grouped.group_by(p.model, p.request_id, p.item).subquery()
+
+    def labelled(source: str) -> Any:
+        return sa.exists().where((lab.model == g.c.model) & (lab.request_id == g.c.request_id)
+                                 & (lab.item == g.c.item) & (lab.source == source))
+
+    user, disagree = labelled("user"), g.c.classes > 1
+    rank = sa.case((g.c.random == 1, 0), (g.c.low == 1, 1), (user, 2), else_=3)
+    return (sa.select(g.c.model, g.c.request_id, g.c.item, g.c.first_at, g.c.random, g.c.low,
+                      sa.case((user, 1), else_=0).label("user"), sa.case((disagree, 1), else_=0).label("disagree"))
+            .where(((g.c.random == 1) | (g.c.low == 1) | user | disagree) & ~labelled("review"))
+            .order_by(rank, g.c.first_at, g.c.model, g.c.request_id, g.c.item))
