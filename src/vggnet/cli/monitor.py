@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="two-sided significance level of the verdicts; intervals are at 1 - alpha (default 0.05)")
     report.set_defaults(func=run_report)
 
+    from vggnet.cli import monitor_reference  # a module of its own: drift.json and ood.json beside a checkpoint
+
+    monitor_reference.register(actions)
+
 
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
