@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := export,quant,serve,tracking,tensorboard,interop,store
+EXTRAS := export,quant,serve,tracking,tensorboard,interop,store,robustness
 
 .PHONY: setup setup-core demo test lint lock clean postgres
 
