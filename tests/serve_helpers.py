@@ -93,3 +93,19 @@ def hold_explanations(monkeypatch, wait_s: float) -> tuple[threading.Event, thre
 
     monkeypatch.setattr(serve_cam, "run_cam", held)
     return entered, release
+
+
+def stored_rows(url: str, request_id: str, want: int = 1, timeout_s: float = 10.0) -> list[dict]:
+    """The prediction store's rows of one request (by item), once the server's writer has written ``want``."""
+    from vggnet import store
+
+    engine = store.connect(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = [r for r in store.read_predictions(engine) if r["request_id"] == request_id]
+            if len(rows) >= want or time.monotonic() > deadline:
+                return sorted(rows, key=lambda r: r["item"])
+            time.sleep(0.05)
+    finally:
+        engine.dispose()

@@ -47,6 +47,8 @@ def test_create_app_wires_every_route_once(repo_dir):
         ("GET", "/v2/models/{name}/config"), ("GET", "/v2/models/{name}/versions/{version}/config"),
         ("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer"),
         ("POST", "/v2/models/{name}/feedback"),
+        ("GET", "/review"), ("GET", "/v2/review/queue"), ("POST", "/v2/review/label"),
+        ("GET", "/v2/review/input/{prefix}/{name}"),
         ("POST", "/predict"), ("POST", "/explain"), ("GET", "/"), ("GET", "/static/{name}"), ("GET", "/metrics"),
     ])
 

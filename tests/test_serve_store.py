@@ -8,13 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serve_helpers import jpeg_bytes, metric_samples, tiny_checkpoint
+from serve_helpers import jpeg_bytes, metric_samples, stored_rows, tiny_checkpoint
 
 pytest.importorskip("sqlalchemy")
 store = pytest.importorskip("vggnet.store")
@@ -36,20 +35,6 @@ def app_for(ckpt, **settings):
                                                                                     **settings))
 
 
-def rows_of(url: str, request_id: str, want: int = 1, timeout_s: float = 10.0) -> list[dict]:
-    """The store's rows of one request, once the writer has written them."""
-    engine = store.connect(url)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            rows = [r for r in store.read_predictions(engine) if r["request_id"] == request_id]
-            if len(rows) >= want or time.monotonic() > deadline:
-                return sorted(rows, key=lambda r: r["item"])
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
-
-
 def test_a_prediction_is_a_row_a_metric_and_a_log_line(ckpt, tmp_path, caplog):
     url = f"sqlite:///{tmp_path / 'serve.db'}"
     with TestClient(app_for(ckpt, store=url, review_sample=1.0)) as c, \
@@ -60,7 +45,7 @@ def test_a_prediction_is_a_row_a_metric_and_a_log_line(ckpt, tmp_path, caplog):
         assert body["id"] == answer.headers["x-request-id"]
         top = body["predictions"][0]
         text = c.get("/metrics").text
-    [row] = rows_of(url, body["id"])
+    [row] = stored_rows(url, body["id"])
     assert (row["model"], row["version"], row["route"], row["role"], row["item"]) == ("m", "1", "/predict", "served", 0)
     assert row["predicted"] == top["label"] and row["confidence"] == pytest.approx(top["probability"], rel=1e-5)
     stored = [label for label, _ in row["topk"]]  # the server's top-k (5, so all 3 classes), best first
@@ -83,7 +68,7 @@ def test_a_v2_batch_is_one_row_per_image_under_the_request_id(ckpt, tmp_path):
                                          "data": x.ravel().tolist()}]}
     with TestClient(app_for(ckpt, store=url, review_sample=0.0)) as c:
         assert c.post("/v2/models/m/infer", json=body).status_code == 200
-    rows = rows_of(url, "batch-7", want=2)
+    rows = stored_rows(url, "batch-7", want=2)
     assert [(r["item"], r["route"], r["sampled"]) for r in rows] == [(0, "/v2/infer", False), (1, "/v2/infer", False)]
     assert rows[0]["input_sha256"] != rows[1]["input_sha256"]  # each image's own tensor
 
@@ -147,7 +132,7 @@ def test_a_shadow_version_predicts_the_same_requests_without_answering(tmp_path)
             ids.append(r.json()["id"])
         # the shutdown waits for shadow passes still running, and stores them
     for request_id in ids:
-        rows = rows_of(url, request_id, want=2)
+        rows = stored_rows(url, request_id, want=2)
         assert sorted((r["version"], r["role"]) for r in rows) == [("1", "served"), ("2", "shadow")]
         assert rows[0]["sampled"] == rows[1]["sampled"] and rows[0]["input_sha256"] == rows[1]["input_sha256"]
 
@@ -160,3 +145,36 @@ def test_a_shadow_version_predicts_the_same_requests_without_answering(tmp_path)
 def test_shadow_config_errors(tmp_path, config, message):
     with pytest.raises(vggnet.errors.UsageError, match=message):
         ModelRepository.from_dir(shadow_repo(tmp_path / "repo", config))
+
+
+def test_kept_inputs_are_the_network_crop_named_by_the_input_hash(ckpt, tmp_path):
+    from PIL import Image
+
+    url, kept = f"sqlite:///{tmp_path / 'serve.db'}", tmp_path / "kept"
+    settings = {"store": url, "review_sample": 1.0, "keep_inputs": str(kept)}
+    with TestClient(app_for(ckpt, **settings)) as c:
+        first = c.post("/predict", **JPEG).json()["id"]
+        again = c.post("/predict", **JPEG).json()["id"]  # the same bytes: the same file
+        text = c.get("/metrics").text
+    [row], [row2] = stored_rows(url, first), stored_rows(url, again)
+    sha = hashlib.sha256(IMAGE).hexdigest()
+    assert row["input_path"] == row2["input_path"] == f"{sha[:2]}/{sha}.png"
+    assert [p.relative_to(kept).as_posix() for p in kept.rglob("*.png")] == [row["input_path"]]
+    with Image.open(kept / row["input_path"]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"  # the crop the network saw, not the 48x40 upload
+        crop = np.asarray(image, dtype=np.float32)
+    # un-normalised back to the upload's colours: red (200, 30, 60) at the far corner, the green patch too
+    assert np.abs(crop[-1, -1] - [200, 30, 60]).max() < 15 and (crop[..., 1] > 180).any()
+    assert any(s.name == "vggnet_kept_inputs" and s.labels == {"outcome": "kept"} and s.value == 1
+               for s in metric_samples(text))
+
+
+def test_kept_inputs_stop_at_their_byte_limit(ckpt, tmp_path):
+    url, kept = f"sqlite:///{tmp_path / 'serve.db'}", tmp_path / "kept"
+    with TestClient(app_for(ckpt, store=url, review_sample=1.0, keep_inputs=str(kept), keep_inputs_mb=1e-6)) as c:
+        for i in range(3):  # the first image fills the 1-byte budget; the others are not kept
+            c.post("/predict", content=jpeg_bytes(colour=(60 * i, 90, 120)), headers={"Content-Type": "image/jpeg"})
+        text = c.get("/metrics").text
+    assert len(list(kept.rglob("*.png"))) == 1
+    counts = {s.labels["outcome"]: s.value for s in metric_samples(text) if s.name == "vggnet_kept_inputs"}
+    assert counts["kept"] == 1 and counts["full"] == 2

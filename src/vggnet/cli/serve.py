@@ -150,10 +150,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--review-sample", type=float, metavar="P",
                    help="share of predictions marked, uniformly at random, for human review: the unbiased basis of "
                    "live accuracy (default: 0.1)")
+    p.add_argument("--keep-inputs", metavar="DIR",
+                   help="with --store, keep the crop the network saw (a PNG) of the review sample's and low-"
+                   "confidence predictions in DIR, named by the input's SHA-256, for reviewers (off: these are "
+                   "your users' images)")
+    p.add_argument("--keep-inputs-mb", type=float, metavar="MB",
+                   help="the most --keep-inputs may hold, in MiB; then images are no longer kept (default: 1024)")
+    _add_guard_flags(p)
     p.add_argument("--no-prediction-log", dest="prediction_log", action="store_false", default=None,
                    help="no JSON line per prediction on stdout (the store's fields, for ELK / Loki)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
+
+
+def _add_guard_flags(p: argparse.ArgumentParser) -> None:
+    """The adversarial-input guard's flags (vggnet.serve.guard)."""
+    p.add_argument("--adversarial-guard", action="store_true", default=None,
+                   help="score every prediction for adversarial inputs (feature squeezing: two extra forward passes "
+                   "per image) against adversarial.json beside the checkpoint (vggnet robustness writes it); the "
+                   "score is stored (adv_score), flagged images counted (vggnet_adversarial_flagged_total)")
+    p.add_argument("--reject-adversarial", action="store_true", default=None,
+                   help="answer 422 to a request with a flagged image (still stored and counted); implies "
+                   "--adversarial-guard")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -171,6 +189,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--store-keep-days must be positive, got {args.store_keep_days}")
     if args.store_keep_days is not None and not args.store:
         raise UsageError("--store-keep-days needs --store URL")
+    if (args.keep_inputs or args.keep_inputs_mb is not None) and not args.store:
+        raise UsageError("--keep-inputs needs --store URL (a kept image is found through its stored prediction)")
+    if args.keep_inputs_mb is not None and args.keep_inputs_mb <= 0:
+        raise UsageError(f"--keep-inputs-mb must be positive, got {args.keep_inputs_mb}")
     if args.name and not args.ckpt:
         raise UsageError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
 
@@ -188,7 +210,9 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code,
         device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs, docs=args.docs,
         store=args.store, store_keep_days=args.store_keep_days, review_sample=args.review_sample,
-        prediction_log=args.prediction_log)
+        keep_inputs=args.keep_inputs, keep_inputs_mb=args.keep_inputs_mb,
+        prediction_log=args.prediction_log, reject_adversarial=args.reject_adversarial,
+        adversarial_guard=args.adversarial_guard or args.reject_adversarial)
     from vggnet.serve.hosts import allowed_hosts_for, parse_allowed_hosts
 
     listed = None if args.allowed_hosts is None else parse_allowed_hosts(args.allowed_hosts)
@@ -267,6 +291,12 @@ def run(args: argparse.Namespace) -> int:
     repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
             else ModelRepository.from_checkpoints(args.ckpt, args.name))
     _check_repo(repo, settings)
+    if settings.adversarial_guard:  # no threshold beside a checkpoint: one line naming the command, no server
+        from vggnet.serve.guard import reference
+
+        for model in repo.models.values():
+            for file in model.versions.values():
+                reference(file)
     if settings.store:  # a URL that is wrong or a database that is down: one line now, not a server that drops rows
         from vggnet import store
 

@@ -26,7 +26,7 @@ from .metrics import ServeMetrics
 from .middleware import ObservabilityMiddleware, install_error_handlers
 from .record import PredictionRecorder
 from .repository import ModelRepository
-from .routes import feedback_router, images_router, page_router, v2_router
+from .routes import feedback_router, images_router, page_router, review_router, v2_router
 from .settings import ServeSettings, with_overrides
 from .versions import CODE_KINDS, ModelVersion, calibration_batch, check_exported, ensure_runtime, without_paths
 
@@ -59,7 +59,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts), www_redirect=False)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_access=settings.access_log)
     install_error_handlers(app)
-    for router in (v2_router, images_router, feedback_router, page_router):
+    for router in (v2_router, images_router, feedback_router, page_router, review_router):
         app.include_router(router)
     return app
 

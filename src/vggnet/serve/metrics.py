@@ -65,8 +65,22 @@ class ServeMetrics:
                                     ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r)
         self.shadow_skipped = Counter("vggnet_shadow_skipped", "Requests a shadow version did not run on (not "
                                       "ready, overloaded or failed)", ["model", "version"], registry=r)
+        self.kept_inputs = Gauge("vggnet_kept_inputs", "Review images (--keep-inputs): kept, or not kept because the "
+                                 "folder was full, the writer busy, or the write failed", ["outcome"], registry=r)
+        self.adversarial_flagged = Counter("vggnet_adversarial_flagged", "Images the adversarial guard flagged "
+                                           "(feature-squeezing score above adversarial.json's threshold)",
+                                           ["model", "version"], registry=r)
         self.store_rows = Gauge("vggnet_store_rows", "Prediction store rows: written, dropped_full, dropped_error "
                                 "(never stored), queued", ["outcome"], registry=r)
+        # how far traffic is from the validation split (vggnet.serve.drift), and how much of it looks foreign
+        self.drift_score = Gauge("vggnet_drift_score", "PSI of the last predictions against the model's validation "
+                                 "reference (drift.json), per signal: class, confidence, input_mean, input_std",
+                                 ["model", "version", "signal"], registry=r)
+        self.drift_window = Gauge("vggnet_drift_window", "Predictions in the drift window (scored from "
+                                  "drift_min_window on)", ["model", "version"], registry=r)
+        self.ood_predictions = Counter("vggnet_ood_predictions", "Predictions whose top probability fell below "
+                                       "the version's out-of-domain threshold (ood.json)", ["model", "version"],
+                                       registry=r)
 
     def observe_prediction(self, model: str, version: str, predicted: str, confidence: float) -> None:
         self.predictions.labels(model, version, predicted).inc()

@@ -42,6 +42,7 @@ class PredictionRecorder:
     _random: random.Random = field(default_factory=random.Random)
     #: shadow passes in flight (serve.shadow): held here so the event loop does not drop them
     tasks: set = field(default_factory=set)
+    keeper: Any = None  # serve.keep.InputKeeper with --keep-inputs
 
     def open(self) -> None:
         """Connect and start the writer (the CLI checks the URL before the server starts: an error here is one
@@ -51,6 +52,10 @@ class PredictionRecorder:
         from vggnet import store
 
         self.engine = store.connect(self.settings.store)
+        if self.settings.keep_inputs:
+            from .keep import InputKeeper
+
+            self.keeper = InputKeeper(self.settings.keep_inputs, int(self.settings.keep_inputs_mb * 2**20))
         self.writer = store.PredictionWriter(self.engine, max_queue=self.settings.store_queue)
         if self.settings.store_keep_days:
             removed = store.purge(self.engine, self.settings.store_keep_days)
@@ -58,6 +63,8 @@ class PredictionRecorder:
                 log.info("prediction store: %d rows older than %g days removed", removed, self.settings.store_keep_days)
 
     def close(self) -> None:
+        if self.keeper is not None:
+            self.keeper.close()
         if self.writer is not None:
             self.writer.close()
             self._publish()
@@ -77,12 +84,13 @@ class PredictionRecorder:
 
     def record(self, request_id: str, route: str, mv: ModelVersion, probs: torch.Tensor, x: torch.Tensor,
                latency_ms: float, data: bytes | None = None, role: str = "served",
-               sampled: bool | None = None) -> bool:
+               sampled: bool | None = None, adversarial: Any = None) -> bool:
         """One row per image of ``probs`` (N×classes softmax) for the N inputs ``x``; ``data`` is the uploaded
         file (its hash identifies the input; without it, each preprocessed tensor's bytes are hashed).
 
         The review sample is drawn once per request (returned), so a shadow version's rows of the same request
-        pass it back in and are in the sample exactly when the served ones are."""
+        pass it back in and are in the sample exactly when the served ones are. ``adversarial`` (serve.guard's
+        Screening, with --adversarial-guard) gives each row its ``adv_score``; flagged images are counted."""
         if sampled is None:
             sampled = self._random.random() < self.settings.review_sample
         k = min(self.settings.topk, probs.shape[1])
@@ -98,6 +106,13 @@ class PredictionRecorder:
                    "latency_ms": round(latency_ms, 3), "input_sha256": hashlib.sha256(raw).hexdigest(),
                    "input_bytes": len(raw), "input_stats": _stats(x[item]),
                    "sampled": sampled}
+            self._watch(mv, int(indices[item, 0]), row)
+            if adversarial is not None:
+                row["adv_score"] = adversarial.scores[item]
+                if adversarial.flagged[item]:
+                    self.metrics.adversarial_flagged.labels(mv.name, mv.version).inc()
+            if self.keeper is not None and (sampled or confidence < self.settings.review_low_confidence):
+                row["input_path"] = self.keeper.keep(row["input_sha256"], x[item], mv.prep.mean, mv.prep.std)
             if self.settings.prediction_log:
                 prediction_log.info(json.dumps(row))
             if self.writer is not None:
@@ -105,10 +120,30 @@ class PredictionRecorder:
         self._publish()
         return sampled
 
+    def _watch(self, mv: ModelVersion, index: int, row: dict[str, Any]) -> None:
+        """The out-of-domain score and verdict (serve.ood: the max softmax against ood.json's threshold, stored
+        as ``ood_score``) and the drift window (serve.drift) of one prediction, when the version has them."""
+        reference = getattr(mv, "ood", None)
+        if reference is not None:
+            row["ood_score"] = row["confidence"]
+            if row["confidence"] < float(reference["threshold"]):
+                self.metrics.ood_predictions.labels(mv.name, mv.version).inc()
+        monitor = getattr(mv, "drift", None)
+        if monitor is None:
+            return
+        stats = row["input_stats"]
+        if monitor.observe(index, row["confidence"], stats["mean"], stats["std"]):
+            for signal, score in monitor.scores.items():
+                self.metrics.drift_score.labels(mv.name, mv.version, signal).set(score)
+        self.metrics.drift_window.labels(mv.name, mv.version).set(monitor.held)
+
     def _publish(self) -> None:
         if self.writer is not None:
             for outcome, count in self.writer.stats().items():
                 self.metrics.store_rows.labels(outcome).set(count)
+        if self.keeper is not None:
+            for outcome, count in self.keeper.counts.items():
+                self.metrics.kept_inputs.labels(outcome).set(count)
 
 
 def _stats(x: torch.Tensor) -> dict[str, float]:

@@ -71,8 +71,23 @@ class ServeSettings:
     store_keep_days: float | None = None
     #: the uniform random share of predictions marked for review: the unbiased basis of live accuracy
     review_sample: float = 0.1
+    #: answers less sure than this are queued for review too (their inputs kept with keep_inputs)
+    review_low_confidence: float = 0.5
+    #: a folder for the crops of predictions that may need a reviewer (serve.keep); None: no image is kept
+    keep_inputs: str | None = None
+    #: the most the keep_inputs folder may hold, in MiB
+    keep_inputs_mb: float = 1024.0
     #: one JSON line per prediction on the ``vggnet.serve.predictions`` logger
     prediction_log: bool = True
+    #: score every prediction for adversarial inputs (feature squeezing, serve.guard: two extra forward passes
+    #: per image) against adversarial.json beside the checkpoint; reject_adversarial: flagged requests get 422
+    adversarial_guard: bool = False
+    reject_adversarial: bool = False
+    #: drift (vggnet.serve.drift): the last this many predictions per version are compared with drift.json,
+    #: rescored every ``drift_every`` predictions once the window holds ``drift_min_window``
+    drift_window: int = 500
+    drift_every: int = 50
+    drift_min_window: int = 100
 
 
 def with_overrides(settings: ServeSettings, **changes: Any) -> ServeSettings:

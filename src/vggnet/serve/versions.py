@@ -22,7 +22,7 @@ from vggnet.infer import CALIBRATED, Predictor, Preprocessing, find_calibration,
 from vggnet.infer.predictor import check_cpu_only
 from vggnet.models import checkpoint_meta, load_checkpoint
 
-from . import cam, ood
+from . import cam, drift, ood
 from .batcher import Batcher
 from .errors import unavailable
 from .metrics import ServeMetrics
@@ -118,6 +118,11 @@ class ModelVersion:
         self.max_explain_jobs = max(1, settings.max_explain_jobs)
         self.state, self.reason = "LOADING", ""
         self.ood: dict | None = None  # the page's out-of-domain reference (see vggnet.serve.ood)
+        self.adversarial_guard = settings.adversarial_guard
+        self.adversarial: dict | None = None  # adversarial.json with --adversarial-guard (see vggnet.serve.guard)
+        self.drift: drift.DriftMonitor | None = None  # drift.json's reference and the live window (serve.drift)
+        self.drift_options = {"window": settings.drift_window, "every": settings.drift_every,
+                              "min_window": settings.drift_min_window}
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
 
@@ -160,7 +165,12 @@ class ModelVersion:
                     predictor.logits(torch.zeros(n, c, s, s))
             if predictor.model is not None:
                 cam.preload()  # Grad-CAM's imports now, in the loader, not in the first /explain
+            if self.adversarial_guard:  # no threshold, no guard: the version does not load (UsageError)
+                from .guard import reference
+
+                self.adversarial = reference(self.file)
             self.ood = ood.reference_for(self.file, predictor.logits, predictor.prep)
+            self.drift = drift.monitor_for(self.file, predictor.prep.num_classes, **self.drift_options)
             self.predictor = predictor
             self.batcher = Batcher(predictor.logits, max_batch_size=self.max_batch_size,
                                    max_delay_ms=self.max_delay_ms, batching=self.batching, max_queue=self.max_queue,

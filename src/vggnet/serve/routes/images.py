@@ -19,7 +19,7 @@ from starlette.types import Message
 
 from vggnet.infer import Preprocessing, preprocess
 
-from .. import cam, ood
+from .. import cam, guard, ood
 from ..deps import Metrics, Recorder, Server, Settings
 from ..errors import ServeError, bad_request
 from ..lifecycle import ModelServer
@@ -172,8 +172,11 @@ async def predict(request: Request, server: Server, settings: Settings, metrics:
          compute_ms=round(info.compute_s * 1000, 2))
     all_probs = logits.float().softmax(1)
     request_id = request.scope.get("vggnet.request_id", "")
-    sampled = recorder.record(request_id, "/predict", mv, all_probs, x, (info.queue_s + info.compute_s) * 1000, data)
+    screening = await guard.screen(server, mv, x, logits)  # None unless --adversarial-guard
+    sampled = recorder.record(request_id, "/predict", mv, all_probs, x, (info.queue_s + info.compute_s) * 1000, data,
+                              adversarial=screening)
     start_shadows(server, recorder, mv, x, request_id, "/predict", sampled, data)
+    guard.enforce(settings, screening)  # 422 with --reject-adversarial, once stored and counted
     probs = all_probs[0]
     values, indices = probs.topk(k)
     predictions = [{"label": prep.label(int(i)), "index": int(i), "probability": float(v)}

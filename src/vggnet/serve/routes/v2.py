@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 import vggnet
 from vggnet.infer import Preprocessing
 
-from .. import v2
+from .. import guard, v2
 from ..auth import cross_site
 from ..deps import Server
 from ..errors import ServeError, bad_request
@@ -195,9 +195,11 @@ async def _infer(request: Request, server: ModelServer, name: str, version: str 
     # the V2 request's own id when it sent one (the feedback names it), else the server's request id
     request_id = parsed.id or request.scope.get("vggnet.request_id", "")
     recorder = request.app.state.recorder
+    screening = await guard.screen(server, mv, x, logits)  # None unless --adversarial-guard
     sampled = recorder.record(request_id, "/v2/infer", mv, logits.float().softmax(1), x,
-                              (info.queue_s + info.compute_s) * 1000)
+                              (info.queue_s + info.compute_s) * 1000, adversarial=screening)
     start_shadows(server, recorder, mv, x, request_id, "/v2/infer", sampled)
+    guard.enforce(settings, screening)  # 422 with --reject-adversarial, once stored and counted
     payload, headers = v2.encode_response(
         logits, outputs, prep, model_name=mv.name, model_version=mv.version, request_id=parsed.id,
         parameters={"batch_size": info.batch_rows, "queue_ms": round(info.queue_s * 1000, 3),
