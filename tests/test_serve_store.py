@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +180,17 @@ def test_kept_inputs_stop_at_their_byte_limit(ckpt, tmp_path):
     assert len(list(kept.rglob("*.png"))) == 1
     counts = {s.labels["outcome"]: s.value for s in metric_samples(text) if s.name == "vggnet_kept_inputs"}
     assert counts["kept"] == 1 and counts["full"] == 2
+
+
+def test_store_keep_days_removes_old_kept_inputs_too(ckpt, tmp_path):
+    url, kept = f"sqlite:///{tmp_path / 'serve.db'}", tmp_path / "kept"
+    with TestClient(app_for(ckpt, store=url, review_sample=1.0, keep_inputs=str(kept))) as c:
+        c.post("/predict", **JPEG)
+    [old] = list(kept.rglob("*.png"))
+    os.utime(old, (time.time() - 3 * 86400,) * 2)  # written three days ago
+    fresh = kept / "ab" / ("ab" + "0" * 62 + ".png")
+    fresh.parent.mkdir(exist_ok=True)
+    fresh.write_bytes(b"png")
+    with TestClient(app_for(ckpt, store=url, keep_inputs=str(kept), store_keep_days=2)):
+        pass
+    assert not old.exists() and fresh.exists()

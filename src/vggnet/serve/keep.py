@@ -16,6 +16,7 @@ import concurrent.futures
 import io
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,6 +89,22 @@ class InputKeeper:
             return None
         file = self.folder / relative
         return file if file.is_file() else None
+
+    def purge(self, older_than_days: float) -> int:
+        """Remove kept images older than the store's rows they belong to may be (``--store-keep-days``)."""
+        cutoff = time.time() - older_than_days * 86400
+        removed = 0
+        for file in self.folder.glob("??/*.png"):
+            try:
+                stat = file.stat()
+                if stat.st_mtime < cutoff:
+                    file.unlink()
+                    removed += 1
+                    with self._lock:
+                        self.used -= stat.st_size
+            except OSError:  # removed meanwhile
+                continue
+        return removed
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

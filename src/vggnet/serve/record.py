@@ -61,6 +61,8 @@ class PredictionRecorder:
             removed = store.purge(self.engine, self.settings.store_keep_days)
             if removed:
                 log.info("prediction store: %d rows older than %g days removed", removed, self.settings.store_keep_days)
+            if self.keeper is not None:
+                self.keeper.purge(self.settings.store_keep_days)
 
     def close(self) -> None:
         if self.keeper is not None:
