@@ -71,9 +71,10 @@ def site(tmp_path_factory):
     files["huge.png"] = root / "huge.png"
     Image.fromarray(noise).save(files["huge.png"])  # ~270 KB of incompressible noise > MAX_BODY
     assert files["huge.png"].stat().st_size > MAX_BODY
+    files["store"] = f"sqlite:///{root / 'serve.db'}"  # "Is this right?" stores its labels here
     app = create_app(ModelRepository.from_dir(root / "repo"),
                      ServeSettings(load_in_background=False, access_log=False, max_body_bytes=MAX_BODY,
-                                   max_explain_jobs=1))
+                                   max_explain_jobs=1, store=files["store"], prediction_log=False))
     with live_server(app) as (url, _):
         yield url + "/", files
 
@@ -428,8 +429,9 @@ def test_contrast_of_text_and_controls_meets_wcag_aa(page, site):
     page.set_input_files("#file", str(files["dot.png"]))
     page.wait_for_selector("#bars .bar >> nth=4")
     page.wait_for_selector("#warnings li")
-    texts = [".bar-label", ".bar-value", "#bars-hint", "#warnings li", "#file-name", "#meta-model", ".facts dt"]
-    low = {k: round(v, 2) for k, v in page.evaluate(CONTRAST_JS, [texts, [".bar"]]).items()
+    texts = [".bar-label", ".bar-value", "#bars-hint", "#warnings li", "#file-name", "#meta-model", ".facts dt",
+             ".feedback-q", ".feedback-no"]
+    low = {k: round(v, 2) for k, v in page.evaluate(CONTRAST_JS, [texts, [".bar", "#feedback-label"]]).items()
            if v < (4.5 if k.startswith("text") else 3.0)}
     assert not low, low
 
@@ -534,3 +536,30 @@ def test_phone_offers_the_camera_and_points_to_the_heat_map(browser, site):
         assert desk.inner_text("#drop-title") == "Drop an image here" and desk.is_hidden("#camera")
     finally:
         desk.close()
+
+
+def test_is_this_right_stores_the_visitors_label(page, site):
+    """After an answer: "Yes" stores the top class as the visitor's label, "No, it is" + a class stores that one
+    (a user report, through POST v2/models/{name}/feedback); the form says so and is not sent twice."""
+    from vggnet import store
+
+    url, files = site
+    open_page(page, url)
+    page.set_input_files("#file", str(files["photo.png"]))
+    page.wait_for_selector("#feedback:not([hidden])")
+    first = page.locator(".bar-label").first.inner_text()
+    page.click("#feedback-yes")
+    page.wait_for_function("() => document.getElementById('feedback-status').textContent.startsWith('Thank you')")
+    assert page.inner_text("#feedback-status") == f"Thank you: recorded as {first}."
+    assert page.is_disabled("#feedback-send")
+    page.set_input_files("#file", str(files["other.png"]))  # a new answer: the form is offered again
+    page.wait_for_function("() => !document.getElementById('feedback-send').disabled")
+    page.select_option("#feedback-label", "frog")
+    page.click("#feedback-send")
+    page.wait_for_function("() => document.getElementById('feedback-status').textContent.startsWith('Thank you')")
+    engine = store.connect(files["store"])
+    try:
+        labels = [(r["label"], r["source"]) for r in store.read_labels(engine)]
+    finally:
+        engine.dispose()
+    assert labels[-2:] == [(first, "user"), ("frog", "user")]

@@ -20,6 +20,8 @@
     busy: $("busy"), bars: $("bars"), barsEmpty: $("bars-empty"), barsHint: $("bars-hint"),
     meta: $("meta"), metaModel: $("meta-model"), metaVersion: $("meta-version"), metaTime: $("meta-time"),
     camBusy: $("cam-busy"), overlay: $("overlay"), camEmpty: $("cam-empty"), camCaption: $("cam-caption"),
+    feedback: $("feedback"), feedbackYes: $("feedback-yes"), feedbackLabel: $("feedback-label"),
+    feedbackSend: $("feedback-send"), feedbackStatus: $("feedback-status"),
   };
   const CAM_HINT = ui.camEmpty.textContent;
   const state = {
@@ -411,6 +413,7 @@
 
   function clearResults() {
     state.answer = null;
+    ui.feedback.hidden = true;
     ui.warnings.replaceChildren();
     ui.bars.replaceChildren();
     ui.toCam.hidden = true;
@@ -527,8 +530,9 @@
     // one column (a phone): the answer is below the photo, out of sight; bring it up
     if (ONE_COLUMN.matches) ui.bars.closest("section").scrollIntoView({ block: "start" });
     const predictions = Array.isArray(data.predictions) ? data.predictions : [];
-    state.answer = { model: data.model_name, version: data.model_version, predictions };
+    state.answer = { model: data.model_name, version: data.model_version, predictions, id: data.id };
     renderBars(predictions);
+    offerFeedback(predictions);
     ui.metaModel.textContent = data.model_name;
     ui.metaVersion.textContent = data.model_version + (ui.version.value || ui.versionField.hidden ? "" : " (routed)");
     ui.metaTime.textContent = formatMs(ms);
@@ -539,6 +543,48 @@
       ui.camCaption.textContent = "Computing the Grad-CAM of " + predictions[0].label + "…";
     }
   }
+
+  // --- "Is this right?": the visitor's label, stored as a user report (the server needs --store) ----------
+
+  function offerFeedback(predictions) {
+    if (!state.answer || !state.answer.id || !predictions.length) { ui.feedback.hidden = true; return; }
+    const classes = Array.isArray(state.prep && state.prep.classes) && state.prep.classes.length
+      ? state.prep.classes : predictions.map((p) => p.label);
+    ui.feedbackLabel.replaceChildren(...classes.map((c) => new Option(c, c)),
+      new Option("none of these", ""));
+    ui.feedbackLabel.value = predictions.length > 1 ? predictions[1].label : classes[0];
+    for (const control of [ui.feedbackYes, ui.feedbackLabel, ui.feedbackSend]) control.disabled = false;
+    ui.feedbackStatus.textContent = "";
+    ui.feedback.hidden = false;
+  }
+
+  async function sendFeedback(label) {
+    const answer = state.answer;
+    if (!answer) return;
+    for (const control of [ui.feedbackYes, ui.feedbackLabel, ui.feedbackSend]) control.disabled = true;
+    ui.feedbackStatus.textContent = "Sending…";
+    try {
+      await call(apiUrl("v2/models/" + encodeURIComponent(answer.model) + "/feedback"), {
+        method: "POST", body: JSON.stringify({ id: answer.id, label }), context: "feedback" });
+      ui.feedbackStatus.textContent = "Thank you: recorded" + (label === null ? " as none of these." : " as "
+        + label + ".");
+    } catch (err) {
+      ui.feedbackStatus.textContent = err.status === 501
+        ? "This server does not keep feedback (it runs without a prediction store)."
+        : (err.message || "The feedback was not recorded.");
+      if (err.status !== 501) {
+        for (const control of [ui.feedbackYes, ui.feedbackLabel, ui.feedbackSend]) control.disabled = false;
+      }
+    }
+  }
+
+  ui.feedbackYes.addEventListener("click", () => {
+    if (state.answer && state.answer.predictions.length) sendFeedback(state.answer.predictions[0].label);
+  });
+  ui.feedback.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendFeedback(ui.feedbackLabel.value === "" ? null : ui.feedbackLabel.value);
+  });
 
   /** One upload per image: POST predict?explain=1 answers the bars first, then the top class's heat map. */
   async function classify(file) {
