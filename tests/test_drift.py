@@ -250,3 +250,16 @@ def test_every_metric_the_rules_and_dashboard_name_is_exported(run, tmp_path):
              + _dashboard_exprs() for m in METRIC.findall(expr)}
     assert len(named) >= 9
     assert named <= exported, sorted(named - exported)
+
+
+def test_vggnet_train_writes_the_references_when_the_run_ends(tmp_path, capsys):
+    """Issue #30: the reference is written at training time; --no-reference leaves it to `vggnet monitor reference`."""
+    fast = ["--epochs", "1", "--set", "model.width=0.125", "train.threads=1", "train.tracking=none"]
+    assert main(["train", "--recipe", "demo", "--out", str(tmp_path / "a"), *fast]) == 0
+    out = capsys.readouterr().out
+    assert "wrote drift.json and ood.json beside the checkpoint" in out and "(359 images)" in out
+    ref = json.loads((tmp_path / "a" / "drift.json").read_text())
+    assert ref["statistic"] == "psi" and set(ref["signals"]) == set(reference.SIGNALS)
+    assert json.loads((tmp_path / "a" / "ood.json").read_text())["images"] == 359
+    assert main(["train", "--recipe", "demo", "--out", str(tmp_path / "b"), *fast, "--no-reference"]) == 0
+    assert not (tmp_path / "b" / "drift.json").exists() and not (tmp_path / "b" / "ood.json").exists()

@@ -51,6 +51,16 @@ def register(actions: argparse._SubParsersAction) -> None:
 def run_reference(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    summary = write_references(args.ckpt, args.data, args.limit)
+    print(f"{summary['source']}: top-1 {summary['accuracy']:.1%}")
+    print(f"confidence median {summary['confidence_median']:.3f}, out-of-domain threshold {summary['threshold']:.4f}")
+    print(f"wrote {summary['drift']}\nwrote {summary['ood']}")
+    return 0
+
+
+def write_references(ckpt: str, data: str | None = None, limit: int | None = None) -> dict:
+    """drift.json and ood.json beside ``ckpt`` from its validation split (or ``data``); also what `vggnet train`
+    calls when a run ends. Returns what was written and measured."""
     try:
         from vggnet.serve import ood
     except ModuleNotFoundError as exc:
@@ -63,11 +73,11 @@ def run_reference(args: argparse.Namespace) -> int:
     from vggnet.infer import reference as drift_reference
     from vggnet.models import checkpoint_file, checkpoint_meta, load_checkpoint
 
-    file = checkpoint_file(args.ckpt)
+    file = checkpoint_file(ckpt)
     model, extra = load_checkpoint(file)
     model.eval()
     prep = Preprocessing.from_meta(checkpoint_meta(file, model, extra))
-    images, labels, found = eval_images(file, args.data, "val", classes=prep.classes, limit=args.limit)
+    images, labels, found = eval_images(file, data, "val", classes=prep.classes, limit=limit)
     kept: list[int] = []  # the labels of the images read (an unreadable file is None, left out)
 
     def readable():
@@ -78,17 +88,15 @@ def run_reference(args: argparse.Namespace) -> int:
 
     values = drift_reference.signals(model, prep, readable())
     if not len(values["class"]):
-        raise UsageError(f"no readable images in the validation split of {args.data or args.ckpt}")
+        raise UsageError(f"no readable images in the validation split of {data or ckpt}")
     accuracy = float(np.mean(values["class"] == np.asarray(kept)))
-    source = f"validation split of {args.data or file.parent.name} ({len(values['class'])} images)"
+    source = f"validation split of {data or file.parent.name} ({len(values['class'])} images)"
     classes = list(prep.classes) if prep.classes else found
     ref = drift_reference.build_reference(values, classes, source, accuracy=accuracy)
     drift_file = drift_reference.write_reference(file, ref)
     confidence = values["confidence"]
+    threshold = ood.threshold(confidence)
     ood_file = ood.write_reference(file, {"signal": "max_softmax", "false_alarm": ood.FALSE_ALARM,
-                                          "threshold": ood.threshold(confidence), "images": len(confidence),
-                                          "source": source})
-    print(f"{source}: top-1 {accuracy:.1%}")
-    print(f"confidence median {np.median(confidence):.3f}, out-of-domain threshold {ood.threshold(confidence):.4f}")
-    print(f"wrote {drift_file}\nwrote {ood_file}")
-    return 0
+                                          "threshold": threshold, "images": len(confidence), "source": source})
+    return {"source": source, "accuracy": accuracy, "images": len(confidence), "threshold": threshold,
+            "confidence_median": float(np.median(confidence)), "drift": drift_file, "ood": ood_file}

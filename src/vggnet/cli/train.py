@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="progress: a bar when stderr is a terminal, otherwise (a log, a pipe) a line every 30 s "
                    "with the time left (the default, shown as %(default)s); --no-progress: neither")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not write drift.json and ood.json beside the checkpoint when the run ends (vggnet "
+                   f"serve's drift and out-of-domain baselines, from up to {REFERENCE_LIMIT} validation images; "
+                   "`vggnet monitor reference` writes them later)")
     p.set_defaults(func=run)
 
 
@@ -90,4 +95,27 @@ def run(args: argparse.Namespace) -> int:
     result = train(recipe, args.out, resume=not args.no_resume, progress=args.progress)
     if "val_top1" in result:
         print(f"done: val top-1 {result['val_top1']:.2f}% (best {result['best_top1']:.2f}%) -> {args.out}")
+        if not args.no_reference and os.environ.get("RANK", "0") == "0":
+            _write_references(args.out)
     return 0
+
+
+#: validation images the end-of-run references are measured on at most (evenly spread): seconds, not minutes
+REFERENCE_LIMIT = 2000
+
+
+def _write_references(run: str) -> None:
+    """drift.json and ood.json beside the run's checkpoint, for `vggnet serve` (issue #30: written at training
+    time). A run is never failed by them: without the serve extra, or on any user error, one line says how to
+    write them later."""
+    from vggnet.cli.monitor_reference import write_references
+    from vggnet.errors import VggnetError
+
+    try:
+        summary = write_references(run, limit=REFERENCE_LIMIT)
+    except (VggnetError, OSError) as exc:
+        print(f"no drift.json / ood.json ({str(exc).splitlines()[0]}); `vggnet monitor reference --ckpt {run}` "
+              "writes them later")
+        return
+    print(f"wrote drift.json and ood.json beside the checkpoint (vggnet serve's drift and out-of-domain baselines, "
+          f"{summary['source']})")
