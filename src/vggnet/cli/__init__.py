@@ -33,6 +33,7 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "export": "export a checkpoint to ONNX, .pt2 (AOTInductor) or TorchScript, fp32 or INT8, checked against eager",
     "serve": "HTTP inference server: Open Inference Protocol (V2), dynamic batching, A/B versions, /metrics",
     "monitor": "live accuracy per model version from the prediction store, and A/B verdicts",
+    "registry": "model registry (MLflow): register a run's checkpoint, list versions, promote with evidence, roll back",
     "robustness": "accuracy under FGSM / PGD at several eps, and the adversarial guard's threshold and detection rate",
     "models": "list every VGG configuration with parameters and GMACs",
     "info": "show one model's layers with output shapes, parameters and MACs",
