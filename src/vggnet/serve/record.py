@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from vggnet.infer.reference import input_stats
+
 from .metrics import ServeMetrics
 from .settings import ServeSettings
 from .versions import ModelVersion
@@ -97,6 +99,8 @@ class PredictionRecorder:
             sampled = self._random.random() < self.settings.review_sample
         k = min(self.settings.topk, probs.shape[1])
         values, indices = probs.float().topk(k, dim=1)
+        # the drift reference's own definition (infer.reference), once per batch: the two must agree
+        means, stds = input_stats(x)
         for item in range(probs.shape[0]):
             top = [[mv.prep.label(int(i)), round(float(v), 6)] for v, i in zip(values[item], indices[item],
                                                                                 strict=True)]
@@ -106,8 +110,8 @@ class PredictionRecorder:
             row = {"request_id": request_id, "item": item, "model": mv.name, "version": mv.version, "role": role,
                    "route": route, "predicted": predicted, "confidence": confidence, "topk": top,
                    "latency_ms": round(latency_ms, 3), "input_sha256": hashlib.sha256(raw).hexdigest(),
-                   "input_bytes": len(raw), "input_stats": _stats(x[item]),
-                   "sampled": sampled}
+                   "input_bytes": len(raw), "sampled": sampled,
+                   "input_stats": {"mean": round(float(means[item]), 5), "std": round(float(stds[item]), 5)}}
             self._watch(mv, int(indices[item, 0]), row)
             if adversarial is not None:
                 row["adv_score"] = adversarial.scores[item]
@@ -146,9 +150,3 @@ class PredictionRecorder:
         if self.keeper is not None:
             for outcome, count in self.keeper.counts.items():
                 self.metrics.kept_inputs.labels(outcome).set(count)
-
-
-def _stats(x: torch.Tensor) -> dict[str, float]:
-    """Simple statistics of the network's input (normalised): what an input drift is seen in."""
-    x = x.detach().float()
-    return {"mean": round(float(x.mean()), 5), "std": round(float(x.std()), 5)}
