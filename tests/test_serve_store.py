@@ -194,3 +194,16 @@ def test_store_keep_days_removes_old_kept_inputs_too(ckpt, tmp_path):
     with TestClient(app_for(ckpt, store=url, keep_inputs=str(kept), store_keep_days=2)):
         pass
     assert not old.exists() and fresh.exists()
+
+
+def test_keep_all_inputs_keeps_a_sure_answer_outside_the_review_sample(ckpt, tmp_path):
+    """Without it only the review sample's and low-confidence crops are kept; retraining from a user's report on
+    any request needs them all."""
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    for keep_all, expected in ((False, 0), (True, 1)):
+        kept = tmp_path / f"kept-{keep_all}"
+        settings = {"store": url, "review_sample": 0.0, "review_low_confidence": 0.0, "keep_inputs": str(kept),
+                    "keep_all_inputs": keep_all}
+        with TestClient(app_for(ckpt, **settings)) as c:
+            assert c.post("/predict", **JPEG).status_code == 200
+        assert len(list(kept.rglob("*.png"))) == expected

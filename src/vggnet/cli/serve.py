@@ -154,6 +154,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --store, keep the crop the network saw (a PNG) of the review sample's and low-"
                    "confidence predictions in DIR, named by the input's SHA-256, for reviewers (off: these are "
                    "your users' images)")
+    p.add_argument("--keep-all-inputs", action="store_true", default=None,
+                   help="with --keep-inputs, keep the crop of every prediction, not only those likely to be "
+                   "reviewed: a user's report or a reviewer's label on any request can then go back into training "
+                   "(vggnet retrain); still bounded by --keep-inputs-mb")
     p.add_argument("--keep-inputs-mb", type=float, metavar="MB",
                    help="the most --keep-inputs may hold, in MiB; then images are no longer kept (default: 1024)")
     _add_guard_flags(p)
@@ -189,6 +193,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--store-keep-days must be positive, got {args.store_keep_days}")
     if args.store_keep_days is not None and not args.store:
         raise UsageError("--store-keep-days needs --store URL")
+    if args.keep_all_inputs and not args.keep_inputs:
+        raise UsageError("--keep-all-inputs needs --keep-inputs DIR")
     if (args.keep_inputs or args.keep_inputs_mb is not None) and not args.store:
         raise UsageError("--keep-inputs needs --store URL (a kept image is found through its stored prediction)")
     if args.keep_inputs_mb is not None and args.keep_inputs_mb <= 0:
@@ -211,6 +217,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs, docs=args.docs,
         store=args.store, store_keep_days=args.store_keep_days, review_sample=args.review_sample,
         keep_inputs=args.keep_inputs, keep_inputs_mb=args.keep_inputs_mb,
+        keep_all_inputs=args.keep_all_inputs,
         prediction_log=args.prediction_log, reject_adversarial=args.reject_adversarial,
         adversarial_guard=args.adversarial_guard or args.reject_adversarial)
     from vggnet.serve.hosts import allowed_hosts_for, parse_allowed_hosts

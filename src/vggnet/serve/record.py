@@ -117,7 +117,8 @@ class PredictionRecorder:
                 row["adv_score"] = adversarial.scores[item]
                 if adversarial.flagged[item]:
                     self.metrics.adversarial_flagged.labels(mv.name, mv.version).inc()
-            if self.keeper is not None and (sampled or confidence < self.settings.review_low_confidence):
+            if self.keeper is not None and (sampled or self.settings.keep_all_inputs
+                                            or confidence < self.settings.review_low_confidence):
                 row["input_path"] = self.keeper.keep(row["input_sha256"], x[item], mv.prep.mean, mv.prep.std)
             if self.settings.prediction_log:
                 prediction_log.info(json.dumps(row))

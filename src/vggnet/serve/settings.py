@@ -77,6 +77,9 @@ class ServeSettings:
     keep_inputs: str | None = None
     #: the most the keep_inputs folder may hold, in MiB
     keep_inputs_mb: float = 1024.0
+    #: keep every prediction's crop, not only the review sample's and low-confidence ones (retraining from
+    #: user reports needs the image of any request)
+    keep_all_inputs: bool = False
     #: one JSON line per prediction on the ``vggnet.serve.predictions`` logger
     prediction_log: bool = True
     #: score every prediction for adversarial inputs (feature squeezing, serve.guard: two extra forward passes
