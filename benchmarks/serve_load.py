@@ -120,6 +120,7 @@ class Cell:
     errors: int = 0
     seconds: float = 0.0
     error_samples: list[str] = field(default_factory=list)
+    completed: int = 0  # every answer, warm-up included: what a server's CPU time over the whole cell served
 
     def row(self) -> dict:
         lat = sorted(self.latencies)
@@ -157,6 +158,7 @@ async def _client(port: int, request: bytes, cell: Cell, measure_from: float, st
             start = time.perf_counter()
             status = await _one(reader, writer, request)
             end = time.perf_counter()
+            cell.completed += 1
             if measure_from <= end <= stop_at:  # completions inside the window: throughput and latency
                 if status == 200:
                     cell.latencies.append(end - start)
