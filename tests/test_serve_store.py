@@ -157,7 +157,10 @@ def test_kept_inputs_are_the_network_crop_named_by_the_input_hash(ckpt, tmp_path
     with TestClient(app_for(ckpt, **settings)) as c:
         first = c.post("/predict", **JPEG).json()["id"]
         again = c.post("/predict", **JPEG).json()["id"]  # the same bytes: the same file
-        text = c.get("/metrics").text
+        deadline = time.monotonic() + 10  # the keeper writes on its own thread: its count follows the answer
+        while 'vggnet_kept_inputs{outcome="kept"} 1.0' not in (text := c.get("/metrics").text):
+            assert time.monotonic() < deadline, "the kept image was never counted"
+            time.sleep(0.05)
     [row], [row2] = stored_rows(url, first), stored_rows(url, again)
     sha = hashlib.sha256(IMAGE).hexdigest()
     assert row["input_path"] == row2["input_path"] == f"{sha[:2]}/{sha}.png"
@@ -207,3 +210,19 @@ def test_keep_all_inputs_keeps_a_sure_answer_outside_the_review_sample(ckpt, tmp
         with TestClient(app_for(ckpt, **settings)) as c:
             assert c.post("/predict", **JPEG).status_code == 200
         assert len(list(kept.rglob("*.png"))) == expected
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--keep-inputs", "kept"], "--keep-inputs needs --store URL"),
+    (["--store", "sqlite:///s.db", "--keep-all-inputs"], "--keep-all-inputs needs --keep-inputs DIR"),
+    (["--store-keep-days", "3"], "--store-keep-days needs --store URL"),
+    (["--live-accuracy-every", "5"], "--live-accuracy-every needs --store URL"),
+    (["--store", "sqlite:///s.db", "--live-accuracy-every", "-1"], "--live-accuracy-every must be 0"),
+    (["--store", "sqlite:///s.db", "--review-sample", "1.5"], "--review-sample must be a share in [0, 1]"),
+])
+def test_store_flag_mistakes_are_one_line_before_anything_starts(ckpt, flags, message, capsys):
+    from vggnet.cli import main
+
+    code = main(["serve", "--ckpt", str(ckpt), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err

@@ -126,7 +126,7 @@ def test_connect_creates_the_schema_and_a_second_connect_changes_nothing(url, ca
     assert {"predictions", "labels", VERSION_TABLE} <= set(sa.inspect(engine).get_table_names())
     with engine.connect() as connection:
         assert MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision() \
-            == store.head_revision() == "0001"
+            == store.head_revision() == "0002"
     assert any("Running upgrade  -> 0001" in r.getMessage() for r in caplog.records)
     writer = store.PredictionWriter(engine, flush_s=0.01)
     writer.put(row(1))

@@ -9,6 +9,7 @@ temporary is removed and the old file is untouched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "write_bytes", "write_json", "write_text"]
+__all__ = ["atomic_dir", "atomic_path", "file_sha256", "write_bytes", "write_json", "write_text"]
 
 
 def _fsync_file(path: Path) -> None:
@@ -121,3 +122,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks: how a checkpoint is named in the registry and checked
+    before it is served or retrained (a file that changed since is refused, not trusted)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

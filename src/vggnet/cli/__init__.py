@@ -34,6 +34,7 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "serve": "HTTP inference server: Open Inference Protocol (V2), dynamic batching, A/B versions, /metrics",
     "monitor": "live accuracy per model version from the prediction store, and A/B verdicts",
     "registry": "model registry (MLflow): register a run's checkpoint, list versions, promote with evidence, roll back",
+    "retrain": "fine-tune a registered model on the reviewed samples of the prediction store, gate it, register it",
     "robustness": "accuracy under FGSM / PGD at several eps, and the adversarial guard's threshold and detection rate",
     "models": "list every VGG configuration with parameters and GMACs",
     "info": "show one model's layers with output shapes, parameters and MACs",

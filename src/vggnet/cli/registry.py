@@ -30,6 +30,8 @@ examples:
   vggnet registry promote digits --store sqlite:///runs/serve/predictions.db
   vggnet registry promote digits --version 2 --force --reason "hotfix for the 7s"
   vggnet registry rollback digits
+  vggnet registry mode digits ab:0.1      # the challenger answers 10 % (default: shadow); `vggnet serve
+                                          # --registry --model digits` follows it within a poll
 """
 
 
@@ -64,11 +66,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     rb.add_argument("name", metavar="M")
     rb.set_defaults(func=run_rollback)
 
-    for action in (reg, ls, pro, rb):
+    mode = _add_mode(actions)
+    for action in (reg, ls, pro, rb, mode):
         action.add_argument("--tracking-uri", metavar="URI", help="the MLflow tracking / registry URI "
                             "(default: $MLFLOW_TRACKING_URI, else runs/mlruns/mlflow.db)")
-    for action in (pro, rb):
+    for action in (pro, rb, mode):
         action.add_argument("--who", metavar="NAME", help="who acts (recorded; default: the OS user)")
+
+
+def _add_mode(actions: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``vggnet registry mode M [shadow|ab:W]``: how a server following the registry serves the challenger."""
+    from vggnet.registry.serving import MODE_HELP
+
+    mode = actions.add_parser("mode", help="how `vggnet serve --registry` serves the challenger: shadow or an A/B "
+                              "share (without a value: show it)")
+    mode.add_argument("name", metavar="M")
+    mode.add_argument("mode", metavar="MODE", nargs="?", help=f"{MODE_HELP}; default shadow; stored on the "
+                      "registered model (tag vggnet.challenger_mode) and recorded as an event")
+    mode.set_defaults(func=run_mode)
+    return mode
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -160,4 +176,16 @@ def run_rollback(args: argparse.Namespace) -> int:
 
     event = rollback(_client(args), args.name, who=args.who or getpass.getuser())
     print(f"{args.name}: champion rolled back to version {event['version']} (was {event['previous']})")
+    return 0
+
+
+def run_mode(args: argparse.Namespace) -> int:
+    from vggnet.registry.serving import get_mode, set_mode
+
+    client = _client(args)
+    if args.mode is None:
+        print(f"{args.name}: challenger mode {get_mode(client, args.name)}")
+        return 0
+    event = set_mode(client, args.name, args.mode, who=args.who or getpass.getuser())
+    print(f"{args.name}: challenger mode {event['mode']} (was {event['previous']})")
     return 0

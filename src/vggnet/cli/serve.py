@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vggnet.errors import UsageError
 
@@ -24,6 +24,15 @@ model repository layout (--model-repo DIR):
                                max_delay_ms, batching, max_queue, runtime, calib_data
   --ckpt RUN serves one checkpoint as model <run folder name>, version 1; --ckpt m.int8.onnx one exported
   file as model m.int8.
+
+following the model registry (--registry [URI] --model M; vggnet registry):
+  M@champion is served as model M, version <its registry version>, the default; M@challenger, when aliased,
+  runs in shadow (its predictions stored beside the champion's with --store) or answers an A/B share, as
+  `vggnet registry mode M shadow|ab:W` says. Every --registry-poll-s seconds the registry is read; a change is
+  loaded and warmed beside the running versions, takes the traffic, then the old version is drained and closed:
+  no request fails. A version whose file is missing, not the registered sha256, or does not load leaves the old
+  one serving (the reason in /v2/repository/index and the log) and is not retried until the registry changes.
+  Unreachable registry: the server keeps serving (vggnet_registry_polls_total{outcome="unreachable"}).
 
 calibration images (runtimes int8, onnx-int8, auto; the rule of vggnet predict and vggnet export too):
   the model's calib_data (in its config.yaml, relative to the model folder) or --calib-data PATH (a folder,
@@ -57,10 +66,13 @@ examples:
   vggnet export --ckpt runs/cifar10 --format onnx-int8 --out models/cifar10/2/model.int8.onnx
   vggnet serve --ckpt models/cifar10/2/model.int8.onnx
   vggnet serve --ckpt runs/cifar10 --device cuda --precision bf16      # checkpoints, eager runtime only
+  vggnet serve --registry --model digits --store sqlite:///runs/serve.db   # runs/mlruns/mlflow.db, champion
+  vggnet registry promote digits --version 2 --force --reason "hotfix"      # ...served within a poll
 """
 
 
 _CALIBRATED = ("int8", "onnx-int8", "auto")
+DEFAULT_POLL_S = 10.0  # --registry-poll-s
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # vggnet.hardware.PRECISIONS, without importing torch for --help
 
 
@@ -76,13 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-repo", metavar="DIR", help="model repository folder (see the layout below)")
-    source.add_argument("--ckpt", action="append", metavar="RUN",
-                        help="run folder, .safetensors checkpoint or exported file (.onnx, .int8.onnx, .pt2, "
-                        ".int8.pt2, .pt), served as exported; repeat to serve several")
-    p.add_argument("--name", action="append", metavar="NAME",
-                   help="served name of the --ckpt at the same position (default: its run folder's name)")
+    _add_source_flags(p)
     p.add_argument("--runtime", default=None,
                    help="inference runtime: eager (default), channels_last, bf16, compile, int8, int8-dynamic, onnx, "
                         "onnx-int8 or auto (see vggnet predict --help); a model's config.yaml may set its own. "
@@ -147,6 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "batched off the request path and a store that is down drops rows, never predictions")
     p.add_argument("--store-keep-days", type=float, metavar="DAYS",
                    help="with --store, remove predictions older than DAYS when the server starts (default: keep)")
+    p.add_argument("--live-accuracy-every", type=float, metavar="S",
+                   help="with --store, seconds between reads of each version's live accuracy from the store into "
+                   "vggnet_live_accuracy{model,version} (the reviewed random sample; 0: off; default: 30)")
     p.add_argument("--review-sample", type=float, metavar="P",
                    help="share of predictions marked, uniformly at random, for human review: the unbiased basis of "
                    "live accuracy (default: 0.1)")
@@ -165,6 +174,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no JSON line per prediction on stdout (the store's fields, for ELK / Loki)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    """What is served: a repository folder, checkpoints, or a registered model that the server follows."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-repo", metavar="DIR", help="model repository folder (see the layout below)")
+    source.add_argument("--ckpt", action="append", metavar="RUN",
+                        help="run folder, .safetensors checkpoint or exported file (.onnx, .int8.onnx, .pt2, "
+                        ".int8.pt2, .pt), served as exported; repeat to serve several")
+    source.add_argument("--registry", nargs="?", const="", metavar="URI",
+                        help="serve --model from the MLflow Model Registry at URI (default: $MLFLOW_TRACKING_URI, "
+                        "else runs/mlruns/mlflow.db) and follow it: M@champion is the default version, M@challenger "
+                        "runs in shadow or answers an A/B share (vggnet registry mode); an alias that moves is "
+                        "served within a poll, loaded beside the running version, without a restart")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="served name of the --ckpt at the same position (default: its run folder's name)")
+    p.add_argument("--model", metavar="M", help="with --registry: the registered model, served under the name M "
+                   "with its registry version numbers as versions")
+    p.add_argument("--registry-poll-s", type=float, metavar="S",
+                   help="with --registry: seconds between reads of the registry (default: 10); a version that "
+                   "fails to load is tried again only when the registry changes")
 
 
 def _add_guard_flags(p: argparse.ArgumentParser) -> None:
@@ -189,6 +219,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}, got {value}")
     if args.review_sample is not None and not 0 <= args.review_sample <= 1:
         raise UsageError(f"--review-sample must be a share in [0, 1], got {args.review_sample}")
+    if args.live_accuracy_every is not None and args.live_accuracy_every < 0:
+        raise UsageError(f"--live-accuracy-every must be 0 (off) or more seconds, got {args.live_accuracy_every}")
+    if args.live_accuracy_every is not None and not args.store:
+        raise UsageError("--live-accuracy-every needs --store URL (live accuracy is read from the store)")
     if args.store_keep_days is not None and args.store_keep_days <= 0:
         raise UsageError(f"--store-keep-days must be positive, got {args.store_keep_days}")
     if args.store_keep_days is not None and not args.store:
@@ -200,7 +234,21 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.keep_inputs_mb is not None and args.keep_inputs_mb <= 0:
         raise UsageError(f"--keep-inputs-mb must be positive, got {args.keep_inputs_mb}")
     if args.name and not args.ckpt:
-        raise UsageError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml")
+        raise UsageError("--name names --ckpt checkpoints; with --model-repo use name: in config.yaml"
+                         + ("; with --registry the name is the registered model's (--model)" if args.registry
+                            is not None else ""))
+    _check_registry_flags(args)
+
+
+def _check_registry_flags(args: argparse.Namespace) -> None:
+    if args.model is not None and args.registry is None:
+        raise UsageError("--model names a registered model: it needs --registry [URI] (not --ckpt or --model-repo)")
+    if args.registry is not None and not args.model:
+        raise UsageError("--registry needs --model M, the registered model to serve")
+    if args.registry_poll_s is not None and args.registry is None:
+        raise UsageError("--registry-poll-s needs --registry")
+    if args.registry_poll_s is not None and not args.registry_poll_s > 0:
+        raise UsageError(f"--registry-poll-s must be positive, got {args.registry_poll_s}")
 
 
 def _settings(args: argparse.Namespace) -> ServeSettings:
@@ -216,6 +264,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         calib_data=args.calib_data, calib_n=args.calib_n, trust_model_code=args.trust_model_code,
         device=args.device, precision=args.precision, max_explain_jobs=args.max_explain_jobs, docs=args.docs,
         store=args.store, store_keep_days=args.store_keep_days, review_sample=args.review_sample,
+        live_accuracy_every_s=args.live_accuracy_every,
         keep_inputs=args.keep_inputs, keep_inputs_mb=args.keep_inputs_mb,
         keep_all_inputs=args.keep_all_inputs,
         prediction_log=args.prediction_log, reject_adversarial=args.reject_adversarial,
@@ -295,8 +344,13 @@ def run(args: argparse.Namespace) -> int:
 
     _check_flags(args)
     settings = _settings(args)
-    repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
-            else ModelRepository.from_checkpoints(args.ckpt, args.name))
+    follower = None
+    if args.registry is not None:
+        follower = _registry_follower(args)
+        repo = follower.first()  # unreachable, no champion, a champion's file missing or changed: one line, exit 2
+    else:
+        repo = (ModelRepository.from_dir(args.model_repo) if args.model_repo
+                else ModelRepository.from_checkpoints(args.ckpt, args.name))
     _check_repo(repo, settings)
     if settings.adversarial_guard:  # no threshold beside a checkpoint: one line naming the command, no server
         from vggnet.serve.guard import reference
@@ -313,5 +367,29 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     names = ", ".join(f"{m.name} ({', '.join(m.ordered_versions)})" for m in repo.models.values())
     print(f"vggnet serve: {names} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    app.run_server(repo, settings, host=args.host, port=args.port, log_level=args.log_level)
+    if follower is None:
+        app.run_server(repo, settings, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    print(f"vggnet serve: following {args.model} in the model registry {follower.where} every "
+          f"{follower.poll_s:g} s", file=sys.stderr, flush=True)
+    app.run_server(repo, settings, host=args.host, port=args.port, log_level=args.log_level, background=[follower])
     return 0
+
+
+def _registry_follower(args: argparse.Namespace) -> Any:
+    """The serve room's follower over a plain callable reading the registry room (the rooms never meet)."""
+    from vggnet.registry import resolve_uri
+    from vggnet.registry.serving import display_uri, state_reader
+    from vggnet.serve.follow import RegistryFollower, Wanted
+
+    uri = resolve_uri(args.registry or None)
+    read = state_reader(uri, args.model)
+
+    def wanted() -> Wanted:
+        state = read()
+        champion = (state.champion.version, state.champion.checkpoint, state.champion.sha256)
+        challenger = None if state.challenger is None else (state.challenger.version, state.challenger.checkpoint,
+                                                             state.challenger.sha256)
+        return Wanted.of(state.name, champion, challenger, state.challenger_share if state.mode == "ab" else None)
+
+    return RegistryFollower(wanted, poll_s=args.registry_poll_s or DEFAULT_POLL_S, where=display_uri(uri))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vggnet.atomic import atomic_path, write_json
+from vggnet.atomic import atomic_path, file_sha256, write_json
 from vggnet.capture.graph import export_program
 from vggnet.capture.metadata import METADATA_FILE, export_metadata
 from vggnet.capture.pt2e import (
@@ -217,13 +216,6 @@ def _refuse_quantized_safetensors(path: Path) -> None:
     except SafetensorError:
         return  # load_checkpoint reports an unreadable file
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _training_images(inputs: Inputs, n: int) -> torch.Tensor:
@@ -655,7 +647,7 @@ def qat_finetune(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, epochs:
         raise UsageError(f"--out {out} is the source run folder; QAT writes a folder of its own")
     file, config, prep = _read_source(ckpt)
     base = _source_recipe(file, recipe)
-    settings = QATSettings(source=str(file), source_sha256=_sha256(file), epochs=epochs, lr=lr, momentum=momentum,
+    settings = QATSettings(source=str(file), source_sha256=file_sha256(file), epochs=epochs, lr=lr, momentum=momentum,
                            weight_decay=weight_decay, batch_size=int(batch_size or base.optim.batch_size),
                            calib_images=calib_images, fold_bn=fold_bn, seed=seed)
     done = _epochs_done(out, settings)

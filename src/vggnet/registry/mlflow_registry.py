@@ -23,10 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vggnet.atomic import file_sha256
 from vggnet.errors import UsageError, VggnetError
 
 __all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "VersionRow", "challenger_of", "champion_of", "data_fingerprint",
-           "list_versions", "open_registry", "promote", "register_run", "resolve_uri", "rollback"]
+           "list_versions", "model_version", "open_registry", "promote", "register_run", "resolve_uri", "rollback"]
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 STORE_DIR, DB_FILE = "mlruns", "mlflow.db"  # as vggnet.engine.tracking: SQLite in mlruns/ beside the run folders
@@ -72,13 +73,6 @@ def open_registry(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _run_facts(run: Path) -> tuple[Path, dict[str, Any], str]:
     """The run's checkpoint (best, else last), its final metrics and its recipe text; what is missing, said."""
@@ -110,9 +104,16 @@ def _existing_version(client: Any, name: str, version: int | str) -> Any:
         raise UsageError(f"model {name} has no version {version}") from exc
 
 
-def register_run(client: Any, name: str, run: Path, parent: int | None = None, challenger: bool = False) -> Any:
+def register_run(client: Any, name: str, run: Path, parent: int | str | None = None, challenger: bool = False,
+                 tags: dict[str, str] | None = None, alias: bool = True, once: bool = False) -> Any:
     """Record ``run``'s checkpoint as a new version of ``name``; the model's first version becomes champion,
-    a later one challenger only when asked. Returns the ModelVersion."""
+    a later one challenger only when asked. Returns the ModelVersion.
+
+    ``tags`` are added to the version's own (e.g. ``gate``: why a retrained version passed or failed).
+    ``alias=False`` gives the version no alias at all, not even champion as a first version: a version kept for
+    the record only (a retrain that failed its gate). ``once``: when a version of this very run and checkpoint
+    (same folder, same sha256) is already registered, that version is returned (its tags and alias set as asked)
+    instead of a second one, so a step that is re-run after an interruption registers once."""
     from mlflow.exceptions import MlflowException
 
     run = Path(run).resolve()
@@ -123,21 +124,54 @@ def register_run(client: Any, name: str, run: Path, parent: int | None = None, c
         client.create_registered_model(name, description="VGG checkpoints registered by `vggnet registry`")
     if parent is not None:
         _existing_version(client, name, parent)
-    tags = {f"metric.{k}": str(v) for k, v in final.items() if isinstance(v, int | float) and k != "time"}
-    tags.update({
-        "checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(checkpoint), "run": str(run),
+    all_tags = {f"metric.{k}": str(v) for k, v in final.items() if isinstance(v, int | float) and k != "time"}
+    all_tags.update({
+        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "run": str(run),
         "recipe_sha256": hashlib.sha256(recipe.encode()).hexdigest(), "data_fingerprint": data_fingerprint(recipe),
         "parent": "" if parent is None else str(parent),
     })
     if (run / "mlflow.json").is_file():  # the MLflow run training logged to, when it used MLflow
-        tags["mlflow_run_id"] = str(json.loads((run / "mlflow.json").read_text()).get("run_id", ""))
-    version = client.create_model_version(name, source=checkpoint.as_uri(), tags=tags,
-                                          description=f"recipe.yaml of {run}:\n{recipe}")
-    if CHAMPION not in client.get_registered_model(name).aliases:
+        all_tags["mlflow_run_id"] = str(json.loads((run / "mlflow.json").read_text()).get("run_id", ""))
+    all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+    version = _version_of_run(client, name, run, all_tags["checkpoint_sha256"]) if once else None
+    if version is None:
+        version = client.create_model_version(name, source=checkpoint.as_uri(), tags=all_tags,
+                                              description=f"recipe.yaml of {run}:\n{recipe}")
+    else:
+        for key, value in all_tags.items():
+            client.set_model_version_tag(name, version.version, key, value)
+    if alias and CHAMPION not in client.get_registered_model(name).aliases:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    elif challenger:
+    elif alias and challenger:
         client.set_registered_model_alias(name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)
+
+
+def _version_of_run(client: Any, name: str, run: Path, sha256: str) -> Any:
+    """The oldest version of ``name`` registered from ``run`` with this checkpoint hash, or None."""
+    same = [mv for mv in client.search_model_versions(f"name='{name}'")
+            if mv.tags.get("run") == str(run) and mv.tags.get("checkpoint_sha256") == sha256]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
+def model_version(client: Any, ref: str) -> Any:
+    """The ModelVersion ``ref`` names: ``M@champion``, ``M@challenger`` (any alias) or ``M@3`` (a version)."""
+    from mlflow.exceptions import MlflowException
+
+    name, sep, which = str(ref).partition("@")
+    if not sep or not name or not which:
+        raise UsageError(f"{ref!r} names no model version: use NAME@champion, NAME@challenger or NAME@N")
+    if which.isdigit():
+        return _existing_version(client, name, which)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        raise UsageError(f"no registered model {name!r}") from exc
+    try:
+        return client.get_model_version_by_alias(name, which)
+    except MlflowException as exc:
+        raise UsageError(f"model {name} has no {which!r} alias (`vggnet registry list {name}` shows its "
+                         "versions)") from exc
 
 
 @dataclass

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -21,7 +22,7 @@ import vggnet
 
 from .auth import AuthMiddleware
 from .hosts import ANY_HOST, allowed_hosts_for, app_default_hosts, is_wildcard
-from .lifecycle import ModelServer, lifespan
+from .lifecycle import Background, ModelServer, lifespan
 from .metrics import ServeMetrics
 from .middleware import ObservabilityMiddleware, install_error_handlers
 from .record import PredictionRecorder
@@ -37,9 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
-               metrics: ServeMetrics | None = None) -> FastAPI:
+               metrics: ServeMetrics | None = None, background: Sequence[Background] = ()) -> FastAPI:
     """The service for ``repo``. Models load in the lifespan (run it: uvicorn does; in tests use
-    ``with TestClient(app)``); ``app.state.server`` is the :class:`ModelServer`.
+    ``with TestClient(app)``); ``app.state.server`` is the :class:`ModelServer`. ``background``: work the lifespan
+    starts beside it (e.g. a :class:`~vggnet.serve.follow.RegistryFollower`).
 
     What stands before the routes, outermost first: observability (request id, ``nosniff``, metrics, the access
     log: refusals are counted too), the Host check (see :mod:`.hosts`), then authentication, so a request for a
@@ -50,7 +52,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
     app = FastAPI(title="vggnet", version=vggnet.__version__, lifespan=lifespan,
                   description="VGG classifiers over the Open Inference Protocol (V2)",
                   docs_url="/docs" if settings.docs else None, redoc_url="/redoc" if settings.docs else None)
-    app.state.server = ModelServer(repo, settings, metrics)
+    app.state.server = ModelServer(repo, settings, metrics, background)
     app.state.metrics = metrics
     app.state.recorder = PredictionRecorder(settings, metrics)
     if settings.api_keys:
@@ -65,7 +67,7 @@ def create_app(repo: ModelRepository, settings: ServeSettings | None = None,
 
 
 def run_server(repo: ModelRepository, settings: ServeSettings | None = None, host: str = "127.0.0.1",
-               port: int = 8000, log_level: str = "info") -> None:
+               port: int = 8000, log_level: str = "info", background: Sequence[Background] = ()) -> None:
     """Serve ``repo`` with uvicorn until SIGINT/SIGTERM; shutdown drains queues (``drain_timeout_s``).
 
     Without ``settings.allowed_hosts`` the Host allow-list comes from ``host`` (:func:`.hosts.allowed_hosts_for`):
@@ -79,7 +81,7 @@ def run_server(repo: ModelRepository, settings: ServeSettings | None = None, hos
             log.warning("bound to %s with no --allowed-hosts: any Host header is accepted, so a DNS-rebinding "
                         "page can reach this server through a browser that can reach it; list the names clients "
                         "use with --allowed-hosts (or set --api-key-file)", host or "every interface")
-    app = create_app(repo, settings)
+    app = create_app(repo, settings, background=background)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), lifespan="on")
     server = uvicorn.Server(config)

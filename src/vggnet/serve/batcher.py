@@ -103,6 +103,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closing = False
         self._incoming = 0
+        self._busy = False  # the worker holds a batch or job popped from the queue
         self._thread: threading.Thread | None = None
 
     # --- client side (any thread; the event loop in the service) ------------------------------------------
@@ -120,6 +121,11 @@ class Batcher:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def idle(self) -> bool:
+        """Nothing announced, queued or running: a replaced version may be closed without refusing anyone."""
+        return self._incoming == 0 and not self._queue and not self._busy
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -221,6 +227,7 @@ class Batcher:
                     break  # out of time, draining, or nobody on the way: waiting would only add latency
                 self._cond.wait(remaining)
             self._set_depth()
+            self._busy = True
         return batch
 
     def _run(self) -> None:
@@ -240,6 +247,7 @@ class Batcher:
                     for item in live:
                         if not item.future.done():
                             item.future.set_exception(exc)
+            self._busy = False  # every failure above is caught: the flag always comes down
 
     def _run_job(self, item: _Item, started: bool) -> None:
         started_at = time.perf_counter()

@@ -1,8 +1,10 @@
 """The models of one server process over their life: loaded in the app's lifespan (in a background thread by
 default, so liveness probes are answered while a big model loads), routed to while they serve, unloaded and
 loaded again on request (Triton's model repository extension: :meth:`ModelServer.unload_model`,
-:meth:`ModelServer.load_model`), drained at shutdown (SIGTERM under uvicorn: it stops accepting connections and
-waits for in-flight requests, then each model's queue is finished before its worker stops).
+:meth:`ModelServer.load_model`) or when a source they follow changes (:meth:`ModelServer.replace_model`, the one
+routine of every swap: load beside, warm, take traffic, then drain and close the old), drained at shutdown
+(SIGTERM under uvicorn: it stops accepting connections and waits for in-flight requests, then each model's queue
+is finished before its worker stops).
 
 :class:`ModelServer` is what the routes reach through ``app.state.server`` (see :mod:`vggnet.serve.deps`).
 """
@@ -16,8 +18,10 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 from fastapi import FastAPI
@@ -33,9 +37,14 @@ from .repository import ModelConfig, ModelRepository, VersionRouter
 from .settings import ServeSettings
 from .versions import ModelVersion, without_paths
 
-__all__ = ["ModelServer", "ServedModel", "lifespan"]
+__all__ = ["Background", "ModelServer", "Replaced", "ServedModel", "lifespan"]
 
 log = logging.getLogger(__name__)
+
+#: how long a replaced version must stay idle (nothing announced, queued or computing) before it is closed: a
+#: request that picked it just before the swap may still submit follow-up work on it (the adversarial guard's
+#: squeezed copies right after its answer), and that must not meet a closed queue
+RETIRE_QUIET_S = 0.25
 
 
 def _lower_priority() -> None:
@@ -50,12 +59,16 @@ def _lower_priority() -> None:
 class ServedModel:
     """A model name: its versions and the router for requests that name no version."""
 
-    def __init__(self, config: ModelConfig, settings: ServeSettings) -> None:
+    def __init__(self, config: ModelConfig, settings: ServeSettings,
+                 kept: Mapping[str, ModelVersion] | None = None) -> None:
         self.config = config
-        self.versions = {v: ModelVersion(config, v, settings) for v in config.ordered_versions}
+        kept = kept or {}  # versions already loaded and serving, carried over from the model this one replaces
+        self.versions = {v: kept.get(v) or ModelVersion(config, v, settings) for v in config.ordered_versions}
         self.router = VersionRouter(config.default_version, config.ab)
         #: unloaded on request: it no longer counts towards the server's readiness
         self.unloaded = False
+        #: versions the last change tried and could not load (kept for the index's reason only, never routed to)
+        self.failed: dict[str, ModelVersion] = {}
 
     @property
     def routed_versions(self) -> list[str]:
@@ -67,11 +80,42 @@ class ServedModel:
         return all(self.versions[v].ready for v in self.routed_versions)
 
 
+class Background(Protocol):
+    """Work the lifespan runs beside the server (e.g. :class:`vggnet.serve.follow.RegistryFollower`): started once
+    the startup loading has begun, stopped before the queues are drained."""
+
+    def start(self, server: ModelServer) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """What :meth:`ModelServer.replace_model` did: whether the new configuration (or, leaving out failed optional
+    versions, part of it) now serves, and the versions that failed to load (state UNAVAILABLE, with the reason)."""
+
+    served: bool
+    failed: tuple[ModelVersion, ...] = ()
+
+
+def without_versions(config: ModelConfig, left_out: Collection[str]) -> ModelConfig:
+    """``config`` without ``left_out`` (never its default version): gone from the versions, the shadows and the
+    A/B split (a split left with one version is no split)."""
+    ab = {v: w for v, w in config.ab.items() if v not in left_out}
+    return replace(config, versions={v: f for v, f in config.versions.items() if v not in left_out},
+                   shadow=tuple(v for v in config.shadow if v not in left_out),
+                   ab=ab if sum(1 for w in ab.values() if w > 0) > 1 else {})
+
+
 class ModelServer:
     """Everything behind the routes: the models, their loading and shutdown, and request routing."""
 
-    def __init__(self, repo: ModelRepository, settings: ServeSettings, metrics: ServeMetrics) -> None:
+    def __init__(self, repo: ModelRepository, settings: ServeSettings, metrics: ServeMetrics,
+                 background: Sequence[Background] = ()) -> None:
         self.repo, self.settings, self.metrics = repo, settings, metrics
+        self.background = tuple(background)
+        #: the event loop serving requests (set by the lifespan): a swap waits for it to turn (see _retire)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.models = {name: ServedModel(config, settings) for name, config in repo.models.items()}
         self.compute_lock = threading.BoundedSemaphore(max(1, settings.parallel_forwards))
         self.closing = False
@@ -91,6 +135,11 @@ class ModelServer:
 
     def all_versions(self) -> list[ModelVersion]:
         return [mv for model in self.models.values() for mv in model.versions.values()]
+
+    def index_versions(self) -> list[ModelVersion]:
+        """What ``/v2/repository/index`` lists: the served versions, then those the last change of each model
+        could not load (UNAVAILABLE, with the reason), which serve nothing."""
+        return [mv for model in self.models.values() for mv in (*model.versions.values(), *model.failed.values())]
 
     def load_all(self) -> None:
         for mv in self.all_versions():
@@ -151,27 +200,115 @@ class ModelServer:
         is loaded beside the running ones, which keep answering until the new ones are all READY and take over.
         A version that fails to load leaves the model as it was: 400 with the reasons. A model folder that was not
         served yet (``root/name``) is served from now on. Blocking: call it from a worker thread."""
+        self._controlled()  # 503 while starting up or shutting down, before the folder is read
+        existed = name in self.models
+        result = self.replace_model(self._read_config(name, self.models.get(name)))
+        if result.failed:
+            reasons = "; ".join(f"version {mv.version}: {mv.reason}" for mv in result.failed)
+            kept = "the model stays as it was" if existed else "nothing is served under that name"
+            raise bad_request(f"model {name!r} not loaded ({kept}): {reasons}")
+        log.info("model %s loaded (versions %s)", name, ", ".join(self.models[name].versions))
+
+    def replace_model(self, config: ModelConfig, *, keep: Collection[str] = (), optional: Collection[str] = (),
+                      verify: Callable[[ModelVersion], None] | None = None, remember_failed: bool = False,
+                      reason: str = "replaced by a new load") -> Replaced:
+        """Serve ``config`` in place of the model of its name (or as a new one), without failing a request.
+
+        Every version is loaded and warmed beside the running ones (``verify`` first, if given: an exception it
+        raises is the version's failure), except those named in ``keep`` that already serve the same file, which
+        carry over as they are (no reload, no second copy in memory). Then, in one assignment, new requests go
+        to the new model; the versions it no longer has are drained (:meth:`_retire`) and closed with ``reason``.
+
+        A version that fails to load leaves everything as it was, unless it is in ``optional`` (and is not the
+        default version): then it is left out and the rest is served. ``remember_failed`` shows the failures in
+        the index (:meth:`index_versions`) until the next change. Blocking: call it from a worker thread."""
         with self._controlled():
-            old = self.models.get(name)
-            new = ServedModel(self._read_config(name, old), self.settings)
-            for mv in new.versions.values():
-                mv.load(self.metrics, self.compute_lock, self.settings.warmup)
-            failed = [mv for mv in new.versions.values() if not mv.ready]
-            if failed:
-                reasons = "; ".join(f"version {mv.version}: {mv.reason}" for mv in failed)
-                for mv in new.versions.values():
-                    mv.close(self.metrics, self.settings.drain_timeout_s, reason="load failed", release=True)
+            old = self.models.get(config.name)
+            kept = self._keepable(old, config, keep)
+            new = ServedModel(config, self.settings, kept)
+            fresh = [mv for v, mv in new.versions.items() if v not in kept]
+            for mv in fresh:
+                self._load_version(mv, verify)
+            failed = tuple(mv for mv in fresh if not mv.ready)
+            left_out = {mv.version for mv in failed}
+            if failed and not left_out <= set(optional) - {config.default_version}:
+                for mv in fresh:  # the ones that did load: abandoned with the change
+                    if mv.ready:
+                        mv.close(self.metrics, self.settings.drain_timeout_s, reason="load abandoned", release=True)
+                if old is not None and remember_failed:
+                    old.failed = {mv.version: mv for mv in failed}
                 self._publish_states(old)
-                kept = "the model stays as it was" if old is not None else "nothing is served under that name"
-                raise bad_request(f"model {name!r} not loaded ({kept}): {reasons}")
+                return Replaced(False, failed)
+            if failed:
+                new = ServedModel(without_versions(config, left_out), self.settings,
+                                  {v: mv for v, mv in new.versions.items() if v not in left_out})
+            if remember_failed:
+                new.failed = {mv.version: mv for mv in failed}
             # a new dict rather than an item assignment: the event loop may be iterating the old one
-            self.models = {**self.models, name: new}
-            if old is not None:
-                for mv in old.versions.values():
-                    mv.close(self.metrics, self.settings.drain_timeout_s, reason="replaced by a new load",
-                             release=True)
+            self.models = {**self.models, config.name: new}
+            serving = set(map(id, new.versions.values()))
+            self._retire([mv for mv in (old.versions.values() if old else ()) if id(mv) not in serving], reason)
             self._publish_states(new)
-            log.info("model %s loaded (versions %s)", name, ", ".join(new.versions))
+            return Replaced(True, failed)
+
+    def _keepable(self, old: ServedModel | None, config: ModelConfig, keep: Collection[str]) -> dict[str, ModelVersion]:
+        """The running versions of ``old`` that ``config`` may keep as they are: named in ``keep``, READY and
+        serving the file ``config`` names for them."""
+        if old is None or old.unloaded:
+            return {}
+        return {v: mv for v, mv in old.versions.items()
+                if v in keep and mv.ready and config.versions.get(v) == mv.file}
+
+    def _load_version(self, mv: ModelVersion, verify: Callable[[ModelVersion], None] | None) -> None:
+        """Load and warm ``mv`` (after ``verify``); a failure leaves it UNAVAILABLE with the reason, and logged."""
+        if verify is not None:
+            try:
+                verify(mv)
+            except (VggnetError, OSError) as exc:
+                log.error("model %s version %s not loaded: %s", mv.name, mv.version, exc)
+                mv.state, mv.reason = "UNAVAILABLE", without_paths(str(exc))
+                self.metrics.set_state(mv.name, mv.version, mv.state)
+                return
+        mv.load(self.metrics, self.compute_lock, self.settings.warmup)
+
+    def _retire(self, versions: list[ModelVersion], reason: str) -> None:
+        """Close versions no request is routed to any more, without refusing one that was routed there before.
+
+        The new model is already published; a request on the event loop may have picked an old version just
+        before, and it announces itself (``Batcher.arriving``) before its first ``await``. So: wait for the loop
+        to turn once (every such request is then announced or queued), then until the old versions are idle
+        (nothing announced, queued or computing) for ``RETIRE_QUIET_S``, all within ``drain_timeout_s``, and
+        close them (their queues are finished first)."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        batchers = [mv.batcher for mv in versions if mv.batcher is not None]  # none: nothing was serving
+        if batchers:
+            self._loop_turn(self.settings.drain_timeout_s)
+            quiet_since: float | None = None
+            while (now := time.monotonic()) < deadline:
+                if not all(b.idle for b in batchers):
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= RETIRE_QUIET_S:
+                    break
+                time.sleep(0.01)
+        for mv in versions:
+            mv.close(self.metrics, max(1.0, deadline - time.monotonic()), reason=reason, release=True)
+
+    def _loop_turn(self, timeout: float) -> None:
+        """Return once the event loop has run a callback scheduled now (at most ``timeout``)."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:  # called on the loop itself: nothing else runs meanwhile
+                return
+        turned = threading.Event()
+        try:
+            loop.call_soon_threadsafe(turned.set)
+        except RuntimeError:  # closed meanwhile
+            return
+        turned.wait(timeout)
 
     def _read_config(self, name: str, old: ServedModel | None) -> ModelConfig:
         """The model's configuration as it is on disk now: its folder read again, its file for a --ckpt model,
@@ -290,6 +427,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the models when the app starts (``create_app`` puts the :class:`ModelServer` in ``app.state``),
     drain them when it stops."""
     server: ModelServer = app.state.server
+    server.loop = asyncio.get_running_loop()
     recorder = getattr(app.state, "recorder", None)
     if recorder is not None:
         await run_in_threadpool(recorder.open)
@@ -297,7 +435,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.start_loading()
     else:
         await run_in_threadpool(server.load_all)
+    for task in server.background:
+        task.start(server)
     yield
+    for task in server.background:  # no swap may start while the queues drain
+        await run_in_threadpool(task.stop, server.settings.drain_timeout_s)
     log.info("shutting down: draining queues")
     if recorder is not None and recorder.tasks:  # shadow passes of answered requests: stored like the rest
         await asyncio.wait(set(recorder.tasks), timeout=server.settings.drain_timeout_s)

@@ -81,6 +81,21 @@ class ServeMetrics:
         self.ood_predictions = Counter("vggnet_ood_predictions", "Predictions whose top probability fell below "
                                        "the version's out-of-domain threshold (ood.json)", ["model", "version"],
                                        registry=r)
+        # live accuracy on the reviewed random sample (serve.live, with --store): the store's figures, the same on
+        # every replica that reads one store (aggregate with max, not sum); NaN until a sampled image is reviewed
+        self.live_accuracy = Gauge("vggnet_live_accuracy", "Share right of the reviewed predictions in the uniform "
+                                   "random review sample (the store's latest review label per image)",
+                                   ["model", "version"], registry=r)
+        self.live_accuracy_low = Gauge("vggnet_live_accuracy_low", "Lower end of the live accuracy's 95 % Wilson "
+                                       "interval", ["model", "version"], registry=r)
+        self.live_accuracy_high = Gauge("vggnet_live_accuracy_high", "Upper end of the live accuracy's 95 % Wilson "
+                                        "interval", ["model", "version"], registry=r)
+        self.live_reviewed = Gauge("vggnet_live_reviewed", "Predictions in the random review sample that a person "
+                                   "has labelled (the live accuracy's n)", ["model", "version"], registry=r)
+        # registered by live_started(): a server without a store must not export a refresh time that never moves
+        self.live_refreshed = Gauge("vggnet_live_accuracy_refreshed_timestamp_seconds", "Unix time of the last "
+                                    "successful read of the live accuracy from the store", registry=None)
+        self._live_registered = False
 
     def observe_prediction(self, model: str, version: str, predicted: str, confidence: float) -> None:
         self.predictions.labels(model, version, predicted).inc()
@@ -101,6 +116,12 @@ class ServeMetrics:
         self.batch_requests.labels(model, version).observe(requests)
         self.compute_latency.labels(model, version).observe(compute_s)
         self.inferences.labels(model, version).inc(rows)
+
+    def live_started(self) -> None:
+        """Export ``vggnet_live_accuracy_refreshed_timestamp_seconds`` from now on (once per registry)."""
+        if not self._live_registered:
+            self.registry.register(self.live_refreshed)
+            self._live_registered = True
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

@@ -45,6 +45,7 @@ class PredictionRecorder:
     #: shadow passes in flight (serve.shadow): held here so the event loop does not drop them
     tasks: set = field(default_factory=set)
     keeper: Any = None  # serve.keep.InputKeeper with --keep-inputs
+    live: Any = None  # serve.live.LiveAccuracy: the live accuracy gauges, read from the store on a thread
 
     def open(self) -> None:
         """Connect and start the writer (the CLI checks the URL before the server starts: an error here is one
@@ -58,7 +59,13 @@ class PredictionRecorder:
             from .keep import InputKeeper
 
             self.keeper = InputKeeper(self.settings.keep_inputs, int(self.settings.keep_inputs_mb * 2**20))
+            store.record_setting(self.engine, store.KEEP_INPUTS, str(self.keeper.folder.resolve()))  # for retrain
         self.writer = store.PredictionWriter(self.engine, max_queue=self.settings.store_queue)
+        if self.settings.live_accuracy_every_s > 0:
+            from .live import LiveAccuracy
+
+            self.live = LiveAccuracy(self.engine, self.metrics, self.settings.live_accuracy_every_s)
+            self.live.start()
         if self.settings.store_keep_days:
             removed = store.purge(self.engine, self.settings.store_keep_days)
             if removed:
@@ -67,11 +74,14 @@ class PredictionRecorder:
                 self.keeper.purge(self.settings.store_keep_days)
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
+            self.live = None
         if self.keeper is not None:
             self.keeper.close()
         if self.writer is not None:
             self.writer.close()
-            self._publish()
+            self.publish()
             self.writer = None
         if self.engine is not None:
             self.engine.dispose()
@@ -101,6 +111,8 @@ class PredictionRecorder:
         values, indices = probs.float().topk(k, dim=1)
         # the drift reference's own definition (infer.reference), once per batch: the two must agree
         means, stds = input_stats(x)
+        if self.live is not None:
+            self.live.note(mv.name, mv.version)
         for item in range(probs.shape[0]):
             top = [[mv.prep.label(int(i)), round(float(v), 6)] for v, i in zip(values[item], indices[item],
                                                                                 strict=True)]
@@ -124,7 +136,7 @@ class PredictionRecorder:
                 prediction_log.info(json.dumps(row))
             if self.writer is not None:
                 self.writer.put(row)
-        self._publish()
+        self.publish()
         return sampled
 
     def _watch(self, mv: ModelVersion, index: int, row: dict[str, Any]) -> None:
@@ -144,7 +156,8 @@ class PredictionRecorder:
                 self.metrics.drift_score.labels(mv.name, mv.version, signal).set(score)
         self.metrics.drift_window.labels(mv.name, mv.version).set(monitor.held)
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
+        """Copy the writer's and the keeper's counters into their gauges (after each prediction and on a scrape)."""
         if self.writer is not None:
             for outcome, count in self.writer.stats().items():
                 self.metrics.store_rows.labels(outcome).set(count)

@@ -91,6 +91,8 @@ class ServeSettings:
     drift_window: int = 500
     drift_every: int = 50
     drift_min_window: int = 100
+    #: seconds between reads of the live accuracy per version from the store (serve.live; 0: not exported)
+    live_accuracy_every_s: float = 30.0
 
 
 def with_overrides(settings: ServeSettings, **changes: Any) -> ServeSettings:

@@ -19,7 +19,7 @@ from .schema import SOURCES, labels, predictions
 from .writer import utc
 
 __all__ = ["REVIEW_REASONS", "add_label", "purge", "read_labels", "read_predictions", "review_queue",
-           "review_queue_size"]
+           "review_queue_size", "reviewed_counts"]
 
 
 def add_label(engine: Engine, *, request_id: str, item: int = 0, model: str, label: str | None, source: str,
@@ -171,3 +171,38 @@ def _queue_query(model: str | None, low_confidence: float) -> Any:
                       sa.case((user, 1), else_=0).label("user"), sa.case((disagree, 1), else_=0).label("disagree"))
             .where(((g.c.random == 1) | (g.c.low == 1) | user | disagree) & ~labelled("review"))
             .order_by(rank, g.c.first_at, g.c.model, g.c.request_id, g.c.item))
+
+
+def reviewed_counts(engine: Engine, model: str | None = None) -> list[dict[str, Any]]:
+    """Per (model, version): the predictions in the uniform random review sample that a person has labelled from
+    the review queue (``reviewed``) and how many of them were right (``correct``), for the live accuracy gauges.
+
+    The same counting as ``vggnet monitor report``: an image (model, request, item) is in the sample when any of
+    its rows is ``sampled``; its label is the latest ``review`` label (by time, then insertion); a null label
+    ("none of these") is wrong for every version; user reports and reviews outside the sample never count; each
+    version counts an image once (its latest row). Driven from the labels (few) through the request index, so a
+    refresh every few seconds stays cheap on a large store. Versions with no such review are absent.
+    """
+    p, lab = predictions.c, labels.c
+    ordered = sa.func.row_number().over(partition_by=(lab.model, lab.request_id, lab.item),
+                                        order_by=(lab.created_at.desc(), lab.pk.desc()))
+    ranked = sa.select(lab.model, lab.request_id, lab.item, lab.label, ordered.label("rank")) \
+        .where(lab.source == "review")
+    if model is not None:
+        ranked = ranked.where(lab.model == model)
+    ranked = ranked.subquery()
+    latest = sa.select(ranked.c.model, ranked.c.request_id, ranked.c.item, ranked.c.label) \
+        .where(ranked.c.rank == 1).subquery()
+    other = predictions.alias("other")
+    in_sample = sa.exists().where((other.c.model == latest.c.model) & (other.c.request_id == latest.c.request_id)
+                                  & (other.c.item == latest.c.item) & other.c.sampled.is_(True))
+    same_image = (p.model == latest.c.model) & (p.request_id == latest.c.request_id) & (p.item == latest.c.item)
+    rows = (sa.select(sa.func.max(p.pk).label("pk")).join(latest, same_image).where(in_sample)
+            .group_by(p.model, p.version, p.request_id, p.item).subquery())
+    right = sa.case((latest.c.label.is_not(None) & (latest.c.label == p.predicted), 1), else_=0)
+    query = (sa.select(p.model, p.version, sa.func.count().label("reviewed"), sa.func.sum(right).label("correct"))
+             .join(rows, rows.c.pk == p.pk).join(latest, same_image)
+             .group_by(p.model, p.version).order_by(p.model, p.version))
+    with engine.connect() as connection:
+        return [{"model": m, "version": v, "reviewed": int(n), "correct": int(k)}
+                for m, v, n, k in connection.execute(query)]

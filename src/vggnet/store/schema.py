@@ -21,7 +21,7 @@ from sqlalchemy import (
     Table,
 )
 
-__all__ = ["ROLES", "SOURCES", "labels", "metadata", "predictions"]
+__all__ = ["ROLES", "SOURCES", "labels", "metadata", "predictions", "server_settings"]
 
 metadata = MetaData()
 
@@ -67,4 +67,13 @@ labels = Table(
     Column("who", String(128), nullable=False),  # the reviewer's name or "anonymous" for a client report
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_labels_request", "request_id", "item"),
+)
+
+#: what a server says about itself that a later reader needs (key -> value, the last writer wins): so far
+#: ``keep_inputs``, the absolute folder its --keep-inputs crops are in, which ``vggnet retrain`` reads the images from
+server_settings = Table(
+    "server_settings", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(1024), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from .. import web
-from ..deps import Metrics, Settings
+from ..deps import Metrics, Recorder, Settings
 
 __all__ = ["router"]
 
@@ -28,6 +28,7 @@ async def page_file(name: str, settings: Settings) -> Response:
 
 
 @router.get("/metrics")
-async def prometheus_metrics(metrics: Metrics) -> Response:
+async def prometheus_metrics(metrics: Metrics, recorder: Recorder) -> Response:
+    recorder.publish()  # the store writer's and the keeper's counts as they are now, not as of the last prediction
     body, content_type = metrics.render()
     return Response(body, headers={"content-type": content_type})

@@ -68,7 +68,7 @@ async def _options(request: Request, what: str, example: str = '{"parameters": {
 
 def _index(server: ModelServer, name: str | None = None, only_ready: bool = False) -> list[dict[str, str]]:
     return [{"name": mv.name, "version": mv.version, "state": mv.state, "reason": mv.reason}
-            for mv in server.all_versions() if (mv.ready or not only_ready) and name in (None, mv.name)]
+            for mv in server.index_versions() if (mv.ready or not only_ready) and name in (None, mv.name)]
 
 
 @router.post("/v2/repository/index")
