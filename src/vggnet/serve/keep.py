@@ -43,6 +43,7 @@ class InputKeeper:
         self.used = sum(p.stat().st_size for p in self.folder.glob("??/*.png"))
         self.counts = {"kept": 0, "full": 0, "busy": 0, "failed": 0}
         self._pending = 0
+        self._reserved = 0  # bytes held for images queued but not written yet
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vggnet-keep")
 
@@ -51,19 +52,23 @@ class InputKeeper:
         relative = f"{sha256[:2]}/{sha256}.png"
         if (self.folder / relative).exists():
             return relative
+        # Until a PNG is written its size is unknown: it holds the raw pixels' size (a PNG of 8-bit pixels is
+        # rarely larger) against the budget, so images queued together cannot overrun it.
+        reserve = x.numel() + 1024
         with self._lock:
-            if self.used >= self.max_bytes:
+            if self.used + self._reserved >= self.max_bytes:
                 self.counts["full"] += 1
                 return None
             if self._pending >= MAX_PENDING:
                 self.counts["busy"] += 1
                 return None
             self._pending += 1
+            self._reserved += reserve
         pixels = (x.detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1))
-        self._pool.submit(self._write, relative, pixels)
+        self._pool.submit(self._write, relative, pixels, reserve)
         return relative
 
-    def _write(self, relative: str, pixels: torch.Tensor) -> None:
+    def _write(self, relative: str, pixels: torch.Tensor, reserve: int) -> None:
         try:
             array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             buffer = io.BytesIO()
@@ -80,6 +85,7 @@ class InputKeeper:
         finally:
             with self._lock:
                 self._pending -= 1
+                self._reserved -= reserve
 
     def path(self, relative: str) -> Path | None:
         """The file of a kept input, or None (a name that is not a kept file's is never resolved: no traversal)."""
