@@ -229,7 +229,7 @@ def test_export_json_report_and_errors(run_dir, tmp_path, capsys):
     report = json.loads(out)
     assert report["path"] == str(tmp_path / "m.pt") and report["format"] == "torchscript"
     assert set(report["max_rel_error"]) == {"1", "3", "8"} and report["preprocessing"]["classes"] == CLASSES
-    code, _, err = run_cli(["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "m.tflite")], capsys)
+    code, _, err = run_cli(["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "m.mlmodel")], capsys)
     assert code == 2 and "cannot tell the format" in err
     code, _, err = run_cli(["export", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "m.onnx")], capsys)
     assert code == 2 and "checkpoint not found" in err

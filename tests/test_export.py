@@ -124,8 +124,8 @@ def test_a_failed_check_leaves_no_file(run_dir, tmp_path, monkeypatch):
 def test_export_errors_for_bad_checkpoints_and_arguments(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         export_model(tmp_path / "none.safetensors", "onnx", tmp_path / "x.onnx")
-    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
-        export_model(run_dir, "tflite", tmp_path / "x.tflite")
+    with pytest.raises(ValueError, match="unknown export format 'coreml'"):
+        export_model(run_dir, "coreml", tmp_path / "x.mlpackage")
     with pytest.raises(ValueError, match="must end in .pt2"):
         export_model(run_dir, "pt2", tmp_path / "x.zip")
 

@@ -14,26 +14,15 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import vggnet
 import vggnet.export
+from export_helpers import CLASSES, META, PREP, digits, trained_run
 from vggnet.cli import main
-from vggnet.data import digits_tensors
 from vggnet.export import ExportError, export_model, load_exported
 from vggnet.export.common import int8_images
-from vggnet.infer import Preprocessing, preprocess, top1_agreement
-
-CLASSES = [str(i) for i in range(10)]
-META = {"classes": CLASSES, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "image_size": 32}
-DATA = {"dataset": "digits", "image_size": 32, "val_fraction": 0.2, "split_seed": 0}
-PREP = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_size=32, in_channels=3, num_classes=10,
-                     classes=tuple(CLASSES))
-
-
-def digits(split):
-    return digits_tensors(split, size=32, channels=3, val_fraction=DATA["val_fraction"], seed=DATA["split_seed"])
+from vggnet.infer import preprocess, top1_agreement
 
 
 def rows(batch):
@@ -60,28 +49,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run folder as `vggnet train` leaves it, as far as export reads it: best.safetensors and recipe.yaml.
-
-    Trained (three epochs, a few seconds), not random: an untrained net's logits are nearly tied, so INT8
-    rounding would flip its top-1 on many images and the agreement would measure noise, not the export.
-    """
-    torch.manual_seed(0)
-    model = vggnet.create_model("vgg11_bn", num_classes=10, width=0.125, head="gap")
-    x, y = digits("train")
-    x = preprocess(list(x), PREP)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for idx in torch.randperm(len(x), generator=g).split(64):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    run = tmp_path_factory.mktemp("run")
-    vggnet.save_checkpoint(model.eval(), run / "best.safetensors", META)
-    recipe = {"model": {"name": "vgg11_bn", "width": 0.125, "head": "gap"}, "data": DATA}
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return run
+    return trained_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

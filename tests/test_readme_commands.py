@@ -88,6 +88,8 @@ LOCALIZE_TRAIN = "vggnet localize train --data data/raccoon --weights runs/trans
 PRUNE = "vggnet compress prune --ckpt runs/cifar10 --macs-reduction 0.5 --out runs/cifar10-p50 --epochs 6"
 EXPORT_INT8 = "vggnet export --ckpt runs/cifar10-p50 --format onnx-int8 --out exports/p50.int8.onnx"
 EXPORT_ONNX = "vggnet export --ckpt runs/cifar10 --format onnx --out exports/cifar10.onnx"
+SHARD_CIFAR = "vggnet data shard data/cifar10 --out shards/cifar10 --val-fraction 0.1"
+EXPORT_PTE = "vggnet export --ckpt runs/cifar10 --format executorch --out exports/cifar10.pte"
 DISTILL = ("vggnet compress distill --teacher runs/cifar10 --recipe cifar10 --data data/cifar10 "
            "--set model.name=vgg11_bn model.width=0.25 --out runs/cifar10-kd")
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "best.safetensors",
@@ -186,8 +188,31 @@ COMMANDS: dict[str, Run | Skip] = {
     "vggnet predict --ckpt runs/demo --runtime int8 shots/": Run(
         after=(TRAIN_DEMO,), stdout=("calibrating int8 on", "training split", *(f"shots/{s}.png" for s in SHOTS))),
     EXPORT_ONNX: Run(after=(TRAIN_CIFAR,), expect=("exports/cifar10.onnx",)),
+    "pip install -c constraints.txt '.[edge]'": Skip(SETUP),
+    "make edge-convert": Skip(SETUP),
+    EXPORT_PTE: Run(after=(TRAIN_CIFAR,), expect=("exports/cifar10.pte",)),
+    "vggnet export --ckpt runs/cifar10 --format tflite-int8 --out exports/cifar10.int8.tflite": Run(
+        after=(TRAIN_CIFAR,), expect=("exports/cifar10.int8.tflite",), append="--check-images 20"),
+    "vggnet predict --ckpt exports/cifar10.pte shots/": Run(after=(EXPORT_PTE,),
+                                                            stdout=tuple(f"shots/{s}.png" for s in SHOTS)),
     "vggnet predict --ckpt exports/cifar10.onnx shots/": Run(after=(EXPORT_ONNX,),
                                                              stdout=tuple(f"shots/{s}.png" for s in SHOTS)),
+    # Beyond one machine
+    "pip install -c constraints.txt '.[shards]'": Skip(SETUP),
+    SHARD_CIFAR: Run(after=(PREP_CIFAR,), expect=("shards/cifar10/manifest.json", "shards/cifar10/*.tar")),
+    "vggnet train --recipe cifar10 --data shards/cifar10 --out runs/cifar10-shards --set data.format=shards "
+    "train.checkpoint_every=500": Run(after=(SHARD_CIFAR,), append="--epochs 1 --batch-size 64",
+                                      expect=("runs/cifar10-shards/last.safetensors",)),
+    "vggnet predict --ckpt runs/cifar10 --engine ray --concurrency 2 --batch-size 64 --json --out labels.parquet "
+    "shots/": Run(after=(TRAIN_CIFAR,), expect=("labels.parquet",), stdout=tuple(f"shots/{s}.png" for s in SHOTS)),
+    "vggnet predict --ckpt runs/cifar10 --engine ray --concurrency 16 s3://bucket/shots/": Skip(
+        "needs an S3 bucket; URIs are read on the workers in tests/test_ray_engine.py (file://)"),
+    "vggnet features --ckpt runs/cifar10 --data data/cifar10 --engine ray --concurrency 4 --out feats.npz": Skip(
+        "starts a second local Ray (about 25 s) for what tests/test_ray_engine.py checks against the local .npz"),
+    "torchrun --nnodes 1:2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400 "
+    "--max-restarts 3 -m vggnet train --recipe demo --out runs/elastic": Skip(
+        "needs HOST's address; the same torchrun command, with a worker killed mid-epoch and mid-save, runs in "
+        "tests/test_elastic.py on loopback"),
     # Serving
     "vggnet serve --ckpt runs/cifar10 --port 8000": Run(after=(TRAIN_CIFAR,), serve=True),
     "vggnet serve --model-repo models/ --host 0.0.0.0 --allowed-hosts models.example.com": Run(

@@ -6,6 +6,12 @@ Both use ``X86InductorQuantizer``'s default scheme (weights int8 symmetric per o
 affine per tensor), so Inductor lowers either result to the same oneDNN INT8 kernels. Calibration runs in chunks
 of :data:`CALIB_CHUNK`: 256 VGG-16 inputs at 224² would need ~3 GB for the first block's activations alone.
 
+The mobile formats use the same flow with their backend's quantizer (:func:`quantize_static`'s ``quantizer``):
+``XNNPACKQuantizer`` for ExecuTorch's ``.pte`` and litert-torch's ``PT2EQuantizer`` for LiteRT's ``.tflite``, both
+int8 symmetric per channel (weights) and int8 per tensor (activations), from :func:`edge_quantizer`. LiteRT's converter
+reads the converted graph's q/dq pairs only unfolded (``fold_quantize=False``); it re-captures the graph at batch 1
+itself, so LiteRT's is calibrated with the usual dynamic batch.
+
 QAT: an exported graph ignores ``.train()``/``.eval()`` (a prepared one refuses them), so dropout and batch norm
 are switched with torchao's graph rewrites (:func:`set_qat_mode`), and observers only learn ranges while training
 or calibrating, never from the images a graph is evaluated on.
@@ -26,13 +32,20 @@ from vggnet.models import VGG
 from .graph import export_graph, export_program, fold_batchnorm
 from .quiet import import_optional, quiet_torchao
 
-__all__ = ["CALIB_CHUNK", "CaptureError", "calibrate_qat", "convert_qat", "export_for_qat", "load_torchao",
-           "pt2e_scheme", "prepare_qat", "quantize_static", "set_qat_mode"]
+__all__ = ["CALIB_CHUNK", "EDGE_QUANTIZERS", "CaptureError", "calibrate_qat", "convert_qat", "edge_quantizer",
+           "edge_scheme", "export_for_qat", "load_torchao", "pt2e_scheme", "prepare_qat", "quantize_static",
+           "set_qat_mode"]
 
 log = logging.getLogger(__name__)
 
 CALIB_CHUNK = 16
 _TRAINING = "_vggnet_qat_training"  # attribute: the form (training or eval) a prepared graph is in
+_DYNAMIC = "dynamic"  # quantize_static's default capture: graph.dynamic_batch()
+# The backends' quantizers for the mobile formats: (module, quantizer class, the extra or command that installs it).
+EDGE_QUANTIZERS = {
+    "xnnpack": ("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "XNNPACKQuantizer", "edge"),
+    "litert": ("litert_torch.quantize.pt2e_quantizer", "PT2EQuantizer", "edge-convert"),
+}
 
 
 class CaptureError(VggnetError, ValueError):
@@ -66,17 +79,53 @@ def pt2e_scheme() -> dict[str, Any]:
             "weights": "int8, symmetric, per output channel", "activations": "uint8, asymmetric, per tensor"}
 
 
-def quantize_static(model: VGG, example: torch.Tensor, calib: torch.Tensor) -> torch.fx.GraphModule:
-    """export (dynamic batch, so one calibration serves every batch size) → ``prepare_pt2e`` (observers; conv + BN
-    folded) → calibration on ``calib`` in chunks → ``convert_pt2e``: the q/dq graph Inductor's x86 passes fuse into
-    oneDNN INT8 kernels. ``model`` is copied, not changed."""
+def edge_quantizer(backend: str) -> Any:
+    """A fresh PT2E quantizer for a mobile backend (``"xnnpack"``: ExecuTorch; ``"litert"``: LiteRT), set to int8
+    symmetric per-channel weights and per-tensor activations; a :class:`MissingDependency` when the backend's package
+    is not installed."""
+    if backend not in EDGE_QUANTIZERS:
+        raise ValueError(f"unknown edge quantizer {backend!r}; choose from {', '.join(EDGE_QUANTIZERS)}")
+    module_name, cls, extra = EDGE_QUANTIZERS[backend]
+    with quiet_torchao():
+        module = import_optional(module_name, extra, f"{backend} INT8 quantization")
+    return getattr(module, cls)().set_global(module.get_symmetric_quantization_config(is_per_channel=True))
+
+
+def edge_scheme(backend: str, fmt: str) -> dict[str, Any]:
+    """How :func:`edge_quantizer`'s quantizer quantizes, as an ``executorch-int8`` / ``tflite-int8`` file records it
+    (without its calibration)."""
+    import torchao
+
+    _, cls, _ = EDGE_QUANTIZERS[backend]
+    return {"dtype": "int8", "method": "static post-training", "format": fmt,
+            "tool": f"torchao {torchao.__version__} PT2E, {cls}",
+            "calibration_method": "histogram (activations), min-max (weights)",
+            "weights": "int8, symmetric, per output channel", "activations": "int8, asymmetric, per tensor"}
+
+
+def quantize_static(model: VGG, example: torch.Tensor, calib: torch.Tensor, quantizer: Any = None, *,
+                    dynamic_shapes: Any = _DYNAMIC, fold_quantize: bool = True) -> torch.fx.GraphModule:
+    """export → ``prepare_pt2e`` (observers; conv + BN folded) → calibration on ``calib`` in chunks of at most
+    :data:`CALIB_CHUNK` → ``convert_pt2e``: a q/dq graph. ``model`` is copied, not changed.
+
+    By default the x86 Inductor scheme (the ``int8`` runtime, ``pt2-int8``: the graph Inductor fuses into oneDNN INT8
+    kernels) on a graph with the dynamic batch of :func:`~vggnet.capture.graph.dynamic_batch`, so one calibration
+    serves every batch size. ``quantizer`` (from :func:`edge_quantizer`) and ``dynamic_shapes`` (torch.export's, with
+    the batch free up to the example's: ExecuTorch's bounded batch) serve the mobile formats. ``fold_quantize`` False
+    keeps each weight's quantize op in the graph (LiteRT's converter needs it so)."""
     _, quantize_pt2e, xiq = load_torchao()
+    quantizer = _x86_quantizer(xiq, is_qat=False) if quantizer is None else quantizer
+    source = copy.deepcopy(model).eval()
     with torch.no_grad():
-        graph = export_graph(copy.deepcopy(model).eval(), example)
-        prepared = quantize_pt2e.prepare_pt2e(graph, _x86_quantizer(xiq, is_qat=False))
-        for chunk in calib.float().contiguous().split(CALIB_CHUNK):
-            prepared(chunk)
-        return quantize_pt2e.convert_pt2e(prepared)
+        if isinstance(dynamic_shapes, str) and dynamic_shapes == _DYNAMIC:
+            graph, chunk = export_graph(source, example), CALIB_CHUNK
+        else:  # the example's batch is the largest the graph takes
+            graph = torch.export.export(source, (example,), dynamic_shapes=dynamic_shapes).module()
+            chunk = min(CALIB_CHUNK, len(example))
+        prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
+        for part in calib.float().contiguous().split(chunk):
+            prepared(part)
+        return quantize_pt2e.convert_pt2e(prepared, fold_quantize=fold_quantize)
 
 
 # ---------------------------------------------------------------------------------------------------------- QAT

@@ -30,7 +30,8 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "explain": "Grad-CAM heat maps for images, first-layer filters, feature maps by layer name",
     "compress": "prune filters, distil into a smaller student, quantization-aware training",
     "predict": "top-k labels for images (files, folders, globs) from a checkpoint or exported model",
-    "export": "export a checkpoint to ONNX, .pt2 (AOTInductor) or TorchScript, fp32 or INT8, checked against eager",
+    "export": "export a checkpoint to ONNX, .pt2 (AOTInductor), TorchScript, ExecuTorch (.pte) or LiteRT (.tflite), "
+              "fp32 or INT8, checked against eager",
     "serve": "HTTP inference server: Open Inference Protocol (V2), dynamic batching, A/B versions, /metrics",
     "monitor": "live accuracy per model version from the prediction store, and A/B verdicts",
     "registry": "model registry (MLflow): register a run's checkpoint, list versions, promote with evidence, roll back",

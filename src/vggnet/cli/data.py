@@ -54,6 +54,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="an ImageFolder root, or a folder with train/ and val/")
     info.set_defaults(func=run_info)
 
+    shard = data_sub.add_parser(
+        "shard", help="write an ImageFolder tree as WebDataset tar shards (data.format: shards)",
+        description="Write FOLDER (one sub-folder of images per class, or train/ and val/ folders) as WebDataset "
+        "tar shards under --out: per image KEY.cls (class index), KEY.<ext> (the original bytes, never "
+        "re-encoded) and KEY.json (source path, class), images shuffled across shards, and DIR/manifest.json "
+        "(classes, shards with counts and sha256, the split rule). Training shards are train-NNNNNN.tar; the "
+        "validation split (the val/ folder, or --val-fraction held out per class as training holds it out) is "
+        "val-NNNNNN.tar. Each shard is written whole or not at all; a rerun keeps the complete ones. Train on "
+        "them with --set data.format=shards --data DIR (or any fsspec URL of DIR).",
+    )
+    shard.add_argument("folder", type=Path, metavar="FOLDER", help="the ImageFolder tree to shard")
+    shard.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder the shards go into")
+    size = shard.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", type=int, default=None, metavar="N",
+                      help="images per shard (default: by size, see --shard-mb); a job with P processes x W "
+                      "loader workers needs at least P x W training shards to keep every worker busy")
+    size.add_argument("--shard-mb", type=float, default=None, metavar="MB",
+                      help="start a new shard before one passes MB megabytes (default 256: WebDataset's advice is "
+                      "100 MB to a few GB per shard)")
+    shard.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                       help="hold out this fraction of each class into val-*.tar, with the rule and seed training "
+                       "uses for data.val_fraction (default 0: none; a FOLDER with train/ and val/ uses val/)")
+    shard.add_argument("--split-seed", type=int, default=0, metavar="S",
+                       help="seed of the --val-fraction split (data.split_seed; default 0)")
+    shard.add_argument("--shuffle-seed", type=int, default=0, metavar="S",
+                       help="seed of the order images are spread over the shards (default 0)")
+    shard.set_defaults(func=run_shard)
+
 
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
@@ -148,4 +176,24 @@ def run_info(args: argparse.Namespace) -> int:
     for name in classes:
         print(f"{name:<{width}}" + "".join(f"{counts[s][name]:>10,}" for s in splits))
     print(f"{'total':<{width}}" + "".join(f"{sum(counts[s].values()):>10,}" for s in splits))
+    return 0
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    from vggnet.data.shards import write_shards  # torch: not for `vggnet data --help`
+
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    manifest = write_shards(args.folder, args.out, shard_size=args.shard_size, shard_mb=args.shard_mb,
+                            val_fraction=args.val_fraction, split_seed=args.split_seed,
+                            shuffle_seed=args.shuffle_seed)
+    for path in manifest["skipped"]:
+        print(f"skipped {args.folder / path}: not a readable image", file=sys.stderr)
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['count']:,} images in {len(split['shards'])} shard(s)")
+    kept = manifest["kept_from_earlier_run"]
+    print(f"{len(manifest['classes'])} classes, {manifest['total']:,} images"
+          + (f", {kept} shard(s) already complete from an earlier run" if kept else "")
+          + f"; manifest: {args.out / 'manifest.json'}")
+    print(f"train on them: vggnet train --data {args.out} --set data.format=shards")
     return 0

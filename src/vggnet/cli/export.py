@@ -1,5 +1,5 @@
-"""``vggnet export``: a checkpoint as ONNX, an AOTInductor ``.pt2`` package or TorchScript, fp32 or INT8, checked
-against eager."""
+"""``vggnet export``: a checkpoint as ONNX, an AOTInductor ``.pt2`` package, TorchScript, an ExecuTorch ``.pte``
+program or a LiteRT ``.tflite`` model, fp32 or INT8, checked against eager."""
 
 from __future__ import annotations
 
@@ -29,9 +29,30 @@ formats:
                Loads like pt2, without calibration data; "quantization" inside the "vggnet" metadata.
   torchscript  torch.jit.trace (deprecated upstream; for libtorch consumers). Metadata in the extra file
                "vggnet.json" (torch.jit.load(path, _extra_files={"vggnet.json": ""})).
+  executorch   ExecuTorch program (.pte) for phones and edge devices, XNNPACK delegate, fp32; dynamic batch
+               from 1 to --max-batch (default 32: its memory is planned for that batch when it loads;
+               vggnet predict runs larger batches in slices). Needs the edge extra (pip install
+               'vggnet[edge]'). Metadata: the constant method "vggnet_metadata" (JSON text).
+  executorch-int8
+               the same, torchao PT2E static INT8 (XNNPACKQuantizer: weights int8 symmetric per output
+               channel, activations int8 per tensor), calibrated now; float32 in and out.
+  tflite       LiteRT (TensorFlow Lite's current name) model converted by litert-torch, fp32, written at
+               batch 1 (litert-torch 0.10 converts no dynamic batch of a VGG) and resized at run time
+               (interpreter.resize_tensor_input + allocate_tensors; vggnet predict does it for every batch).
+               The gap head resizes; the fc and conv heads come out with the batch of 1 fixed in a
+               reshape, so the export tries it, records "litert": {"resizable": false} in the metadata,
+               and vggnet predict runs such a file one image at a time.
+               Writing needs the LiteRT converter: make edge-convert (its dependency pins clash with the
+               project's, so it is no extra); running needs only the edge extra (ai-edge-litert).
+               Metadata: the flatbuffer's Model.metadata entry "vggnet" (JSON text).
+  tflite-int8  the same, torchao PT2E static INT8 (litert-torch's PT2EQuantizer, the scheme above),
+               calibrated now; its input and output tensors are int8 (scale and zero point in the file's
+               tensor details), quantized and dequantized by vggnet predict.
 
 Every file is loaded back and checked against the eager fp32 model before it is kept. fp32 formats run at
-batch 1, 3 and 8: max |exported - eager| / max |eager| must be <= 1e-4 (onnx, pt2) or 1e-5 (torchscript).
+batch 1, 3 and 8: max |exported - eager| / max |eager| must be <= 1e-4 (onnx, pt2, executorch, tflite) or 1e-5
+(torchscript). The mobile formats are checked in their own runtimes: ExecuTorch's Python runtime and
+LiteRT's interpreter (ai-edge-litert).
 INT8 cannot meet that: its top-1 class must agree with eager on >= --min-agreement (default 0.98) of up to
 --check-images (default 256; at least 64 unless fewer are asked for) held-out images, run as one batch of
 1, one of 3, then batches of 8, the last holding what is left (4 images when 256 or 64 are checked), so
@@ -56,15 +77,20 @@ examples:
   vggnet export --ckpt model.safetensors --format onnx-int8 --out m.int8.onnx --calib-data data/train \\
       --calib-images 512
   vggnet export --ckpt runs/demo --out exports/demo.int8.pt2        # *.int8.onnx / *.int8.pt2: INT8
+  vggnet export --ckpt runs/demo --format executorch --out exports/demo.pte
+  vggnet export --ckpt runs/demo --format tflite-int8 --out exports/demo.int8.tflite
 """
 
-_SUFFIX_FORMATS = {".int8.onnx": "onnx-int8", ".int8.pt2": "pt2-int8"}
+_SUFFIX_FORMATS = {".int8.onnx": "onnx-int8", ".int8.pt2": "pt2-int8", ".int8.pte": "executorch-int8",
+                   ".int8.tflite": "tflite-int8"}
+FORMATS = ("onnx", "onnx-int8", "pt2", "pt2-int8", "torchscript", "executorch", "executorch-int8", "tflite",
+           "tflite-int8")  # vggnet.export.FORMATS, without importing torch for --help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="export a checkpoint to ONNX, .pt2 (AOTInductor) or TorchScript, fp32 or INT8, checked "
-                       "against eager",
+        "export", help="export a checkpoint to ONNX, .pt2 (AOTInductor), TorchScript, ExecuTorch (.pte) or LiteRT "
+                       "(.tflite), fp32 or INT8, checked against eager",
         description=textwrap.fill(
             "Export a checkpoint for deployment with its preprocessing (mean, std, input size, class names) "
             "inside the file. The file is written under a temporary name, loaded back, compared with the "
@@ -74,8 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", required=True, metavar="RUN", help="run folder or .safetensors checkpoint")
-    p.add_argument("--format", choices=("onnx", "onnx-int8", "pt2", "pt2-int8", "torchscript"), default=None,
-                   help="output format (default: from the --out suffix: .onnx, .int8.onnx, .pt2, .int8.pt2, .pt)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="output format (default: from the --out suffix: .onnx, .int8.onnx, .pt2, .int8.pt2, .pt, "
+                   ".pte, .int8.pte, .tflite, .int8.tflite); tflite files are written at batch 1 and resized to "
+                   "each batch at run time where the head allows it (gap), else run one image at a time")
     p.add_argument("--out", required=True, metavar="PATH", help="file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--calib-data", metavar="PATH",
@@ -87,6 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="INT8: held-out images the top-1 agreement with fp32 is measured on (default: 256)")
     p.add_argument("--min-agreement", type=float, default=0.98, metavar="F",
                    help="INT8: the share of held-out images whose top-1 must match fp32 (default: 0.98)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="executorch, executorch-int8: the largest batch the program runs at once; its memory is "
+                   "planned for N images when it loads, and larger batches run in slices (default: 32)")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
     p.set_defaults(func=run)
 
@@ -98,9 +129,8 @@ def _format_from_name(out: str) -> str:
     for suffix, fmt in _SUFFIX_FORMATS.items():
         if name.endswith(suffix):
             return fmt
-    if Path(out).suffix.lower() not in (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit"):
-        raise UsageError(f"cannot tell the format from --out {out}: pass --format "
-                         "onnx|onnx-int8|pt2|pt2-int8|torchscript")
+    if Path(out).suffix.lower() not in (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit", ".pte", ".tflite"):
+        raise UsageError(f"cannot tell the format from --out {out}: pass --format {'|'.join(FORMATS)}")
     return format_for(out)
 
 
@@ -121,9 +151,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.min_agreement <= 1.0:
         raise UsageError(f"--min-agreement must be between 0 and 1, got {args.min_agreement}")
+    if args.max_batch is not None and not fmt.startswith("executorch"):
+        raise UsageError(f"--max-batch applies to the executorch formats, not --format {fmt}")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
     report = export_model(args.ckpt, fmt, args.out, opset=args.opset, calib_data=args.calib_data,
                           calib_images=args.calib_images, check_images=args.check_images,
-                          min_agreement=args.min_agreement)
+                          min_agreement=args.min_agreement, max_batch=args.max_batch)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -132,6 +166,13 @@ def run(args: argparse.Namespace) -> int:
     if report.size_ratio is not None:
         size += f", {report.size_ratio:.2f}x the {report.reference} ({_mib(report.reference_bytes)})"
     print(f"wrote {report.path} ({report.format}, {size}) in {report.seconds:.1f} s from {report.checkpoint}")
+    if report.max_batch is not None:
+        print(f"runs batches of 1 to {report.max_batch} images at once (--max-batch); larger ones in slices")
+    elif report.resizable:
+        print("written at batch 1; LiteRT's interpreter resizes the input to each batch (resize_tensor_input)")
+    elif report.resizable is False:
+        print("written at batch 1, not resizable (litert-torch fixes the batch in this head): runs one image at a "
+              "time")
     if int8:
         check, calib = report.check, report.quantization["calibration"]
         print(f"top-1 agreement with eager fp32: {100 * report.agreement:.2f} % of {check['images']} "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import textwrap
 import time
 
+from vggnet.cli.ray_engine import RAY_EPILOG
+from vggnet.cli.ray_engine import add_arguments as add_engine_arguments
 from vggnet.errors import UsageError
 
 EPILOG = """\
@@ -31,6 +34,7 @@ examples:
   vggnet features --weights vgg16-397923af.pth --data test_photos/ --layer relu7 --scales 256,384,512 --out t.npz
   vggnet probe --train f.npz --test t.npz                                        # f's train rows vs all of t
   vggnet features --ckpt runs/cifar10 --data data/other --layer block5_pool --scales 1,1.5 --stack --out g.npz
+  vggnet features --ckpt runs/cifar10 --data data/big --engine ray --concurrency 8 --out big.npz
 """
 
 
@@ -44,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "`vggnet probe` (a linear SVM) or your own models. The network is a vggnet run folder or checkpoint "
             "(--ckpt) or any VGG weights file (--weights: torchvision, timm; the architecture is read from the "
             "tensors, --model names it explicitly).", width=100),
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + RAY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -70,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="progress bar (default: a bar on a terminal; elsewhere a line every 30 s with "
                    "the time left, once the work has taken 30 s; --no-progress: none)")
     p.add_argument("--out", required=True, help="the .npz file to write (replaced only when complete)")
+    add_engine_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -88,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from vggnet.cli.ray_engine import check as check_engine
+    from vggnet.cli.ray_engine import features as ray_features
     from vggnet.transfer import FeatureFile, save_features
     from vggnet.transfer.features import extract_features, feature_images, fingerprint, load_source, pixel_scales
 
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_engine(args)
     model, prep, source = load_source(args.ckpt, args.weights, args.model)
     default = "relu7" if "relu7" in model.layer_names() else "block5_pool"
     layer = model.resolve_layer(args.layer or default)  # bad names and scales fail before any image is read
@@ -104,10 +112,11 @@ def run(args: argparse.Namespace) -> int:
                                                            args.split_seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    feats, ok = extract_features(model, images, layer=layer, scales=pixels, crop=prep["image_size"],
-                                 mean=prep["mean"], std=prep["std"], stack=args.stack, flip=args.flip,
-                                 batch_size=args.batch_size, device=device, amp_bf16=args.bf16,
-                                 progress=args.progress)
+    describe = extract_features if args.engine == "local" else functools.partial(ray_features, args)
+    feats, ok = describe(model, images, layer=layer, scales=pixels, crop=prep["image_size"],
+                         mean=prep["mean"], std=prep["std"], stack=args.stack, flip=args.flip,
+                         batch_size=args.batch_size, device=device, amp_bf16=args.bf16,
+                         progress=args.progress)
     seconds = time.perf_counter() - start
     keep = ok.numpy()
     ff = FeatureFile(features=feats.numpy()[keep], labels=np.asarray(labels)[keep], classes=classes,

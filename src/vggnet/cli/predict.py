@@ -9,6 +9,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from vggnet.cli.ray_engine import RAY_EPILOG
+from vggnet.cli.ray_engine import add_arguments as add_engine_arguments
 from vggnet.errors import UsageError
 
 EPILOG = """\
@@ -31,8 +33,10 @@ calibration images (int8, onnx-int8, auto; the same rule as vggnet serve and vgg
   the ImageFolder tree it names...; never its validation split); else an error: a checkpoint outside a run
   folder needs --calib-data. --calib-n of them (default 64), spread evenly; one line on stderr says which.
 
---ckpt may also be a file written by `vggnet export` (.onnx, .pt2, .pt): it runs as exported, on the CPU,
-with the preprocessing stored inside it, and --runtime, --device and --precision do not apply.
+--ckpt may also be a file written by `vggnet export` (.onnx, .pt2, .pt, .pte, .tflite): it runs as exported,
+on the CPU, with the preprocessing stored inside it, and --runtime, --device and --precision do not apply.
+A .pte runs in ExecuTorch's runtime, a .tflite in LiteRT's interpreter (the edge extra: pip install
+'vggnet[edge]'), an INT8 one (executorch-int8, tflite-int8) as well.
 
 devices (--device, --precision; the eager runtime of a checkpoint):
   cpu (default), cuda, cuda:N; fp32 (default), bf16, fp16 (CUDA only) or auto (bf16 where the hardware runs
@@ -45,7 +49,9 @@ examples:
   vggnet predict --ckpt runs/demo --runtime int8 shots/     # calibrated on the run's own training split
   vggnet predict --ckpt runs/cifar10 --runtime int8 --calib-data data/cifar10/train --calib-n 256 shots/
   vggnet predict --ckpt model.onnx shots/
+  vggnet predict --ckpt model.int8.tflite shots/
   vggnet predict --ckpt runs/cifar10 --device cuda --precision bf16 shots/
+  vggnet predict --ckpt runs/cifar10 --engine ray --concurrency 4 --out labels.parquet shots/
 """
 
 
@@ -60,9 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Folders are searched recursively for image files; quote globs so that vggnet expands them "
             "(** matches sub-folders). An unreadable, truncated or oversized image is an error naming the "
             "file (or, with --skip-unreadable, a reported failure).", width=100),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG + "\n" + RAY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders or glob patterns (with --engine ray also s3:// / gs:// / file:// URIs)")
     p.add_argument("--ckpt", required=True, metavar="RUN",
                    help="run folder (best.safetensors, else last.safetensors), .safetensors checkpoint, or a file "
                    "from `vggnet export`")
@@ -89,11 +96,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="progress on stderr: a bar on a terminal (by default only for more than --batch-size "
                    "images), otherwise (a log, a pipe) a line every 30 s with the time left (by default from 30 s "
                    "into the run, with --progress from its start); --no-progress: neither")
+    p.add_argument("--out", metavar="F.parquet",
+                   help="also write the predictions to this Parquet file (path, error, top-k labels, indices and "
+                   "probabilities), replaced only when complete")
+    add_engine_arguments(p)
     p.set_defaults(func=run)
 
 
 _CALIBRATED = ("int8", "onnx-int8", "auto")
-_EXPORT_SUFFIXES = (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit")
+_EXPORT_SUFFIXES = (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit", ".pte", ".tflite")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # vggnet.hardware.PRECISIONS, without importing torch for --help
 
 
@@ -176,20 +187,11 @@ def _progress(args: argparse.Namespace, images: int) -> Any:
     return vprogress.progress_bar(total=images, desc="predict", unit="img", progress=show)
 
 
-def run(args: argparse.Namespace) -> int:
-    from vggnet.infer import ImageLoadError, expand_image_paths, preprocess
+def _local_rows(args: argparse.Namespace, predictor: Any, paths: list[Path], topk: int) -> list[dict[str, Any]]:
+    """The rows of --engine local: this process, --batch-size images per forward pass."""
+    from vggnet.infer import ImageLoadError, preprocess
     from vggnet.infer.images import iter_images
 
-    if args.topk < 1:
-        raise UsageError(f"--topk must be at least 1, got {args.topk}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = check_device(args)
-    paths = expand_image_paths(args.images)  # a typo fails before the model is loaded
-    predictor, runtime = _load(args)
-    if hasattr(predictor.runtime, "summary"):  # auto: say what was measured and picked
-        print(f"runtime auto picked {predictor.runtime.chosen.name}:\n{predictor.runtime.summary()}", file=sys.stderr)
-    topk = min(args.topk, predictor.prep.num_classes)
     rows: list[dict[str, Any]] = []
     images = iter_images(paths, skip_unreadable=args.skip_unreadable)
     with _progress(args, len(paths)) as bar:
@@ -210,6 +212,42 @@ def run(args: argparse.Namespace) -> int:
             for path, image in batch:
                 rows.append(results.get(path) or {"image": str(path), "error": getattr(image, "reason", str(image))})
             bar.update(len(batch))
+    return rows
+
+
+def _image_inputs(args: argparse.Namespace) -> list[Any]:
+    """The images to predict: files, folders and globs expanded here; URIs (--engine ray) listed by Ray's readers."""
+    from vggnet.infer import expand_image_paths
+
+    if args.engine == "ray" and any("://" in spec for spec in args.images):
+        return list(args.images)
+    return expand_image_paths(args.images)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vggnet.cli.ray_engine import check as check_engine
+
+    if args.topk < 1:
+        raise UsageError(f"--topk must be at least 1, got {args.topk}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = check_device(args)
+    check_engine(args)
+    paths = _image_inputs(args)  # a typo fails before the model is loaded
+    predictor, runtime = _load(args)
+    if hasattr(predictor.runtime, "summary"):  # auto: say what was measured and picked
+        print(f"runtime auto picked {predictor.runtime.chosen.name}:\n{predictor.runtime.summary()}", file=sys.stderr)
+    topk = min(args.topk, predictor.prep.num_classes)
+    if args.engine == "ray":
+        from vggnet.cli.ray_engine import predict_rows
+
+        rows = predict_rows(args, predictor, paths, topk)
+    else:
+        rows = _local_rows(args, predictor, paths, topk)
+    if args.out:
+        from vggnet.infer.raydata import write_predictions
+
+        write_predictions(rows, args.out)
     failed = sum("error" in r for r in rows)
     if args.json:
         print(json.dumps({"checkpoint": str(predictor.source), "runtime": runtime, "device": device,

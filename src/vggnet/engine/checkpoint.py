@@ -24,7 +24,8 @@ import torch
 from vggnet.atomic import atomic_dir, atomic_path
 from vggnet.models import VGG, save_checkpoint
 
-_EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
+# epoch-NNNN: the end of epoch N; epoch-NNNN-step-SSSSSSSSS: global step S, inside epoch N + 1 (train.checkpoint_every)
+_EPOCH_DIR = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,10 +56,13 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def save_training_checkpoint(run_dir: Path, epoch: int, model: VGG, ema: VGG | None, state: dict[str, Any],
-                             metadata: dict[str, Any], is_best: bool, keep: int, link: bool = True) -> Path | None:
+                             metadata: dict[str, Any], is_best: bool, keep: int, link: bool = True,
+                             step: int | None = None) -> Path | None:
     """Write epoch ``epoch``; returns its folder, or None (with a warning) when the disk refused. ``link``: also
-    point ``last`` (and, if ``is_best``, ``best``) ``.safetensors`` at its weights."""
-    final = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+    point ``last`` (and, if ``is_best``, ``best``) ``.safetensors`` at its weights. ``step``: a checkpoint inside
+    the epoch after ``epoch``, at that global step (``train.checkpoint_every``)."""
+    name = f"epoch-{epoch:04d}" + (f"-step-{step:09d}" if step is not None else "")
+    final = run_dir / "checkpoints" / name
     try:
         with atomic_dir(final) as tmp:
             save_checkpoint(model, tmp / "model.safetensors", {**metadata, "epoch": epoch})
@@ -80,12 +84,19 @@ def save_training_checkpoint(run_dir: Path, epoch: int, model: VGG, ema: VGG | N
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete epoch folders, oldest first (temporary folders of an interrupted save are ignored)."""
+    """Complete checkpoint folders, oldest first (temporary folders of an interrupted save are ignored); a folder
+    inside an epoch sorts after the end of the epoch before it."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _EPOCH_DIR.match(p.name) and (p / "state.pt").is_file()]
-    return sorted(found, key=lambda p: int(_EPOCH_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=_order)
+
+
+def _order(folder: Path) -> tuple[int, int]:
+    match = _EPOCH_DIR.match(folder.name)
+    assert match is not None  # list_checkpoints keeps matching names only
+    return int(match.group(1)), int(match.group(2) or -1)
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -115,6 +116,8 @@ def build_inputs(recipe: Recipe | Mapping[str, Any], env: Dist) -> Inputs:
 
 def _count(loader: Any) -> int:
     """Images behind a training loader (the tensor loader's, or a DataLoader's dataset)."""
+    if hasattr(loader, "images"):  # shards: this process's training images
+        return loader.images
     return len(loader.labels) if hasattr(loader, "labels") else len(loader.dataset)
 
 
@@ -124,6 +127,8 @@ def _build(recipe: Recipe, env: Dist, notes: list[str]) -> Inputs:
     assert d.image_size is not None and d.mean is not None and d.std is not None  # checked by build_inputs
     size, mean, std = d.image_size, list(d.mean), list(d.std)
     keep_last = False
+    if d.format == "shards":
+        return _shards(recipe, env, notes)
     if d.dataset == "digits":
         if d.val_fraction == "auto":  # a complete dataset, not a small folder of one's own
             d.val_fraction = AUTO_VAL_FRACTION
@@ -169,8 +174,8 @@ def _build(recipe: Recipe, env: Dist, notes: list[str]) -> Inputs:
     return Inputs(train, val, classes, 3, size, mean, std, test_scale, keep_last=keep_last)
 
 
-def _streaming(recipe: Recipe, train_ds: Any, val_ds: Any, classes: list[str], batch: int, env: Dist) -> Inputs:
-    d = recipe.data
+def _transforms(d: DataConfig) -> tuple[Any, Any, Any]:
+    """(train transform, validation transform, Q) of the streamed paths (folder and shards): one decode + augment."""
     assert d.image_size is not None and d.mean is not None and d.std is not None  # checked by build_inputs
     size, mean, std = d.image_size, list(d.mean), list(d.std)
     if d.flip == "alternate":
@@ -183,14 +188,53 @@ def _streaming(recipe: Recipe, train_ds: Any, val_ds: Any, classes: list[str], b
         train_tf = vdata.small_image_train_transform(size=size, pad=d.pad, cutout=d.cutout, mean=mean, std=std,
                                                      flip=d.flip)
     q = _test_scale(scale)
-    train_ds.transform = train_tf
+    return train_tf, vdata.eval_transform(q, size, mean=mean, std=std), q
+
+
+def _streaming(recipe: Recipe, train_ds: Any, val_ds: Any, classes: list[str], batch: int, env: Dist) -> Inputs:
+    d = recipe.data
+    assert d.image_size is not None and d.mean is not None and d.std is not None  # checked by build_inputs
+    size, mean, std = d.image_size, list(d.mean), list(d.std)
+    train_ds.transform, val_tf, q = _transforms(d)
     seed = recipe.train.seed
     train = StreamingLoader(train_ds, batch, True, seed, d.workers, env)
     val = None
     if val_ds is not None and len(val_ds):
-        val_ds.transform = vdata.eval_transform(q, size, mean=mean, std=std)
+        val_ds.transform = val_tf
         val = StreamingLoader(val_ds, batch, False, seed, d.workers, env)
     return Inputs(train, val, classes, 3, size, mean, std, scale_pixels(q, size))
+
+
+def _shards(recipe: Recipe, env: Dist, notes: list[str]) -> Inputs:
+    """``data.format: shards``: stream ``data.path`` (a folder or fsspec URL) as :mod:`vggnet.data.shards` wrote it.
+
+    The validation split is the one written into ``val-*.tar`` (``vggnet data shard --val-fraction``): the recipe's
+    ``data.val_fraction`` records it and is not applied again.
+    """
+    from vggnet.data import shards  # webdataset-style reading: only runs that stream shards import it
+
+    d = recipe.data
+    assert d.image_size is not None and d.mean is not None and d.std is not None  # checked by build_inputs
+    if not d.path:
+        raise UsageError("data.format: shards needs --data DIR_OR_URL (the --out of `vggnet data shard`)")
+    manifest = shards.read_manifest(d.path)
+    shards.check_shards(d.path, manifest)
+    classes = list(manifest["classes"])
+    split = manifest["split"]
+    has_val = bool(manifest["splits"].get("val", {}).get("shards"))
+    d.val_fraction, d.split_seed = float(split["val_fraction"]), int(split["split_seed"])
+    notes.append(f"data.val_fraction={d.val_fraction:g}: the split written into the shards ({split['rule']}); "
+                 + ("validation streams val-*.tar" if has_val else "no validation shards"))
+    batch = _per_rank_batch(fit_batch(recipe, manifest["splits"]["train"]["count"], env.world, notes), env)
+    workers = min(2, os.cpu_count() or 1) if d.workers is None else d.workers
+    train_tf, val_tf, q = _transforms(d)
+    common = {"seed": recipe.train.seed, "rank": env.rank, "world": env.world, "workers": workers}
+    train = shards.ShardLoader(d.path, manifest, "train", batch, True, train_tf, buffer=d.shuffle_buffer, **common)
+    val = (shards.ShardLoader(d.path, manifest, "val", batch, False, val_tf, buffer=0, **common)
+           if has_val else None)
+    size = d.image_size
+    return Inputs(train, val, classes, 3, size, list(d.mean), list(d.std), scale_pixels(q, size),
+                  keep_last=not has_val)
 
 
 def _scale(d: DataConfig, size: int) -> Any:

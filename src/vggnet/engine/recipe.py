@@ -112,6 +112,9 @@ class DataConfig:
     in_memory: bool | Literal["auto"] = "auto"  # decode once into RAM and augment batched tensors (tiny images)
     cache_dir: str | None = None  # where decoded images are cached (default: DATA/.vggnet-cache)
     workers: Count | None = None
+    # shards: data.path is a folder or an fsspec URL (file://, s3://, ...) of `vggnet data shard` output, streamed
+    format: Literal["images", "shards"] = "images"
+    shuffle_buffer: Count = 1000  # shards: samples held by each stream's shuffle buffer (0: shard order)
 
 
 @dataclass
@@ -166,6 +169,7 @@ class TrainConfig:
     threads: PositiveInt | None = None
     eval_flip: bool = False  # also report val_top1_flip: softmax averaged with the mirrored image
     stop_after_epoch: PositiveInt | None = None  # end this run after that epoch; the schedule still plans all
+    checkpoint_every: Count = 0  # also checkpoint every N steps inside an epoch (data.format: shards; 0 = off)
     tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"  # mlflow: the tracking extra
     tracking_uri: str | None = None  # mlflow: null = $MLFLOW_TRACKING_URI, else SQLite in mlruns/ beside the run
     tracking_experiment: str | None = None  # mlflow: null = $MLFLOW_EXPERIMENT_NAME, else "vggnet"

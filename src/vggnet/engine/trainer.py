@@ -87,6 +87,8 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint folder a resumed run continues
     best: float = -math.inf
     step: int = 0
+    resume_sums: torch.Tensor | None = None  # a run resumed inside an epoch: that epoch's running sums ...
+    resume_batches: int = 0  # ... and the batches it had already trained on
     clock: tuple[float, int] = (0.0, 0)  # (time, step) when this process began training: the run's pace
     logger: RunLogger | None = None
     tracker: Tracker = field(default_factory=Tracker)
@@ -110,7 +112,7 @@ def train(recipe: Recipe | Mapping[str, Any], out_dir: str | Path, resume: bool 
     env = distributed.setup()
     try:
         out = Path(out_dir)
-        ckpts = list_checkpoints(out) if resume else []
+        ckpts = distributed.same_checkpoint(list_checkpoints(out) if resume else [], env)  # one choice, all ranks
         if not resume and any(out.glob("checkpoints/*")):
             raise ResumeError(f"{out} already holds checkpoints; pass a new --out or resume it")
         run = _setup(recipe, out, ckpts, env, hooks or TrainHooks(), progress is not False)
@@ -146,6 +148,9 @@ def _setup(recipe: Recipe, out: Path, ckpts: list[Path], env: distributed.Dist, 
     module = hooks.wrap_model(model, inputs)
     if module is not model:
         _refuse_with_wrapper(recipe, env)
+    if t.checkpoint_every and not hasattr(inputs.train, "skipped_images"):
+        raise UsageError("train.checkpoint_every needs data.format: shards (the loader that resumes inside an "
+                         "epoch); write shards with `vggnet data shard` or set it to 0")
     optimizer = build_optimizer(module, recipe.optim)
     amp = pick_precision(t.precision, env.device)
     run = Run(recipe, out, env, hooks, inputs, model, module, optimizer,
@@ -233,11 +238,15 @@ def _restore(run: Run, folder: Path) -> None:
         run.ema.load_state_dict(state["ema"])
     if run.lookahead is not None and state.get("lookahead") is not None:
         run.lookahead.load_state_dict(state["lookahead"])
-    run.inputs.train.load_state_dict(state["loader"])
     rank = run.env.rank
+    loaders = state.get("loaders")  # every rank's position (a checkpoint inside an epoch)
+    run.inputs.train.load_state_dict(loaders[rank] if loaders and rank < len(loaders) else state["loader"])
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     run.start_epoch, run.best = state["epoch"] + 1, state["best"]
     run.step = (run.start_epoch - 1) * len(run.inputs.train)
+    if state.get("inside") is not None:  # stopped inside epoch start_epoch: go on from the step it reached
+        run.step = int(state["inside"]["step"])
+        run.resume_sums, run.resume_batches = state["inside"]["sums"], int(state["inside"]["batches"])
     run.resumed_from = folder
 
 
@@ -284,7 +293,8 @@ def _loop(run: Run) -> dict[str, Any]:
         print(f"{run.out}: already trained to epoch {run.start_epoch - 1} of {epochs}; nothing to do", flush=True)
     elif run.resumed_from is not None and run.env.main:
         print(f"resuming {run.out} from epoch {run.start_epoch - 1} of {epochs} "
-              f"({run.resumed_from.relative_to(run.out)}), continuing with epoch {run.start_epoch}", flush=True)
+              f"({run.resumed_from.relative_to(run.out)}), continuing with epoch {run.start_epoch}"
+              + (f" at batch {run.resume_batches + 1}" if run.resume_batches else ""), flush=True)
     run.clock = (time.perf_counter(), run.step)
     last: dict[str, Any] = {}
     try:
@@ -311,8 +321,13 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     train_data.set_epoch(epoch)
     _set_mode(run, True)
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss x n, top-1 hits, n
+    steps, every = run.resume_batches, run.recipe.train.checkpoint_every
+    if run.resume_sums is not None:  # resumed inside this epoch: its record counts the batches before the stop
+        sums += run.resume_sums.to(env.device)
+    run.resume_sums, run.resume_batches = None, 0
     bar = loop_bar(len(train_data), f"epoch {epoch}/{run.recipe.schedule.epochs}", run.progress and env.main)
-    t0, wait, lr, steps = time.perf_counter(), 0.0, None, 0
+    bar.update(steps)
+    t0, wait, lr = time.perf_counter(), 0.0, None
     # when the bar prints next (tqdm's clock); the host reads the loss for it at most once per interval
     due = math.inf if bar.disable else bar.start_t + max(bar.delay, bar.mininterval)
     batches = iter(train_data)
@@ -327,6 +342,8 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         if images is not None:  # None: every file of the batch was unreadable (skipped and counted by the dataset)
             lr = _step(run, images, targets, sums)
             steps += 1
+            if every and run.step % every == 0 and steps < len(train_data):
+                _save_inside(run, epoch, steps, sums)
             redraw = time.time() >= due
             if redraw or steps % SYNC_EVERY == 0:  # the host reads the running sums only here
                 mean_loss = _checked_loss(sums, epoch)
@@ -419,17 +436,38 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
     else:
         is_best = score > run.best
         run.best = max(run.best, score)
-    state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
-             "scaler": run.scaler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
-             "epoch": epoch, "best": run.best,
-             "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
-             "loader": inputs.train.state_dict(), "rng": _gather_rng(env)}
-    if run.wrapped:
-        state["module"] = run.hooks.state_dict(run.module)
+    state = _training_state(run, epoch)
     if env.main:
         _save_epoch(run, epoch, record, state, confusion, is_best)
     distributed.barrier(env)
     return record
+
+
+def _training_state(run: Run, epoch: int) -> dict[str, Any]:
+    """What a resume needs besides the weights (every rank takes part: the RNG states are gathered)."""
+    state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
+             "scaler": run.scaler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
+             "epoch": epoch, "best": run.best,
+             "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
+             "loader": run.inputs.train.state_dict(), "rng": _gather_rng(run.env)}
+    if run.wrapped:
+        state["module"] = run.hooks.state_dict(run.module)
+    return state
+
+
+def _save_inside(run: Run, epoch: int, batches: int, sums: torch.Tensor) -> None:
+    """A checkpoint inside ``epoch`` (``train.checkpoint_every``): the state, every rank's data position and the
+    epoch's running sums, so a resumed run trains on exactly the batches this one had left."""
+    env = run.env
+    state = _training_state(run, epoch - 1)
+    state["loaders"] = _gather(state["loader"], env)
+    state["inside"] = {"step": run.step, "batches": batches, "sums": sums.detach().cpu()}
+    if env.main:
+        metrics = {"epoch": epoch - 1, "step": run.step}
+        save_training_checkpoint(run.out, epoch - 1, run.model, run.ema.module if run.ema is not None else None,
+                                 state, {**run.meta, "metrics": metrics}, False, run.recipe.train.keep,
+                                 link=run.hooks.model_is_result, step=run.step)
+    distributed.barrier(env)
 
 
 def _save_epoch(run: Run, epoch: int, record: dict[str, Any], state: dict[str, Any],
@@ -466,7 +504,11 @@ def _finish(run: Run, last: dict[str, Any], complete: bool) -> dict[str, Any]:
 
 def _gather_rng(env: distributed.Dist) -> list[dict[str, Any]]:
     """Every rank's RNG state, so a resumed DDP run continues each rank's dropout stream."""
-    mine = rng_state()
+    return _gather(rng_state(), env)
+
+
+def _gather(mine: Any, env: distributed.Dist) -> list[Any]:
+    """Every rank's ``mine``, in rank order (rank 0 writes the checkpoint for all)."""
     if not env.enabled:
         return [mine]
     gathered: list[Any] = [None] * env.world

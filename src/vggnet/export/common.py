@@ -46,7 +46,7 @@ __all__ = ["CALIB_IMAGES", "CHECK_BATCHES", "CHECK_IMAGES", "EXPORT_FORMAT", "ME
 CHECK_BATCHES = (1, 3, 8)
 # Max relative error (max |exported − eager| / max |eager|) allowed per format, fp32. Relative to the
 # largest logit because element-wise relative error is meaningless for logits near zero.
-TOLERANCE = {"onnx": 1e-4, "pt2": 1e-4, "torchscript": 1e-5}
+TOLERANCE = {"onnx": 1e-4, "pt2": 1e-4, "torchscript": 1e-5, "executorch": 1e-4, "tflite": 1e-4}
 # The share of held-out images whose top-1 an INT8 export must agree with eager fp32 on.
 MIN_AGREEMENT = 0.98
 # What torch's loaders (torch.jit.load, torch.export.load, aoti_load_package) raise for a file that is not theirs.
