@@ -116,8 +116,8 @@ def build_inputs(recipe: Recipe | Mapping[str, Any], env: Dist) -> Inputs:
 
 def _count(loader: Any) -> int:
     """Images behind a training loader (the tensor loader's, or a DataLoader's dataset)."""
-    if hasattr(loader, "images"):  # shards: this process's training images
-        return loader.images
+    if isinstance(getattr(loader, "images", None), int):  # shards: a count of this process's training images (the
+        return loader.images                                # tensor loader's ``images`` is the tensor itself)
     return len(loader.labels) if hasattr(loader, "labels") else len(loader.dataset)
 
 
