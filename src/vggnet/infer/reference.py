@@ -128,23 +128,33 @@ def psi(expected: Sequence[float] | np.ndarray, actual: Sequence[float] | np.nda
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def write_sidecar(checkpoint: str | os.PathLike, name: str, data: dict[str, Any]) -> Path:
+    """``name`` (a JSON file the model carries: drift.json, ood.json) beside ``checkpoint``, written atomically."""
+    out = Path(checkpoint).with_name(name)
+    write_json(out, data)
+    return out
+
+
+def read_sidecar(checkpoint: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The JSON object ``name`` beside ``checkpoint``, or None when it is missing, unreadable or not an object."""
+    import json
+
+    try:
+        data = json.loads(Path(checkpoint).with_name(name).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_reference(checkpoint: str | os.PathLike, reference: dict[str, Any]) -> Path:
     """``drift.json`` beside ``checkpoint``, written atomically."""
-    out = Path(checkpoint).with_name(REFERENCE_FILE)
-    write_json(out, reference)
-    return out
+    return write_sidecar(checkpoint, REFERENCE_FILE, reference)
 
 
 def load_reference(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     """The reference beside ``checkpoint``, or None when there is none or it is not one this code reads."""
-    import json
-
-    file = Path(checkpoint).with_name(REFERENCE_FILE)
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data = read_sidecar(checkpoint, REFERENCE_FILE)
+    if data is None or data.get("format") != FORMAT:
         return None
     sig = data.get("signals")
     if not isinstance(sig, dict) or set(sig) != set(SIGNALS):

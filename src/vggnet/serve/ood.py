@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vggnet.atomic import write_json
+from vggnet.infer.reference import read_sidecar, write_sidecar
 
 __all__ = ["FALSE_ALARM", "REFERENCE_FILE", "compute_reference", "load_reference", "max_softmax", "reference_for",
            "verdict", "write_reference"]
@@ -90,20 +90,12 @@ def compute_reference(logits: Callable[[torch.Tensor], torch.Tensor], prep: Any,
 
 
 def write_reference(checkpoint: str | os.PathLike, reference: dict[str, Any]) -> Path:
-    out = Path(checkpoint).with_name(REFERENCE_FILE)
-    write_json(out, reference)
-    return out
+    return write_sidecar(checkpoint, REFERENCE_FILE, reference)
 
 
 def load_reference(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
-    import json
-
-    file = Path(checkpoint).with_name(REFERENCE_FILE)
-    try:
-        data = json.loads(file.read_text())
-        return data if isinstance(data.get("threshold"), (int, float)) else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    data = read_sidecar(checkpoint, REFERENCE_FILE)
+    return data if data is not None and isinstance(data.get("threshold"), (int, float)) else None
 
 
 def reference_for(checkpoint: str | os.PathLike, logits: Callable[[torch.Tensor], torch.Tensor],
