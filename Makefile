@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # edge (ExecuTorch + the LiteRT interpreter: about +340 MB on a venv of 6.5 GB, mostly torch) is in, so CI runs the
 # .pte / .tflite tests instead of skipping them; the LiteRT converter is not (see edge-convert below).
-EXTRAS := export,quant,serve,tracking,tensorboard,interop,store,robustness,edge,ray,shards
+EXTRAS := export,quant,serve,tracking,tensorboard,interop,store,robustness,edge,ray,shards,openvino
 # make lock also pins edge-convert (the LiteRT converter's resolvable dependencies), which setup does not install.
 LOCK_EXTRAS := $(EXTRAS),edge-convert
 # The LiteRT converter itself, installed with --no-deps: litert-converter 0.5 pins xdsl==0.28.0, which needs

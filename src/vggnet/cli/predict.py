@@ -24,10 +24,13 @@ runtimes (--runtime; all return the same labels up to their precision):
   int8-dynamic    INT8 FC layers with per-batch activation scales (torchao), convs fp32
   onnx            ONNX Runtime, fp32
   onnx-int8       ONNX Runtime static INT8 (QDQ); calibrated (see below)
+  openvino        OpenVINO CPU plugin in its default precision: bf16 on CPUs with AVX512-BF16 or AMX, else
+                  fp32 (the openvino extra: pip install 'vggnet[openvino]')
+  openvino-int8   OpenVINO, INT8 by NNCF post-training quantization; calibrated (see below)
   auto            tries them on the calibration images, keeps the fastest whose top-1 agrees with eager
                   on >= 99 % of them, says which on stderr; calibrated (see below)
 
-calibration images (int8, onnx-int8, auto; the same rule as vggnet serve and vggnet export's INT8 formats):
+calibration images (int8, onnx-int8, openvino-int8, auto; the rule of vggnet serve and vggnet export's INT8 formats):
   --calib-data PATH (a folder, glob or file of training images) when given; else the training split of the
   run --ckpt belongs to, rebuilt from its recipe.yaml as vggnet eval does (the embedded digits for the demo,
   the ImageFolder tree it names...; never its validation split); else an error: a checkpoint outside a run
@@ -74,8 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run folder (best.safetensors, else last.safetensors), .safetensors checkpoint, or a file "
                    "from `vggnet export`")
     p.add_argument("--runtime", default=None, metavar="R",
-                   help="eager, channels_last, bf16, compile, compile-bf16, int8, int8-dynamic, onnx, onnx-int8 "
-                   "or auto (default: eager)")
+                   help="eager, channels_last, bf16, compile, compile-bf16, int8, int8-dynamic, onnx, onnx-int8, "
+                   "openvino, openvino-int8 or auto (default: eager)")
     p.add_argument("--device", metavar="D", help="cpu (default), cuda or cuda:N: where the eager runtime runs")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="autocast of the eager runtime: fp32 (default), bf16, fp16 (CUDA only) or auto")
@@ -84,8 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images decoded and run per forward pass (default: 32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--calib-data", metavar="PATH",
-                   help="calibration images for int8, onnx-int8 and auto: a folder (e.g. the training set), "
-                   "glob or file; use training images, not the ones being predicted (default: the training split "
+                   help="calibration images for int8, onnx-int8, openvino-int8 and auto: a folder (e.g. the training "
+                   "set), glob or file; use training images, not the ones being predicted (default: the training split "
                    "of --ckpt's run, from its recipe.yaml; needed for a checkpoint outside a run folder)")
     p.add_argument("--calib-n", type=int, default=64, metavar="N",
                    help="calibration images, spread evenly over --calib-data or the run's training split "
@@ -103,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_CALIBRATED = ("int8", "onnx-int8", "auto")
+_CALIBRATED = ("int8", "onnx-int8", "openvino-int8", "auto")
 _EXPORT_SUFFIXES = (".onnx", ".pt2", ".pt", ".ts", ".torchscript", ".jit", ".pte", ".tflite")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # vggnet.hardware.PRECISIONS, without importing torch for --help
 

@@ -34,7 +34,7 @@ following the model registry (--registry [URI] --model M; vggnet registry):
   one serving (the reason in /v2/repository/index and the log) and is not retried until the registry changes.
   Unreachable registry: the server keeps serving (vggnet_registry_polls_total{outcome="unreachable"}).
 
-calibration images (runtimes int8, onnx-int8, auto; the rule of vggnet predict and vggnet export too):
+calibration images (runtimes int8, onnx-int8, openvino-int8, auto; the rule of vggnet predict and export too):
   the model's calib_data (in its config.yaml, relative to the model folder) or --calib-data PATH (a folder,
   glob or file of training images) when given; else the training split of the version's run, rebuilt from
   its recipe.yaml as vggnet eval does (the embedded digits for the demo, the ImageFolder tree it names...;
@@ -71,7 +71,7 @@ examples:
 """
 
 
-_CALIBRATED = ("int8", "onnx-int8", "auto")
+_CALIBRATED = ("int8", "onnx-int8", "openvino-int8", "auto")
 DEFAULT_POLL_S = 10.0  # --registry-poll-s
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # vggnet.hardware.PRECISIONS, without importing torch for --help
 
@@ -91,17 +91,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_source_flags(p)
     p.add_argument("--runtime", default=None,
                    help="inference runtime: eager (default), channels_last, bf16, compile, int8, int8-dynamic, onnx, "
-                        "onnx-int8 or auto (see vggnet predict --help); a model's config.yaml may set its own. "
-                        "Checkpoints only: exported files run as exported")
+                        "onnx-int8, openvino, openvino-int8 or auto (see vggnet predict --help); a model's config.yaml "
+                        "may set its own. Checkpoints only: exported files run as exported")
     p.add_argument("--device", metavar="D",
                    help="cpu (default), cuda or cuda:N: where checkpoints run (eager runtime only; a CUDA device "
                    "that is not there is an error before the server starts)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="autocast for checkpoints on --device: fp32 (default), bf16, fp16 (CUDA only) or auto")
     p.add_argument("--calib-data", metavar="PATH",
-                   help="calibration images (folder, glob or file) for int8, onnx-int8 and auto: training images "
-                   "(default: the training split of each checkpoint's run, from its recipe.yaml; needed for a "
-                   "checkpoint outside a run folder; not needed for exported INT8 files, calibrated at export)")
+                   help="calibration images (folder, glob or file) for int8, onnx-int8, openvino-int8 and auto: "
+                   "training images (default: the training split of each checkpoint's run, from its recipe.yaml; "
+                   "needed for a checkpoint outside a run folder; not needed for exported INT8 files, calibrated at "
+                   "export)")
     p.add_argument("--calib-n", type=int, metavar="N",
                    help="calibration images, spread evenly over --calib-data or the run's training split "
                    "(default: 64)")

@@ -1,5 +1,5 @@
-"""The calibration batch of a checkpoint's calibrated runtime (``int8``, ``onnx-int8``, ``auto``), as ``vggnet
-predict`` and ``vggnet serve`` build it.
+"""The calibration batch of a checkpoint's calibrated runtime (``int8``, ``onnx-int8``, ``openvino-int8``,
+``auto``), as ``vggnet predict`` and ``vggnet serve`` build it.
 
 Where the images come from is decided by :func:`vggnet.capture.calibration.calibration_source`, the rule
 ``vggnet export``'s INT8 formats use too: ``--calib-data PATH`` when given, else the run's own training split (its
@@ -24,7 +24,7 @@ from .predictor import Preprocessing, preprocess
 __all__ = ["CALIBRATED", "CALIB_N", "calibration_files", "find_calibration", "read_calibration"]
 
 #: the runtimes built on a calibration batch
-CALIBRATED = ("int8", "onnx-int8", "auto")
+CALIBRATED = ("int8", "onnx-int8", "openvino-int8", "auto")
 #: calibration images a runtime is built on unless told otherwise (``--calib-n``)
 CALIB_N = 64
 

@@ -15,12 +15,16 @@ comparable against ``eager`` (the model as trained). What each one trades:
                     convolutions in fp32, compiled by Inductor; needs no calibration
 ``onnx``            the dynamo ONNX export run by ONNX Runtime, fp32
 ``onnx-int8``       the same ONNX model statically quantized by ONNX Runtime (QDQ, calibrated on ``calib``)
+``openvino``        the ``torch.export`` graph converted to OpenVINO and run by its CPU plugin in its default
+                    precision (bf16 on AVX512-BF16/AMX CPUs, else fp32; the runtime's ``precision`` says which)
+``openvino-int8``   the same OpenVINO model quantized by NNCF (post-training, preset performance, on ``calib``)
 ``auto``            builds candidates, keeps those whose top-1 agrees with eager on ≥ 99 % of ``calib``, times
                     them on ``calib`` and runs the fastest (its ``report`` says what was measured)
 ==================  ============================================================================================
 
-Optional dependencies (torchao, onnxruntime, onnx) are imported inside the factories, so ``import vggnet``
-never pays for them and a missing one is a clear :class:`RuntimeUnavailable` naming the extra to install.
+Optional dependencies (torchao, onnxruntime, onnx, openvino, nncf) are imported inside the factories, so
+``import vggnet`` never pays for them and a missing one is a clear :class:`RuntimeUnavailable` naming the extra to
+install.
 Graph capture, PT2E quantization and the ONNX export these runtimes build on live in :mod:`vggnet.capture`.
 """
 
@@ -52,9 +56,11 @@ __all__ = ["AUTO_CANDIDATES", "CALIB_CHUNK", "AutoRuntime", "RuntimeUnavailable"
 log = logging.getLogger(__name__)
 
 # What ``auto`` tries by default: everything. Building all of them for VGG-16 takes minutes (four Inductor
-# compiles, an ONNX export and an ORT quantization); pass ``candidates=`` to try fewer.
+# compiles, an ONNX export and an ORT quantization, an OpenVINO conversion and an NNCF quantization); pass
+# ``candidates=`` to try fewer. Candidates are built and timed in this order; OpenVINO's come last, so that its
+# thread pool (TBB, idle between calls: see vggnet.infer.openvino) exists only once the PyTorch ones are timed.
 AUTO_CANDIDATES = ("eager", "channels_last", "bf16", "compile", "compile-bf16", "int8", "int8-dynamic", "onnx",
-                   "onnx-int8")
+                   "onnx-int8", "openvino", "openvino-int8")
 # A backend failing to build on this machine (Inductor, the ONNX exporter, ONNX Runtime all raise RuntimeError
 # subclasses; a half-installed extra raises ImportError): ``auto`` reports it and tries the next one.
 _BUILD_ERRORS = (RuntimeError, ImportError, OSError)
@@ -190,6 +196,27 @@ def _onnx(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *,
         return OnnxRuntime(path, threads=threads, name="onnx")
 
 
+def _openvino(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *, threads: int | None = None,
+              **_: Any) -> Runtime:
+    _require("openvino", "openvino", "openvino")
+    from .openvino import OpenVINORuntime, compile_openvino, convert_openvino, quiet_build
+
+    with quiet_build():
+        return OpenVINORuntime(compile_openvino(convert_openvino(model, _example(prep, calib)), threads), "openvino")
+
+
+def _openvino_int8(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *,
+                   threads: int | None = None, **_: Any) -> Runtime:
+    calib = _need_calib(calib, "openvino-int8")
+    _require("openvino", "openvino", "openvino-int8")
+    from .openvino import OpenVINORuntime, compile_openvino, convert_openvino, quantize_openvino, quiet_build
+
+    with quiet_build():  # importing NNCF logs torch's CUDA probe
+        _require("nncf", "openvino", "openvino-int8")
+        int8 = quantize_openvino(convert_openvino(model, _example(prep, calib)), calib)
+        return OpenVINORuntime(compile_openvino(int8, threads), "openvino-int8")
+
+
 def _onnx_int8(model: VGG, prep: Preprocessing, calib: torch.Tensor | None = None, *, threads: int | None = None,
                activation: str = "uint8", **_: Any) -> Runtime:
     calib = _need_calib(calib, "onnx-int8")
@@ -297,4 +324,6 @@ register_runtime("int8", _int8)
 register_runtime("int8-dynamic", _int8_dynamic)
 register_runtime("onnx", _onnx)
 register_runtime("onnx-int8", _onnx_int8)
+register_runtime("openvino", _openvino)
+register_runtime("openvino-int8", _openvino_int8)
 register_runtime("auto", _auto)
