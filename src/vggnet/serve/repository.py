@@ -13,10 +13,10 @@ holding one file written by ``vggnet export``::
         3/
 
 A version folder holds exactly one model: a run's checkpoint (best, else last), one ``.safetensors`` file,
-or one exported file (``.onnx``, ``.pt2``, TorchScript ``.pt``). Two of them is an error rather than a
-guess, since which one the server picked would otherwise be known only from its log. An exported file
-carries its own preprocessing and runtime (INT8 ones their calibration), so ``runtime`` and ``calib_data``
-do not apply to it.
+or one exported file (``.onnx``, ``.pt2``, TorchScript ``.pt``, ExecuTorch ``.pte``, LiteRT ``.tflite``). Two of
+them is an error rather than a guess, since which one the server picked would otherwise be known only from its
+log. An exported file carries its own preprocessing and runtime (INT8 ones their calibration), so ``runtime`` and
+``calib_data`` do not apply to it.
 
 ``config.yaml`` (every key optional; an unknown key is an error, so a misspelt one is never ignored)::
 
@@ -58,8 +58,8 @@ __all__ = ["EXPORTED_SUFFIXES", "ModelConfig", "ModelRepository", "VersionRouter
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CONFIG_KEYS = {"name", "default_version", "ab", "shadow", "max_batch_size", "max_delay_ms", "batching",
                 "max_queue", "runtime", "calib_data"}
-# What `vggnet export` writes, by suffix (vggnet.export.format_for's rule; .int8.onnx / .int8.pt2 end the same).
-_EXPORTED = {".onnx": "onnx", ".pt2": "pt2"}
+# What `vggnet export` writes, by suffix (vggnet.export.format_for's rule; the .int8.* files end the same).
+_EXPORTED = {".onnx": "onnx", ".pt2": "pt2", ".pte": "executorch", ".tflite": "tflite"}
 _TORCHSCRIPT = (".pt", ".ts", ".torchscript", ".jit")
 EXPORTED_SUFFIXES = (*_EXPORTED, *_TORCHSCRIPT)
 
@@ -79,8 +79,8 @@ def _check_name(kind: str, value: str, where: str) -> str:
 
 
 def exported_kind(path: str | os.PathLike) -> str | None:
-    """``"onnx"``, ``"pt2"`` or ``"torchscript"`` for a file of ``vggnet export`` (INT8 or not: that is in its
-    metadata, known once loaded), ``None`` for a checkpoint.
+    """``"onnx"``, ``"pt2"``, ``"executorch"``, ``"tflite"`` or ``"torchscript"`` for a file of ``vggnet export``
+    (INT8 or not: that is in its metadata, known once loaded), ``None`` for a checkpoint.
 
     ``.pt`` is both TorchScript's suffix and a common one for ``torch.save`` weights, which serve has always
     loaded as a checkpoint (weights only): only an archive holding TorchScript code counts as exported, so

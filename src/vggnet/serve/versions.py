@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 #: program; served only with ``trust_model_code``
 CODE_KINDS = ("pt2", "torchscript")
 # V2 / Triton ``platform`` of an exported format (Triton's names where it has one); checkpoints are "pytorch".
-_PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
+              "executorch": "executorch", "executorch-int8": "executorch", "tflite": "tflite", "tflite-int8": "tflite"}
+# The mobile formats' runtimes (the edge extra): module to look for, package to name.
+_EDGE_RUNTIMES = {"executorch": ("executorch", "executorch"), "tflite": ("ai_edge_litert", "ai-edge-litert")}
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"():,/]+/)*([^\s'\"():,/]+)")
 #: what the server's calibration error tells the user to pass
 CALIB_HINT = "pass --calib-data PATH (a folder of training images) or set calib_data in the model's config.yaml"
@@ -62,6 +65,9 @@ def check_exported(file: str | os.PathLike, runtime: str, trust_model_code: bool
     if kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:  # a message, not a load-time traceback
         raise UsageError(f"{name}: serving an ONNX file needs onnxruntime, which is not installed: "
                          "pip install 'vggnet[serve,export]'")
+    if kind in _EDGE_RUNTIMES and importlib.util.find_spec(_EDGE_RUNTIMES[kind][0]) is None:
+        raise UsageError(f"{name}: serving a {kind} file needs {_EDGE_RUNTIMES[kind][1]}, which is not installed: "
+                         "pip install 'vggnet[serve,edge]'")
     if kind in CODE_KINDS and not trust_model_code:
         what = "a compiled shared library" if kind == "pt2" else "a TorchScript program"
         raise UsageError(f"{name}: a {kind} file holds {what} that runs when it loads; serve it only if you trust "
