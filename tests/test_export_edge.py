@@ -53,14 +53,7 @@ MAX_BATCH = 24
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """As in test_export_int8: a tiny model gains nothing from a second thread on a busy 2-core machine; the LiteRT
-    interpreter follows torch's setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model on one thread
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,7 @@ def png_folder(root, images):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small gain nothing from a second thread, and on a busy 2-core machine two threads per op
-    made training ten times slower (spinning OpenMP workers); ONNX Runtime follows torch's setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model on one thread
 
 
 @pytest.fixture(scope="module")

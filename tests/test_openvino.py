@@ -18,15 +18,7 @@ from vggnet.errors import UsageError  # noqa: E402
 from vggnet.infer import AutoRuntime, RuntimeUnavailable, make_runtime, preprocess, top1_agreement  # noqa: E402
 from vggnet.infer.runtimes import AUTO_CANDIDATES  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """As in the export tests: a model this small gains nothing from a second thread on a busy 2-core machine
-    (the runtimes follow torch's thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model on one thread
 
 
 @pytest.fixture(scope="module")

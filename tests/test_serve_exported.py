@@ -45,13 +45,7 @@ def assert_same_top(body: dict, expected: list[tuple[str, float]]) -> None:
                                rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A model this small gains nothing from a second thread on a busy 2-core machine; ORT follows torch."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: a tiny model on one thread
 
 
 @pytest.fixture(scope="module")
